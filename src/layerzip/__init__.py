@@ -1,0 +1,2 @@
+"""layerzip: decompose the layers of trained neural networks."""
+__version__ = "0.1.0"
