@@ -25,7 +25,7 @@ from torch import nn
 
 from ..layers.base import FactorizedLayer, dense_weight_and_bias, is_linear_like
 from ..layers.lowrank import LowRankLinear
-from ._common import balanced_factors
+from ._common import balanced_factors, layer_flops
 from .blast import BlastLinear
 from .btt import BTTLinear
 from .hadamard import LowRankHadamardLinear
@@ -129,7 +129,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _candidates(name: str, n: int, m: int):
+def _candidates(name: str, n: int, m: int, budget: float):
     """(shape args, weight parameter count) for every sensible shape of structure `name` on an m×n layer."""
     if name == "lowrank":
         for r in range(1, min(m, n) + 1):
@@ -147,8 +147,10 @@ def _candidates(name: str, n: int, m: int):
     elif name == "kronecker":
         g = math.gcd(m, n)
         ns = [k for k in range(2, min(g, 64) + 1) if g % k == 0] or list(range(2, min(m, n, 16) + 1))
-        for k in ns:
-            for t in range(1, min(k * k, math.ceil(m / k) * math.ceil(n / k)) + 1):
+        for k in ns:   # params grow linearly in t: only the largest t within budget matters
+            pq = math.ceil(m / k) * math.ceil(n / k)
+            t = min(k * k, pq, int(budget // (k * k + pq)))
+            if t >= 1:
                 yield {"n": k, "terms": t}, KroneckerLinear.num_params(n, m, k, t)
     elif name == "hadamard":
         for r in range(1, math.isqrt(min(m, n)) + 1):
@@ -167,15 +169,18 @@ def _candidates(name: str, n: int, m: int):
 
 
 def choose_shape(name: str, in_features: int, out_features: int, keep: float) -> dict:
-    """The shape args of `name` with the most parameters ≤ keep·in·out (ties: the first, i.e. the simplest)."""
+    """Shape args of `name` with ≤ keep·in·out weights: among those within 10% of the most parameters that fit,
+    the one with the fewest forward FLOPs (matters for Kronecker, whose FLOPs grow with n·t at equal parameters)."""
     budget = keep * in_features * out_features
-    best = None
-    for args, p in _candidates(name, in_features, out_features):
-        if p <= budget and (best is None or p > best[1]):
-            best = (args, p)
-    if best is None:
+    fits = [(args, p) for args, p in _candidates(name, in_features, out_features, budget) if p <= budget]
+    if not fits:
         raise ValueError(f"{name}: no shape fits keep={keep} on a {out_features}x{in_features} layer")
-    return best[0]
+    top = max(p for _, p in fits)
+    near = [args for args, p in fits if p >= 0.9 * top]
+    if len(near) == 1:
+        return near[0]
+    flops = lambda a: layer_flops(LAYERS[name](in_features, out_features, bias=False, device="meta", **a))  # noqa
+    return min(near, key=flops)
 
 
 def build_layer(name: str, W: torch.Tensor | None, in_features: int, out_features: int, bias, shape_args: dict,

@@ -1,0 +1,124 @@
+"""`layerzip` command line: a thin shell over the Python API. Every command can print one JSON object (--json).
+
+Bad input exits with code 2 and one line on stderr saying what to do."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import click
+import typer
+
+from .errors import LayerzipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Measure and decompose the layers of trained neural networks.")
+
+
+def _emit(obj: dict, as_json: bool, table: str | None = None) -> None:
+    if as_json:
+        print(json.dumps(obj, default=str))
+    else:
+        print(table if table is not None else "\n".join(f"{k}: {v}" for k, v in obj.items()
+                                                         if not isinstance(v, (dict, list))))
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, layerzip directory, or 'minilm'"),
+    out: str = typer.Option(..., "--out", help="output directory (must be empty unless --force)"),
+    method: str = typer.Option("svd-llm", help="decomposition method"),
+    keep: float = typer.Option(0.5, help="fraction of the targeted modules' parameters kept, in (0, 1]"),
+    calib: str = typer.Option("builtin", help="calibration text: .txt (a document per line), .jsonl, or builtin"),
+    calib_samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) used"),
+    seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    include: Optional[str] = typer.Option(None, help="regex: compress only the linear layers whose name matches"),
+    exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers dense"),
+    alloc: str = typer.Option("uniform", help="rank allocation: uniform"),
+    seed: int = typer.Option(0, help="random seed"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Compress MODEL into a factorized model saved at --out."""
+    from .compress import config_from_dict
+    from .pipeline import compress_model
+
+    config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "include": include,
+                               "exclude": exclude})
+    rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed)
+    summary = {k: v for k, v in rep.items() if k not in ("modules", "config")}
+    _emit(summary, as_json)
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="model to measure"),
+    reference: Optional[str] = typer.Option(None, help="original model, for cosine of embeddings (encoders)"),
+    text: Optional[str] = typer.Option(None, help="held-out text (.txt / .jsonl); default: held-out docstrings"),
+    samples: int = typer.Option(128, help="documents (encoders) or 4×windows (causal LMs) evaluated"),
+    seq_len: int = typer.Option(512, help="tokens per window (causal LMs)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders)."""
+    from .pipeline import evaluate_model
+
+    _emit(evaluate_model(model, reference, text, samples, seq_len), as_json)
+
+
+@app.command()
+def demo(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+    """Compress the built-in MiniLM to half its block parameters (svd and svd-llm); before/after table."""
+    from .compress import SVD, SVDLLM
+    from .models import load_model
+    from .pipeline import compress_model, evaluate_model
+
+    rows = []
+    ref = load_model("minilm")
+    base = evaluate_model("minilm", loaded=ref, ref_loaded=ref, progress=False)
+    rows.append({"model": "MiniLM (dense)", "target_params": None, "params": base["params"],
+                 "size_on_disk": base["size_on_disk"], "cosine": base["cosine_to_reference"], "seconds": 0.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in (SVD(keep=0.5), SVDLLM(keep=0.5)):
+            t = time.perf_counter()
+            rep = compress_model("minilm", f"{tmp}/{cfg.name}", cfg, progress=not as_json)
+            secs = time.perf_counter() - t
+            ev = evaluate_model(f"{tmp}/{cfg.name}", ref_loaded=ref, progress=False)
+            rows.append({"model": f"{cfg.name} keep 0.5", "target_params": rep["target_params_after"],
+                         "target_params_before": rep["target_params_before"], "params": ev["params"],
+                         "size_on_disk": ev["size_on_disk"], "cosine": ev["cosine_to_reference"],
+                         "seconds": secs, "keep_achieved": rep["keep_achieved"]})
+    rows[0]["target_params"] = rows[1]["target_params_before"]
+    head = f"{'model':<18} {'block params':>12} {'all params':>11} {'on disk':>10} {'cosine':>7} {'seconds':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<18} {r['target_params']:>12,} {r['params']:>11,} {_fmt_bytes(r['size_on_disk']):>10}"
+                     f" {r['cosine']:>7.4f} {r['seconds']:>8.1f}")
+    lines.append(f"cosine: mean cosine of mean-pooled embeddings to the dense model on {base['texts']} held-out "
+                 "standard-library docstrings (not in the calibration set)")
+    _emit({"rows": rows}, as_json, "\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: bad input -> one line on stderr, exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="layerzip")
+    except LayerzipError as e:
+        print(f"layerzip: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as e:
+        print(f"layerzip: error: {e.format_message()} (see: layerzip --help)", file=sys.stderr)
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("layerzip: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

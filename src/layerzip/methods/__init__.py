@@ -1,0 +1,6 @@
+"""Decomposition methods. Each is a short pure function `(W float64 out×in, stats, rank) -> (A, B)`."""
+from .asvd import asvd_factors
+from .svd import svd_factors
+from .svdllm import svdllm_factors, whiten
+
+__all__ = ["asvd_factors", "svd_factors", "svdllm_factors", "whiten"]

@@ -1,0 +1,77 @@
+"""End-to-end jobs behind the CLI commands: MODEL path in, directory / report out."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .calibrate import load_documents, token_batches
+from .compress import CompressConfig, compress_
+from .errors import LayerzipError
+from .evaluate import embed, mean_cosine, perplexity, size_on_disk
+from .io import check_out_dir, save
+from .models import Loaded, count_params, load_model
+
+
+def calibration_batches(loaded: Loaded, source: str = "builtin", n_samples: int = 64, seq_len: int = 512,
+                        batch_size: int = 8) -> list[dict]:
+    """Token batches for calibration (see `calibrate.token_batches`)."""
+    # a causal window needs ~seq_len tokens; documents average ~60 tokens, so read enough of them
+    docs = load_documents(source, limit=None if loaded.causal else n_samples)
+    return token_batches(loaded.tokenizer, docs, loaded.causal, n_samples, seq_len, batch_size)
+
+
+def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
+                   calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    if calib_samples < 1 or seq_len < 2:
+        raise LayerzipError("--calib-samples must be ≥ 1 and --seq-len ≥ 2")
+    loaded = load_model(source)
+    out = check_out_dir(out, force, loaded.path)
+    batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
+    t_load = time.perf_counter()
+    report = compress_(loaded.model, config, calib=batches, progress=progress)
+    t_comp = time.perf_counter()
+    meta = {"method": config.name, "keep": config.keep, "config": config.to_dict(),
+            "source": {"model": str(source), "path": str(loaded.path) if loaded.path else None},
+            "calibration": {"source": calib, "samples": calib_samples, "seq_len": seq_len,
+                            **(report.get("calibration") or {})},
+            "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
+    save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta)
+    t_save = time.perf_counter()
+    report.update(out=str(out), seconds=t_save - t0, seconds_load=t_load - t0, seconds_save=t_save - t_comp,
+                  size_on_disk_before=size_on_disk(loaded.path if source != "minilm" else loaded.path),
+                  size_on_disk_after=size_on_disk(out))
+    return report
+
+
+def heldout_texts(text: str | None, n: int) -> list[str]:
+    return load_documents(text or "builtin-heldout", limit=n)
+
+
+def evaluate_model(source: str, reference: str | None = None, text: str | None = None, samples: int = 128,
+                   seq_len: int = 512, progress: bool = True, loaded: Loaded | None = None,
+                   ref_loaded: Loaded | None = None) -> dict:
+    """Parameters, size on disk; perplexity on `text` (causal LMs) or cosine of embeddings to `reference`."""
+    loaded = loaded or load_model(source)
+    res = {"model": str(source), "params": count_params(loaded.model), "size_on_disk": size_on_disk(loaded.path),
+           "kind": "causal-lm" if loaded.causal else "encoder"}
+    if loaded.causal:
+        texts = heldout_texts(text, None)
+        res["perplexity"] = perplexity(loaded.model, loaded.tokenizer, texts, seq_len, samples // 4 or 1, progress)
+        if reference or ref_loaded:
+            ref = ref_loaded or load_model(reference)
+            res["reference_perplexity"] = perplexity(ref.model, ref.tokenizer, texts, seq_len, samples // 4 or 1,
+                                                     progress)
+    elif reference or ref_loaded:
+        ref = ref_loaded or load_model(reference)
+        texts = heldout_texts(text, samples)
+        a = embed(loaded.model, loaded.tokenizer, texts, progress=progress)
+        b = embed(ref.model, ref.tokenizer, texts, progress=progress)
+        res["cosine_to_reference"] = mean_cosine(a, b)
+        res["texts"] = len(texts)
+    return res
