@@ -42,17 +42,33 @@ def compress(
     include: Optional[str] = typer.Option(None, help="regex: compress only the linear layers whose name matches"),
     exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers dense"),
     alloc: str = typer.Option("uniform", help="rank allocation: uniform"),
+    blocks: Optional[int] = typer.Option(None, help="drop-blocks: number of whole blocks to remove "
+                                         "(default: from --keep)"),
+    select: str = typer.Option("span", help="drop-blocks: span (smallest angular distance) or influence "
+                               "(lowest Block Influence)"),
+    heal_steps: int = typer.Option(0, help="then distill towards MODEL on the --calib text for N steps"),
+    heal_lr: float = typer.Option(1e-4, help="learning rate of --heal-steps"),
     seed: int = typer.Option(0, help="random seed"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Compress MODEL into a factorized model saved at --out."""
+    """Compress MODEL into a factorized model saved at --out.
+
+    --method drop-blocks removes whole blocks; --method drop-blocks+svd-llm then applies low rank to the rest,
+    both under one --keep."""
     from .compress import config_from_dict
     from .pipeline import compress_model
 
+    depth = {}
+    if method == "drop-blocks" or method.startswith("drop-blocks+"):
+        depth = {"method": "drop-blocks", "blocks": blocks, "select": select, "then": method[12:] or None}
+    elif blocks is not None or select != "span":
+        raise LayerzipError("--blocks and --select apply to --method drop-blocks (or drop-blocks+svd-llm); "
+                            "drop them or change --method")
     config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "include": include,
-                               "exclude": exclude})
-    rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed)
+                               "exclude": exclude, **depth})
+    rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
+                         heal_steps=heal_steps, heal_lr=heal_lr)
     summary = {k: v for k, v in rep.items() if k not in ("modules", "config")}
     _emit(summary, as_json)
 
@@ -70,6 +86,54 @@ def eval_(
     from .pipeline import evaluate_model
 
     _emit(evaluate_model(model, reference, text, samples, seq_len), as_json)
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file, layerzip directory, or 'minilm'"),
+    out: str = typer.Option(..., "--out", help="directory for analysis.json, PNG plots and report.html"),
+    calib: str = typer.Option("builtin", help="calibration text: .txt (a document per line), .jsonl, or builtin"),
+    calib_samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) used"),
+    seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    keep: float = typer.Option(0.5, help="budget of the recommended plan (fraction of block parameters kept)"),
+    include: Optional[str] = typer.Option(None, help="regex: analyze only the linear layers whose name matches"),
+    exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers out"),
+    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """Spectra, ranks, Block Influence, angular distances and a plan: analysis.json + plots + report.html."""
+    from .analyze import analyze_model
+
+    rep = analyze_model(model, out, calib, calib_samples, seq_len, keep, include, exclude, force,
+                        progress=not as_json)
+    _emit(rep, as_json)
+
+
+@app.command()
+def heal(
+    model: str = typer.Argument(..., help="the compressed model (a layerzip directory)"),
+    teacher: str = typer.Option(..., "--teacher", help="the original model to distill from"),
+    text: str = typer.Option(..., "--text", help="training text: .txt (a document per line), .jsonl, or builtin"),
+    out: str = typer.Option(..., "--out", help="output directory for the healed model"),
+    steps: int = typer.Option(100, help="optimizer steps"),
+    lr: float = typer.Option(1e-4, help="learning rate (AdamW, warm-up then cosine decay)"),
+    samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) of --text used"),
+    seq_len: int = typer.Option(256, help="tokens per training sequence"),
+    batch_size: int = typer.Option(4, help="sequences per step"),
+    hints: float = typer.Option(0.0, help="weight of per-block hidden-state hints (FitNets); 0 = off"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Distill a compressed model towards --teacher on --text, training only its factor matrices."""
+    from .heal import heal_model
+
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise LayerzipError("--samples and --batch-size must be ≥ 1 and --seq-len ≥ 2")
+    if hints < 0:
+        raise LayerzipError(f"--hints must be ≥ 0 (a loss weight), got {hints}")
+    rep = heal_model(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hints, force,
+                     progress=not as_json)
+    _emit(rep, as_json)
 
 
 @app.command()

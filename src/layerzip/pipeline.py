@@ -8,6 +8,7 @@ import torch
 
 from .calibrate import load_documents, token_batches
 from .compress import CompressConfig, compress_
+from . import depth  # noqa: F401  (registers the "drop-blocks" method)
 from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, size_on_disk
 from .io import check_out_dir, save
@@ -24,17 +25,26 @@ def calibration_batches(loaded: Loaded, source: str = "builtin", n_samples: int 
 
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
-                   progress: bool = True) -> dict:
-    """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json."""
+                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-4) -> dict:
+    """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
+    `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     if calib_samples < 1 or seq_len < 2:
         raise LayerzipError("--calib-samples must be ≥ 1 and --seq-len ≥ 2")
+    if heal_steps < 0:
+        raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
     loaded = load_model(source)
     out = check_out_dir(out, force, loaded.path)
     batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
     t_load = time.perf_counter()
-    report = compress_(loaded.model, config, calib=batches, progress=progress)
+    apply = getattr(config, "apply", None)          # whole-model transforms (drop-blocks) run themselves
+    report = apply(loaded.model, batches, progress) if apply else compress_(loaded.model, config, calib=batches,
+                                                                            progress=progress)
+    if heal_steps:
+        from .heal import heal_after_compress
+        report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
+                                             progress)
     t_comp = time.perf_counter()
     meta = {"method": config.name, "keep": config.keep, "config": config.to_dict(),
             "source": {"model": str(source), "path": str(loaded.path) if loaded.path else None},

@@ -1,0 +1,230 @@
+"""Healing: distill a compressed model towards its original on text, training only the factor matrices.
+
+    loss = KL(teacher ‖ student) of next-token distributions            (causal LMs)
+         | ‖h_s − h_t‖² / ‖h_t‖² of the last hidden states              (encoders; mean over non-padding tokens)
+         + hint_weight · Σ_blocks ‖b_s − b_t‖² / ‖b_t‖²                  (FitNets hints, optional)
+
+Only the parameters of factorized layers train (A, B, biases); with none (a model that only lost blocks), the
+Linear layers of the remaining blocks train. Memory stays bounded: one micro-batch at a time, and for causal LMs the
+vocabulary-wide logits are built `chunk` tokens at a time under activation checkpointing, so a 262k-word head never
+holds more than chunk × vocab floats.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from .calibrate import backbone
+from .errors import LayerzipError
+from .layers import FactorizedLayer
+from .models import find_blocks, select_targets
+
+
+def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
+    """Factor matrices (and their biases); else the Linear layers inside the blocks. Freezes everything else."""
+    mods = [m for m in model.modules() if isinstance(m, FactorizedLayer)]
+    what = "factors"
+    if not mods:
+        mods, what = list(select_targets(model).values()), "block linears"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list({id(p): p for m in mods for p in m.parameters()}.values())
+    for p in params:
+        p.requires_grad_(True)
+    return params, what
+
+
+def _head(model: nn.Module):
+    """h -> logits as the model's own forward computes them (LM head, then Gemma-style soft-capping)."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda h: torch.tanh(head(h) / cap) * cap
+    return head
+
+
+def _kl_chunk(head_s, head_t):
+    def f(hs, ht):
+        ls = F.log_softmax(head_s(hs).float(), -1)
+        with torch.no_grad():
+            lt = F.log_softmax(head_t(ht).float(), -1)
+        return (lt.exp() * (lt - ls)).sum()
+    return f
+
+
+def _nmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a − b‖² / ‖b‖² over rows (already masked)."""
+    return (a.float() - b.float()).square().sum() / b.float().square().sum().clamp_min(1e-12)
+
+
+class _BlockOutputs:
+    """Forward hooks that keep the output of each block (for hints)."""
+
+    def __init__(self, model: nn.Module):
+        found = find_blocks(model)
+        if found is None:
+            raise LayerzipError("hints need repeated blocks; run heal without --hints")
+        self.outs: dict[int, torch.Tensor] = {}
+        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(found[1])]
+
+    def _hook(self, i):
+        def hook(module, args, out):
+            self.outs[i] = out[0] if isinstance(out, (tuple, list)) else out
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def check_head(model: nn.Module, batch: dict) -> None:
+    """The chunked head must reproduce the model's own logits (guards architectures with extra logit scaling)."""
+    ids = batch["input_ids"][:1, :8]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float()
+        mine = _head(model)(backbone(model)(input_ids=ids).last_hidden_state).float()
+    if not torch.allclose(ref, mine, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
+        raise LayerzipError(f"{type(model).__name__} computes its logits in a way heal does not reproduce; "
+                            "healing supports LM-head (+ soft-capping) models")
+
+
+def distill_loss(student, teacher, batch: dict, causal: bool, chunk: int = 128, hint_weight: float = 0.0,
+                 hooks: tuple | None = None, block_map: list[int] | None = None) -> torch.Tensor:
+    mask = batch.get("attention_mask")
+    mask = mask.bool() if mask is not None else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    with torch.no_grad():
+        ht = backbone(teacher)(**batch).last_hidden_state[mask]
+    hs = backbone(student)(**batch).last_hidden_state[mask]
+    if causal:
+        f = _kl_chunk(_head(student), _head(teacher))
+        loss = sum(checkpoint(f, hs[i:i + chunk], ht[i:i + chunk], use_reentrant=False)
+                   for i in range(0, hs.shape[0], chunk)) / hs.shape[0]
+    else:
+        loss = _nmse(hs, ht)
+    if hint_weight and hooks:
+        s_out, t_out = hooks[0].outs, hooks[1].outs
+        hint = sum(_nmse(s_out[i][mask], t_out[j][mask].detach()) for i, j in enumerate(block_map))
+        loss = loss + hint_weight * hint / len(block_map)
+    return loss
+
+
+def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: int = 100, lr: float = 1e-4,
+          causal: bool | None = None, hint_weight: float = 0.0, block_map: list[int] | None = None,
+          chunk: int = 128, device: str | None = None, progress: bool = True) -> dict:
+    """Distill `student` towards `teacher` for `steps` optimizer steps over `batches` (cycled), in place.
+
+    >>> import layerzip as lz                                                  # doctest: +SKIP
+    >>> rep = lz.heal_(compressed, original, batches, steps=50)                # doctest: +SKIP
+    >>> rep["loss_first"], rep["loss_last"]                                    # doctest: +SKIP
+    """
+    from .models import is_causal
+
+    if steps < 1:
+        raise LayerzipError(f"--steps must be ≥ 1, got {steps}")
+    if not lr > 0:
+        raise LayerzipError(f"--lr must be > 0, got {lr}")
+    if not batches:
+        raise LayerzipError("healing needs text; pass --text FILE with at least one document")
+    causal = is_causal(student) if causal is None else causal
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    home = next(student.parameters()).device
+    student.to(device).eval()                       # eval: no dropout noise, the teacher's exact function
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params, what = trainable_parameters(student)
+    hooks = None
+    if hint_weight:
+        s_blocks, t_blocks = len(find_blocks(student)[1]), len(find_blocks(teacher)[1])
+        block_map = block_map or (list(range(s_blocks)) if s_blocks == t_blocks else None)
+        if block_map is None or len(block_map) != s_blocks or max(block_map) >= t_blocks:
+            raise LayerzipError("hints need to know which teacher block each student block came from "
+                                "(kept_blocks in layerzip.json); run heal without --hints")
+        hooks = (_BlockOutputs(student), _BlockOutputs(teacher))
+    if causal:
+        check_head(student, {k: v.to(device) for k, v in batches[0].items()})
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)       # linear warm-up, then cosine decay to 10 % of lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    losses = []
+    bar = tqdm(range(steps), desc="healing", unit="step", disable=not progress)
+    try:
+        for step in bar:
+            batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
+            loss = distill_loss(student, teacher, batch, causal, chunk, hint_weight, hooks, block_map)
+            if not torch.isfinite(loss):
+                raise LayerzipError(f"the distillation loss became {loss.item()} at step {step}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+    finally:
+        if hooks:
+            hooks[0].remove()
+            hooks[1].remove()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        student.to(home)
+    k = max(1, min(5, steps // 4))
+    return {"steps": steps, "lr": lr, "loss": "kl" if causal else "hidden-nmse", "hint_weight": hint_weight,
+            "trained": what, "trainable_params": sum(p.numel() for p in params),
+            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "losses": losses,
+            "device": str(device), "seconds": time.perf_counter() - t0}
+
+
+def heal_batches(tokenizer, text: str, causal: bool, samples: int, seq_len: int, batch_size: int) -> list[dict]:
+    from .calibrate import load_documents, token_batches
+    docs = load_documents(text, limit=None if causal else samples)
+    return token_batches(tokenizer, docs, causal, samples, seq_len, batch_size)
+
+
+def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps: int = 100, lr: float = 1e-4,
+               samples: int = 64, seq_len: int = 256, batch_size: int = 4, hints: float = 0.0,
+               force: bool = False, progress: bool = True) -> dict:
+    """`layerzip heal`: load both models, distill, save the healed model to `out` (never into COMPRESSED)."""
+    from .io import META, check_out_dir, read_meta, save
+    from .models import load_model
+
+    if steps < 1 or not lr > 0:
+        raise LayerzipError(f"--steps must be ≥ 1 and --lr > 0, got {steps} and {lr}")
+    student = load_model(compressed)
+    out = check_out_dir(out, force, student.path)
+    ref = load_model(teacher)
+    if student.causal != ref.causal:
+        raise LayerzipError("--teacher must be the same kind of model (causal LM or encoder) as COMPRESSED")
+    if student.tokenizer is None:
+        raise LayerzipError(f"{compressed} has no tokenizer files; re-save it with its tokenizer")
+    meta = read_meta(student.path) if student.path and (Path(student.path) / META).is_file() else {}
+    block_map = (meta.get("report") or {}).get("kept_blocks")
+    batches = heal_batches(student.tokenizer, text, student.causal, samples, seq_len, batch_size)
+    rep = heal_(student.model, ref.model, batches, steps, lr, student.causal, hints, block_map, progress=progress)
+    keep = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
+                                                        "dtype", "modules")}
+    summary = {k: v for k, v in rep.items() if k != "losses"}
+    keep["heal"] = {**summary, "teacher": str(teacher), "text": str(text), "seq_len": seq_len, "samples": samples}
+    save(student.model, out, tokenizer=student.tokenizer, meta=keep)
+    return {**summary, "out": str(out), "teacher": str(teacher)}
+
+
+def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: int, steps: int, lr: float,
+                        progress: bool = True) -> dict:
+    """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`."""
+    from .models import load_model
+
+    teacher = load_model(source)
+    batches = heal_batches(loaded.tokenizer, calib, loaded.causal, samples, seq_len, 4 if loaded.causal else 16)
+    rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
+    del teacher
+    return {k: v for k, v in rep.items() if k != "losses"}
