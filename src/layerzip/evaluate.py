@@ -58,3 +58,122 @@ def embed(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, bat
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a, b, dim=-1).mean().item()
+
+
+# ------------------------------------------------------------------------------------------- retrieval and speed
+def retrieval_metrics(queries: torch.Tensor, docs: torch.Tensor) -> dict:
+    """Query i's relevant document is docs[i]; documents ranked by cosine. Recall@1 and mean reciprocal rank.
+
+    >>> q = torch.eye(3); retrieval_metrics(q, q)["recall_at_1"]
+    1.0
+    """
+    assert queries.shape == docs.shape, (queries.shape, docs.shape)
+    q, d = F.normalize(queries.float(), dim=-1), F.normalize(docs.float(), dim=-1)
+    sim = q @ d.T
+    rank = (sim > sim.diagonal().unsqueeze(1)).sum(1) + 1          # 1 + documents scored above the right one
+    return {"recall_at_1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item(),
+            "pairs": len(q)}
+
+
+def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict:
+    vocab = getattr(model.config, "vocab_size", 1000)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(vocab, 30000), (batch_size, seq_len), generator=g)
+    return {"input_ids": ids.to(next(model.parameters()).device), "attention_mask": torch.ones_like(ids)}
+
+
+def _forward(model: nn.Module, inputs: dict):
+    """Causal LMs: the full model, LM head included (what generation pays). Encoders: the backbone."""
+    if hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM"):
+        return model(**inputs, use_cache=False)
+    return backbone(model)(**inputs)
+
+
+@torch.no_grad()
+def latency(model: nn.Module, batch_size: int = 1, seq_len: int = 128, repeats: int = 5, warmup: int = 1,
+            threads: int | None = None) -> float:
+    """Median wall-clock milliseconds of one forward pass over (batch_size × seq_len) tokens.
+
+    `threads` fixes torch's intra-op threads for the measurement (restored afterwards).
+    """
+    import time
+    inputs = _dummy_inputs(model, batch_size, seq_len)
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            _forward(model, inputs)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            _forward(model, inputs)
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(old)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    return type(mod).__name__.endswith("Attention") and not any(
+        type(c).__name__.endswith("Attention") for c in mod.modules() if c is not mod)
+
+
+@torch.no_grad()
+def flops(model: nn.Module, seq_len: int = 128) -> dict:
+    """Matmul FLOPs of one forward pass over `seq_len` tokens (batch 1), counted on every module by hooks:
+
+    - `nn.Linear` / GPT-2 `Conv1D`: 2·in·out per token (the LM head is reported apart);
+    - factorized layers (anything else with `in_features`/`out_features` and its own weights): 2 × its weight count
+      per token, i.e. the cost of contracting the input with its factors;
+    - attention: 2·2·heads·head_dim·context per token for QKᵀ and AV (context = seq_len, or (seq_len+1)/2 causal).
+    Elementwise work (norms, activations, softmax) is left out: it is < 2% of these models' FLOPs.
+    """
+    cfg = model.config
+    causal = hasattr(model, "lm_head")
+    heads = getattr(cfg, "num_attention_heads", 1)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    counts = {"linear": 0.0, "factorized": 0.0, "attention": 0.0, "lm_head": 0.0}
+    handles = []
+
+    def tokens_of(x, width):
+        return x.numel() // width
+
+    def hook(name, mod):
+        def fn(m, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if mod is head:
+                counts["lm_head"] += 2.0 * m.in_features * m.out_features * tokens_of(x, m.in_features)
+            elif isinstance(m, nn.Linear) or hasattr(m, "nf"):
+                n_in, n_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else m.weight.shape
+                counts["linear"] += 2.0 * n_in * n_out * tokens_of(x, n_in)
+            elif _is_attention(m):
+                t = x.shape[-2]
+                ctx = (t + 1) / 2 if causal else t
+                counts["attention"] += 4.0 * heads * head_dim * ctx * tokens_of(x, x.shape[-1])
+            else:
+                w = sum(p.numel() for p in m.parameters() if p.dim() > 1)
+                counts["factorized"] += 2.0 * w * tokens_of(x, m.in_features)
+        return fn
+
+    inside: tuple[str, ...] = ()          # factorized layers already counted: their submodules are not
+    for name, mod in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+        factorized = not linear and hasattr(mod, "in_features") and hasattr(mod, "out_features") \
+            and any(p.dim() > 1 for p in mod.parameters()) \
+            and not any(isinstance(c, nn.Linear) for c in mod.modules())
+        if factorized:
+            inside += (name + ".",)
+        if linear or factorized or _is_attention(mod):
+            handles.append(mod.register_forward_hook(hook(name, mod), with_kwargs=True))
+    try:
+        _forward(model, _dummy_inputs(model, 1, seq_len))
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(counts.values())
+    return {"flops_per_token": total / seq_len, "seq_len": seq_len,
+            **{f"flops_per_token_{k}": v / seq_len for k, v in counts.items()}}
