@@ -80,12 +80,18 @@ def eval_(
     text: Optional[str] = typer.Option(None, help="held-out text (.txt / .jsonl); default: held-out docstrings"),
     samples: int = typer.Option(128, help="documents (encoders) or 4×windows (causal LMs) evaluated"),
     seq_len: int = typer.Option(512, help="tokens per window (causal LMs)"),
+    retrieval: Optional[str] = typer.Option(None, help=".jsonl of {query, doc} pairs: Recall@1 and MRR"),
+    latency: bool = typer.Option(False, "--latency", help="median forward ms at batch 1 and 16, FLOPs per token"),
+    latency_seq_len: int = typer.Option(128, help="tokens per sequence for --latency"),
+    threads: int = typer.Option(1, help="torch threads fixed for --latency"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders)."""
+    """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
+    retrieval quality (--retrieval) and speed (--latency)."""
     from .pipeline import evaluate_model
 
-    _emit(evaluate_model(model, reference, text, samples, seq_len), as_json)
+    _emit(evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
+                         latency_seq_len=latency_seq_len, threads=threads), as_json)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import backbone, token_batches
+from .models import fit_seq_len
 
 MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
@@ -28,6 +29,7 @@ def size_on_disk(path: Path | None) -> int | None:
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
                progress: bool = True) -> float:
     """exp(mean next-token NLL) over packed windows of `seq_len`, each starting with BOS (as in calibration)."""
+    seq_len = fit_seq_len(model, seq_len)
     batches = token_batches(tokenizer, texts, causal=True, n_samples=max_windows, seq_len=seq_len, batch_size=4)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
@@ -45,6 +47,7 @@ def embed(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, bat
           progress: bool = True) -> torch.Tensor:
     """Mean-pooled last hidden states (as sentence-transformers pools MiniLM), float32, one row per text."""
     device = next(model.parameters()).device
+    seq_len = fit_seq_len(model, seq_len)
     net = backbone(model)
     out = []
     for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
@@ -175,5 +178,5 @@ def flops(model: nn.Module, seq_len: int = 128) -> dict:
         for h in handles:
             h.remove()
     total = sum(counts.values())
-    return {"flops_per_token": total / seq_len, "seq_len": seq_len,
+    return {"flops_per_token": total / seq_len, "flops_seq_len": seq_len,
             **{f"flops_per_token_{k}": v / seq_len for k, v in counts.items()}}
