@@ -14,6 +14,9 @@ import typer
 
 from .errors import LayerzipError
 
+# typer ≥ 0.20 vendors its own click: catch usage errors from both
+USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure and decompose the layers of trained neural networks.")
 
@@ -182,10 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     except LayerzipError as e:
         print(f"layerzip: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.ClickException as e:
-        print(f"layerzip: error: {e.format_message()} (see: layerzip --help)", file=sys.stderr)
+    except USAGE_ERRORS as e:
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        print(f"layerzip: error: {' '.join(msg.split())} (see: layerzip --help)", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("layerzip: interrupted", file=sys.stderr)
         sys.exit(130)
 

@@ -146,6 +146,13 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fit_seq_len(model: nn.Module, seq_len: int) -> int:
+    """`seq_len`, capped at the model's position limit (encoders with learned positions fail beyond it)."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(seq_len, limit) if limit else seq_len
+
+
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
