@@ -2,10 +2,22 @@
 
 `keep` is the fraction of the targeted modules' weights kept. A rank-r factorization of an m×n weight stores
 r(m+n) numbers; a module where that would not be fewer than m·n stays dense (rank None).
+
+Global allocation: a method's spectrum σ (for SVD-LLM the whitened singular values, σ(W L)) gives each module's exact
+layer loss at every rank, E(r) = Σ_{i>r} σᵢ². Normalized by the module's output energy Σσᵢ² (so q_proj and
+down_proj are comparable), we choose all ranks together:
+
+    minimize Σ_ℓ w_ℓ · E_ℓ(r_ℓ) / E_ℓ(0)    subject to    Σ_ℓ cost_ℓ(r_ℓ) ≤ keep · Σ_ℓ m_ℓ n_ℓ
+
+by bisection on a shared price λ (each module independently minimizes loss + λ·cost, ALDS style), then a greedy
+fill of the budget left by the last price step. E is convex in r (σ² descending), so every rank is on the convex
+hull except the jump to dense, which the per-module minimization handles.
 """
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def max_useful_rank(m: int, n: int) -> int:
@@ -14,13 +26,97 @@ def max_useful_rank(m: int, n: int) -> int:
 
 
 def uniform_ranks(shapes: dict[str, tuple[int, int]], keep: float) -> dict[str, int | None]:
-    """rank = floor(keep · mn / (m+n)) for every module; None (stay dense) where that saves nothing."""
-    ranks = {}
+    """rank = floor(keep · mn / (m+n)) for every module; None (stay dense) where that saves nothing.
+
+    The budget the floors leave unspent (up to one rank per module: several % on small models) is handed out one
+    rank at a time, largest fractional part first, so ranks stay within one of the formula and Σ cost ≤ budget."""
+    if keep >= 1:      # nothing to remove: a floor-rank that saves a sliver is not worth its error
+        return dict.fromkeys(shapes)
+    ranks, frac = {}, {}
     for name, (m, n) in shapes.items():
-        r = math.floor(keep * m * n / (m + n))
+        exact = keep * m * n / (m + n)
+        r = math.floor(exact)
         ranks[name] = r if 1 <= r <= max_useful_rank(m, n) else None
+        if ranks[name] is not None and r + 1 <= max_useful_rank(m, n):
+            frac[name] = exact - r
+    left = keep * sum(m * n for m, n in shapes.values()) - factorized_params(shapes, ranks)
+    for name in sorted(frac, key=frac.get, reverse=True):
+        m, n = shapes[name]
+        if m + n <= left:
+            ranks[name] += 1
+            left -= m + n
     return ranks
 
 
 def factorized_params(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None]) -> int:
     return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
+
+
+def _options(sigma: torch.Tensor, m: int, n: int, weight: float):
+    """(costs, losses) of every choice of one module: ranks 1..r_max, then dense (cost mn, loss 0)."""
+    r_max = min(max_useful_rank(m, n), sigma.numel())
+    s2 = sigma.double().square()
+    total = s2.sum().clamp_min(1e-300)
+    tail = (total - s2.cumsum(0)) / total * weight               # tail[r-1] = normalized E(r)
+    ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
+    costs = torch.cat([ranks * (m + n), torch.tensor([float(m * n)], dtype=torch.float64)])
+    losses = torch.cat([tail[:r_max].clamp_min(0), torch.zeros(1, dtype=torch.float64)])
+    return costs, losses
+
+
+def global_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor], keep: float,
+                 weights: dict[str, float] | None = None, min_rank: int = 1) -> dict[str, int | None]:
+    """Ranks minimizing the summed normalized layer loss with Σ cost ≤ keep · Σ mn (see module doc).
+
+    `spectra[name]`: the singular values whose squared tail is the module's loss at each rank (descending).
+    `weights[name]`: an optional sensitivity multiplying the module's normalized loss (default 1).
+    """
+    budget = keep * sum(m * n for m, n in shapes.values())
+    names = list(shapes)
+    opts = {k: _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0)) for k in names}
+    for k in names:   # options below min_rank are not allowed: give them infinite loss
+        opts[k][1][: max(min_rank, 1) - 1] = math.inf
+
+    def pick(lam: float) -> dict[str, int]:
+        return {k: int(torch.argmin(l + lam * c)) for k, (c, l) in opts.items()}
+
+    def cost(choice: dict[str, int]) -> float:
+        return sum(opts[k][0][i].item() for k, i in choice.items())
+
+    lo, hi = 0.0, 1.0                 # λ: price of one parameter in normalized loss; larger λ -> cheaper choice
+    while cost(pick(hi)) > budget and hi < 1e30:
+        hi *= 4
+    for _ in range(100):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        if cost(pick(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    choice = pick(hi)                 # feasible (unless even rank min_rank everywhere exceeds the budget)
+    _greedy_fill(opts, choice, budget - cost(choice))
+    out: dict[str, int | None] = {}
+    for k, i in choice.items():
+        n_opts = opts[k][0].numel()
+        out[k] = None if i == n_opts - 1 else i + 1     # last option is dense
+    return out
+
+
+def _greedy_fill(opts, choice: dict[str, int], left: float) -> None:
+    """Spend the budget left after bisection one step at a time, best loss drop per parameter first."""
+    while True:
+        best, best_gain = None, 0.0
+        for k, i in choice.items():
+            c, l = opts[k]
+            if i + 1 < c.numel():
+                dc = (c[i + 1] - c[i]).item()
+                if dc <= left:
+                    gain = (l[i] - l[i + 1]).item() / dc
+                    if gain > best_gain:
+                        best, best_gain = k, gain
+        if best is None:
+            return
+        i = choice[best]
+        left -= (opts[best][0][i + 1] - opts[best][0][i]).item()
+        choice[best] = i + 1

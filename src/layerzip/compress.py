@@ -2,13 +2,18 @@
 
     select targets -> calibrate (if the method needs statistics) -> allocate ranks -> decompose -> swap modules
 
+Options every method shares: `alloc` ("uniform" ranks, or "global": all ranks chosen together from the methods'
+spectra, see allocate.py), `sequential` (compress block by block, each block calibrated on the output of the already
+compressed ones, see sequential.py) and `correct` (refit each left factor by least squares toward the original
+outputs, see correct.py).
+
 A config dataclass picks the method (torchao style): validated in `__post_init__`, JSON round-trip via
 `to_dict` / `config_from_dict`, registered by name with `@register_method`.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -19,11 +24,15 @@ from . import allocate
 from .calibrate import collect_stats
 from .errors import LayerzipError
 from .layers import LowRankLinear, dense_weight_and_bias
-from .methods import asvd_factors, svd_factors, svdllm_factors
+from .correct import refit_left, target_aware_factors
+from .methods import asvd_factors, cur_factors, fwsvd_factors, svd_factors, svdllm_factors
+from .methods.cur import score_singular_values
+from .methods.fwsvd import FisherStats, collect_fisher, row_weights
+from .methods.svdllm import whitened_singular_values
 from .models import check_finite, count_params, linear_shape, select_targets, set_module
 
 METHODS: dict[str, type["CompressConfig"]] = {}
-ALLOCATORS = ("uniform",)
+ALLOCATORS = ("uniform", "global")
 
 
 def register_method(name: str):
@@ -41,15 +50,23 @@ class CompressConfig:
     alloc: str = "uniform"
     include: str | None = None
     exclude: str | None = None
+    sequential: bool = False
+    correct: bool = False
 
     name: ClassVar[str] = "?"
     needs_stats: ClassVar[bool] = False
+    sequential_ok: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise LayerzipError(f"--keep must be in (0, 1] (the fraction of parameters kept), got {self.keep}")
         if self.alloc not in ALLOCATORS:
             raise LayerzipError(f"--alloc must be one of {', '.join(ALLOCATORS)}, got {self.alloc!r}")
+        if (self.sequential or self.correct) and not self.needs_stats:
+            raise LayerzipError(f"--sequential and --correct need calibration statistics, which method {self.name} "
+                                "does not use; pick svd-llm, asvd or cur, or drop those flags")
+        if self.sequential and not self.sequential_ok:
+            raise LayerzipError(f"method {self.name} cannot run --sequential; drop that flag")
 
     def factors(self, W: torch.Tensor, stats, rank: int):
         raise NotImplementedError
@@ -57,9 +74,23 @@ class CompressConfig:
     def build_layer(self, W: torch.Tensor, bias, stats, rank: int) -> nn.Module:
         """W: float64 out×in. Returns the replacement module (float64; the caller casts)."""
         A, B = self.factors(W, stats, rank)
+        if self.correct:                 # A = W C Bᵀ (B G' Bᵀ)⁻¹: least squares toward the original outputs
+            A = refit_left(W, A, B, stats)
         return LowRankLinear.from_factors(A, B, None if bias is None else bias.detach().double())
 
-    def ranks(self, shapes: dict[str, tuple[int, int]], stats) -> dict[str, int | None]:
+    def spectrum(self, W: torch.Tensor, stats) -> torch.Tensor:
+        """Singular values whose squared tail is this method's layer loss at each rank (for --alloc global)."""
+        return torch.linalg.svdvals(W)
+
+    def collect(self, model: nn.Module, targets: dict[str, nn.Module], calib: list[dict], progress: bool) -> dict:
+        """Per-module statistics for `factors` (default: streamed Grams and |x| means)."""
+        return collect_stats(model, targets, {n: linear_shape(m)[1] for n, m in targets.items()}, calib, progress)
+
+    def ranks(self, shapes: dict[str, tuple[int, int]], stats, spectrum_of=None) -> dict[str, int | None]:
+        """`spectrum_of(name)` -> that module's spectrum; needed by --alloc global."""
+        if self.alloc == "global":
+            spectra = {n: spectrum_of(n) for n in tqdm(shapes, desc="spectra", unit="module", disable=True)}
+            return allocate.global_ranks(shapes, spectra, self.keep)
         return allocate.uniform_ranks(shapes, self.keep)
 
     def to_dict(self) -> dict:
@@ -95,15 +126,82 @@ class ASVD(CompressConfig):
     def factors(self, W, stats, rank):
         return asvd_factors(W, stats, rank, self.alpha)
 
+    def spectrum(self, W, stats):
+        s = stats.abs_mean.to(W).clamp_min(0) ** self.alpha    # same column scaling as asvd_factors
+        s = torch.where(s > 0, s, s[s > 0].min() if (s > 0).any() else torch.ones_like(s))
+        return torch.linalg.svdvals(W * s)
+
 
 @register_method("svd-llm")
 @dataclass
 class SVDLLM(CompressConfig):
-    """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank."""
+    """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
+
+    Default: sequential calibration with the closed-form correction (bench/BEAT_SVDLLM.md has the numbers). With
+    both, A and B are fitted together to map the compressed inputs to the original outputs
+    (correct.target_aware_factors), the optimum that refitting A alone cannot improve."""
+    sequential: bool = True
+    correct: bool = True
     needs_stats: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
+        if self.correct and hasattr(stats, "cross"):
+            return target_aware_factors(W, stats, rank)
         return svdllm_factors(W, stats, rank, whitening=stats.whitening)
+
+    def spectrum(self, W, stats):
+        return whitened_singular_values(W, stats.whitening)
+
+
+@register_method("cur")
+@dataclass
+class CUR(CompressConfig):
+    """CURing: real rows and columns of W picked by DEIM on an activation-weighted score; U = C⁺ W R⁺.
+    `energy` (optional): rank per module = fewest components keeping that fraction of the score's energy
+    (then `keep` is not used)."""
+    energy: float | None = None
+    needs_stats: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise LayerzipError(f"CUR energy must be in (0, 1], got {self.energy}")
+
+    def factors(self, W, stats, rank):
+        return cur_factors(W, stats, rank)
+
+    def spectrum(self, W, stats):
+        return score_singular_values(W, stats)
+
+    def ranks(self, shapes, stats, spectrum_of=None):
+        if self.energy is None:
+            return super().ranks(shapes, stats, spectrum_of)
+        out = {}
+        for n, (m, k) in shapes.items():
+            e = spectrum_of(n).square().cumsum(0)
+            r = int((e < self.energy * e[-1]).sum()) + 1
+            out[n] = r if r <= allocate.max_useful_rank(m, k) else None
+        return out
+
+
+@register_method("fwsvd")
+@dataclass
+class FWSVD(CompressConfig):
+    """Fisher-weighted SVD: rows weighted by √(Σ squared gradients of the loss); see methods/fwsvd.py."""
+    needs_stats: ClassVar[bool] = True
+    sequential_ok: ClassVar[bool] = False
+
+    def factors(self, W, stats, rank):
+        return fwsvd_factors(W, stats, rank)
+
+    def spectrum(self, W, stats):
+        return torch.linalg.svdvals(row_weights(stats.fisher_rows).to(W)[:, None] * W)
+
+    def collect(self, model, targets, calib, progress):
+        from .models import is_causal
+        base = super().collect(model, targets, calib, progress)
+        fisher = collect_fisher(model, targets, calib, is_causal(model), progress)
+        return {n: FisherStats(fisher[n], base[n]) for n in targets}
 
 
 @torch.no_grad()
@@ -124,22 +222,29 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     target_before = sum(p.numel() for m in targets.values() for p in m.parameters())
 
     stats: dict = {}
-    if config.needs_stats:
-        if not calib:
-            raise LayerzipError(f"method {config.name} needs calibration text; pass --calib FILE or --calib builtin")
-        stats = collect_stats(model, targets, {n: s[1] for n, s in shapes.items()}, calib, progress)
+    if config.needs_stats and not calib:
+        raise LayerzipError(f"method {config.name} needs calibration text; pass --calib FILE or --calib builtin")
+    # sequential + uniform needs no statistics of the original model; everything else does (global: its spectra)
+    if config.needs_stats and not (config.sequential and config.alloc == "uniform"):
+        stats = config.collect(model, targets, calib, progress)
     t_calib = time.perf_counter()
 
-    ranks = config.ranks(shapes, stats)
-    modules = {}
-    for name in tqdm(targets, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
-        if ranks[name] is None:
-            continue
-        mod = targets[name]
-        W, bias = dense_weight_and_bias(mod)
-        new = config.build_layer(W.detach().to("cpu", torch.float64), bias, stats.get(name), ranks[name])
-        set_module(model, name, new.to(device=W.device, dtype=W.dtype))
-        modules[name] = new.spec()
+    def spectrum_of(name):
+        W, _ = dense_weight_and_bias(targets[name])
+        return config.spectrum(W.detach().to("cpu", torch.float64), stats.get(name))
+
+    # biases stay dense: the weight matrices get what `keep` leaves after them
+    n_bias = target_before - sum(m * n for m, n in shapes.values())
+    weight_keep = max((config.keep * target_before - n_bias) / (target_before - n_bias), 1e-9)
+    ranks = replace(config, keep=min(weight_keep, 1.0)).ranks(shapes, stats, spectrum_of)
+    if config.sequential:
+        from .sequential import compress_sequential
+        modules, seq_tokens = compress_sequential(model, targets, ranks, config, calib, progress)
+    else:
+        modules = {}
+        for name in tqdm(targets, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
+            if ranks[name] is not None:
+                modules[name] = replace_module(model, name, targets[name], config, stats.get(name), ranks[name])
     t_dec = time.perf_counter()
 
     target_after = sum(p.numel() for n in targets for p in model.get_submodule(n).parameters())
@@ -159,10 +264,21 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         "seconds_decomposition": t_dec - t_calib,
     }
     if stats:
-        report["calibration"] = {"tokens": max(s.tokens for s in stats.values()),
+        report["calibration"] = {"tokens": max(getattr(s, "tokens", 0) for s in stats.values()),
                                  "distinct_inputs": len({id(s) for s in stats.values()})}
         report["whitening"] = _whitening_summary(stats) if config.name == "svd-llm" else None
+    if config.sequential:
+        report["calibration"] = {**report.get("calibration", {}), "sequential_tokens": seq_tokens}
+    report["ranks"] = {n: r for n, r in ranks.items()}
     return report
+
+
+def replace_module(model: nn.Module, name: str, mod: nn.Module, config: CompressConfig, stats, rank: int) -> dict:
+    """Decompose one target in float64 and swap the result in, cast back to the original dtype. Returns its spec."""
+    W, bias = dense_weight_and_bias(mod)
+    new = config.build_layer(W.detach().to("cpu", torch.float64), bias, stats, rank)
+    set_module(model, name, new.to(device=W.device, dtype=W.dtype))
+    return new.spec()
 
 
 def _whitening_summary(stats: dict) -> dict:
