@@ -44,7 +44,11 @@ def compress(
     seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
     include: Optional[str] = typer.Option(None, help="regex: compress only the linear layers whose name matches"),
     exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers dense"),
-    alloc: str = typer.Option("uniform", help="rank allocation: uniform"),
+    alloc: Optional[str] = typer.Option(None, help="rank allocation: uniform | global (default: the method's best)"),
+    sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential",
+                                              help="calibrate each block on the already compressed blocks' output"),
+    correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",
+                                           help="refit each left factor by least squares toward the original outputs"),
     blocks: Optional[int] = typer.Option(None, help="drop-blocks: number of whole blocks to remove "
                                          "(default: from --keep)"),
     select: str = typer.Option("span", help="drop-blocks: span (smallest angular distance) or influence "
@@ -68,7 +72,8 @@ def compress(
     elif blocks is not None or select != "span":
         raise LayerzipError("--blocks and --select apply to --method drop-blocks (or drop-blocks+svd-llm); "
                             "drop them or change --method")
-    config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "include": include,
+    config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "sequential": sequential,
+                               "correct": correct, "include": include,
                                "exclude": exclude, **depth})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
                          heal_steps=heal_steps, heal_lr=heal_lr)
