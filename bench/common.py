@@ -1,0 +1,197 @@
+"""Shared pieces of the benchmark harness: the two benchmark models, their data, their quality metric, JSON out.
+
+A `Bench` says how one model is loaded, calibrated and scored:
+  - MiniLM (encoder): retrieval over held-out python-docs {query, doc} pairs (Recall@1, MRR) and the mean cosine of
+    held-out paragraph embeddings to the dense model's;
+  - Gemma-3-270M (causal LM): perplexity on held-out python-docs windows, each starting with BOS.
+`--quick` swaps both for tiny random-weight models built from transformers configs (the smoke run / CI test).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layerzip as lz  # noqa: E402
+from layerzip.calibrate import load_documents, token_batches  # noqa: E402
+from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
+from layerzip.pipeline import retrieval_eval  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+DEFAULT_THREADS = 2
+DOC_CHARS = 600          # retrieval documents are cut to their first 600 characters (~150 tokens)
+
+
+@dataclass
+class Bench:
+    name: str                  # short id used in file names
+    title: str
+    source: str                # what lz.load_model understands
+    causal: bool
+    calib_samples: int         # documents (encoder) or windows (causal)
+    calib_seq_len: int
+    eval_windows: int = 8      # causal: perplexity windows
+    eval_seq_len: int = 512
+    retrieval_pairs: int = 200  # encoder
+    cosine_texts: int = 64      # encoder
+    latency_seq_len: int = 128
+    quick: bool = False
+    keeps: tuple = KEEPS
+    texts: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def metric(self) -> str:
+        return "perplexity" if self.causal else "recall_at_1"
+
+    def load(self) -> lz.models.Loaded:
+        return lz.load_model(self.source)
+
+    # ---- data: bench/cache (real, held out) or, for --quick, the built-in docstrings
+    def _data(self):
+        if not self.texts:
+            if self.quick:
+                docs = load_documents("builtin", limit=400)
+                held = load_documents("builtin-heldout", limit=120)
+                pairs = [{"query": " ".join(d.split()[:6]), "doc": " ".join(d.split()[6:])} for d in held[:60]]
+                self.texts = {"calib": docs, "eval": held, "pairs": pairs}
+            else:
+                import data
+                pairs = [{"query": r["query"], "doc": r["doc"][:DOC_CHARS]}
+                         for r in data.retrieval_pairs(self.retrieval_pairs)]
+                self.texts = {"calib": data.calib_texts(), "eval": data.eval_texts(), "pairs": pairs}
+        return self.texts
+
+    def calib(self, loaded) -> list[dict]:
+        docs = self._data()["calib"]
+        return token_batches(loaded.tokenizer, docs, self.causal, self.calib_samples, self.calib_seq_len, batch_size=8)
+
+    def reference(self, loaded) -> dict:
+        """What the compressed models are compared with: the dense model's eval embeddings (encoders)."""
+        if self.causal:
+            return {}
+        return {"emb": embed(loaded.model, loaded.tokenizer, self._data()["eval"][:self.cosine_texts], progress=False)}
+
+    def evaluate(self, loaded, ref: dict) -> dict:
+        d = self._data()
+        if self.causal:
+            return {"perplexity": perplexity(loaded.model, loaded.tokenizer, d["eval"], self.eval_seq_len,
+                                             self.eval_windows, progress=False)}
+        out = retrieval_eval(loaded, d["pairs"], progress=False)
+        emb = embed(loaded.model, loaded.tokenizer, d["eval"][:self.cosine_texts], progress=False)
+        out["cosine_to_dense"] = mean_cosine(emb, ref["emb"])
+        return out
+
+
+def benches(quick: bool = False, only: list[str] | None = None) -> list[Bench]:
+    if quick:
+        out = [Bench("tiny-bert", "tiny BERT (random weights)", tiny_model("bert"), False, 16, 64,
+                     latency_seq_len=32, quick=True, keeps=(0.8, 0.5)),
+               Bench("tiny-gemma", "tiny Gemma-3 (random weights)", tiny_model("gemma"), True, 4, 64,
+                     eval_windows=2, eval_seq_len=64, latency_seq_len=32, quick=True, keeps=(0.8, 0.5))]
+    else:
+        import data
+        out = [Bench("minilm", "all-MiniLM-L6-v2", "minilm", False, calib_samples=64, calib_seq_len=256,
+                     latency_seq_len=128),
+               Bench("gemma", "Gemma-3-270M", str(data.gemma_dir()), True, calib_samples=16, calib_seq_len=256,
+                     eval_windows=int(os.environ.get("BENCH_GEMMA_WINDOWS", 4)), eval_seq_len=512,
+                     latency_seq_len=32)]
+    return [b for b in out if not only or b.name in only]
+
+
+def tiny_model(kind: str) -> str:
+    """A tiny random-weight model saved as a HF directory (MiniLM's tokenizer, so nothing is downloaded)."""
+    import transformers
+    path = Path(tempfile.gettempdir()) / f"layerzip-bench-tiny-{kind}"
+    if (path / "config.json").is_file():
+        return str(path)
+    tok = transformers.AutoTokenizer.from_pretrained(lz.models.builtin_path("minilm"))
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)
+        model = transformers.BertModel(cfg)
+    else:
+        cfg = transformers.Gemma3TextConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                            intermediate_size=128, max_position_embeddings=256,
+                                            bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+                                            pad_token_id=tok.pad_token_id)
+        cfg.architectures = ["Gemma3ForCausalLM"]
+        model = transformers.Gemma3ForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def methods() -> list[str]:
+    """Every registered method, whatever is registered when the benchmark runs (later methods appear here)."""
+    import layerzip.pipeline  # noqa: F401  (modules that register methods on import)
+    return list(lz.METHODS)
+
+
+def config(method: str, keep: float):
+    return lz.config_from_dict({"method": method, "keep": keep})
+
+
+def cache_collect(cfg, cache: dict):
+    """Statistics depend on the model and the calibration batches, not on `keep`: collect them once per method
+    family (the `collect` function) and reuse them across keeps. Only used by the quality curves; speed.py times a
+    fresh calibration."""
+    fn = type(cfg).collect
+    orig = cfg.collect
+
+    def collect(model, targets, calib, progress):
+        key = (fn, id(calib), tuple(targets))
+        if key not in cache:
+            cache[key] = orig(model, targets, calib, progress)
+        return cache[key]
+    cfg.collect = collect
+    return cfg
+
+
+def env() -> dict:
+    import transformers
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "cores": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "layerzip": lz.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def write_json(name: str, obj, results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
+    path.write_text(json.dumps(obj, indent=1, default=str))
+    return path
+
+
+def read_json(name: str, results: Path = RESULTS):
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t
+
+
+def asdict_bench(b: Bench) -> dict:
+    return {k: v for k, v in asdict(b).items() if k != "texts"}

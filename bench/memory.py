@@ -1,0 +1,95 @@
+"""Peak resident memory of `compress` per model, and what dominates it.
+
+Each model is compressed (svd-llm, keep 0.5: the method with the largest statistics) in a fresh subprocess that
+reports its resident set after each stage (psutil) and the running peak (getrusage ru_maxrss), so the peak can be
+attributed: interpreter + libraries, dense weights, calibration (Grams, activations), decomposition (float64
+copies, whitening factors, new factors), save. Next to it, the sizes that explain it: weight bytes and Gram bytes.
+
+    python bench/memory.py [--quick] [--models minilm gemma] [--method svd-llm]
+Writes bench/results/memory.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+
+import common
+
+MB = 2 ** 20
+
+
+def _rss() -> dict:
+    import psutil
+    return {"rss_mb": psutil.Process().memory_info().rss / MB,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(name: str, quick: bool, method: str) -> dict:
+    """Runs inside the subprocess."""
+    import torch
+    torch.set_num_threads(common.DEFAULT_THREADS)
+    b = common.benches(quick, [name])[0]
+    stages = {"start": _rss()}
+    loaded = b.load()
+    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
+    stages["loaded"] = _rss()
+    calib = b.calib(loaded)
+    cfg = common.config(method, 0.5)
+    stats_bytes = {}
+    orig = cfg.collect
+
+    def collect(model, targets, calib_, progress):
+        stats = orig(model, targets, calib_, progress)
+        stages["calibrated"] = _rss()
+        uniq = {id(s): s for s in stats.values()}.values()
+        stats_bytes["gram_mb"] = sum(s.gram.numel() * 8 for s in uniq if hasattr(s, "gram")) / MB
+        stats_bytes["distinct_inputs"] = len(uniq)
+        return stats
+    cfg.collect = collect
+    rep = common.lz.compress_(loaded.model, cfg, calib=calib, progress=False)
+    stages["decomposed"] = _rss()
+    with tempfile.TemporaryDirectory() as tmp:
+        common.lz.save(loaded.model, f"{tmp}/m", tokenizer=loaded.tokenizer)
+    stages["saved"] = _rss()
+    names = list(stages)
+    steps = {f"{a}->{c}": stages[c]["peak_mb"] - stages[a]["peak_mb"] for a, c in zip(names, names[1:])}
+    return {"model": name, "method": method, "keep": 0.5, "peak_mb": stages["saved"]["peak_mb"], "stages": stages,
+            "peak_increase_by_stage_mb": steps, "dominant_stage": max(steps, key=steps.get),
+            "dense_weights_mb": weights / MB, **stats_bytes, "calib_tokens": rep.get("calibration", {}).get("tokens"),
+            "params_before": rep["params_before"], "params_after": rep["params_after"]}
+
+
+def run(quick: bool, models, method: str) -> list[dict]:
+    out = []
+    for b in common.benches(quick, models):
+        p = subprocess.run([sys.executable, __file__, "--child", b.name, "--method", method]
+                           + (["--quick"] if quick else []), capture_output=True, text=True)
+        if p.returncode:
+            out.append({"model": b.name, "error": p.stderr.strip().splitlines()[-1:]})
+        else:
+            out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--models", nargs="*")
+    ap.add_argument("--method", default="svd-llm")
+    ap.add_argument("--child")
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child, a.quick, a.method)))
+        return
+    res = run(a.quick, a.models, a.method)
+    prev = {r["model"]: r for r in (common.read_json("memory") or {}).get("rows", [])}
+    prev.update({r["model"]: r for r in res})
+    common.write_json("memory", {"rows": list(prev.values()), "env": common.env()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Compression time against its limit, measured in the same run as the quality curves (quality.py calls these).
+
+A compression is timed in four stages: calibration forward, statistics, decomposition, save. The statistics are
+accumulated by hooks inside the calibration forward, so the split is: `calibration_forward` = one plain forward over
+the same batches (timed once per model by `limit`), `statistics` = calibration wall time − that forward.
+
+The limit is what any method must at least do: one plain forward over the calibration tokens (methods that use
+statistics) plus a bare float64 `torch.linalg.svd` of every target matrix (the same precision the methods use).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+import common
+from layerzip.calibrate import backbone
+from layerzip.models import select_targets
+
+
+@torch.no_grad()
+def limit(loaded, calib: list[dict]) -> dict:
+    net = backbone(loaded.model)
+    t = time.perf_counter()
+    for batch in calib:
+        net(**batch)
+    fwd = time.perf_counter() - t
+    targets = select_targets(loaded.model)
+    t = time.perf_counter()
+    for mod in targets.values():
+        torch.linalg.svd(mod.weight.detach().double(), full_matrices=False)
+    svd = time.perf_counter() - t
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    return {"seconds_forward": fwd, "seconds_svd": svd, "targets": len(targets), "calib_tokens": tokens}
+
+
+def timed_compress(loaded, cfg, calib: list[dict], out_dir: str, lim: dict, cache: dict | None = None):
+    """Fresh compress_ + save, split into stages. Stores the collected statistics in `cache` (see
+    common.cache_collect) so the other keeps of the curve reuse them."""
+    if cache is not None:
+        orig = cfg.collect
+
+        def collect(model, targets, calib_, progress):
+            stats = orig(model, targets, calib_, progress)
+            cache[(type(cfg).collect, id(calib_), tuple(targets))] = stats
+            return stats
+        cfg.collect = collect
+    rep = common.lz.compress_(loaded.model, cfg, calib=calib if cfg.needs_stats else None, progress=False)
+    t = time.perf_counter()
+    common.lz.save(loaded.model, f"{out_dir}/model", tokenizer=loaded.tokenizer)
+    save = time.perf_counter() - t
+    fwd = lim["seconds_forward"] if cfg.needs_stats else 0.0
+    stages = {"calibration_forward": fwd if cfg.needs_stats else 0.0,
+              "statistics": max(rep["seconds_calibration"] - fwd, 0.0) if cfg.needs_stats else 0.0,
+              "decomposition": rep["seconds_decomposition"], "save": save}
+    total = sum(stages.values())
+    bound = fwd + lim["seconds_svd"]
+    return rep, {**stages, "total": total, "limit": bound, "limit_forward": fwd, "limit_svd": lim["seconds_svd"],
+                 "ratio_to_limit": total / bound if bound else None,
+                 "seconds_calibration_measured": rep["seconds_calibration"]}
+
+
+def table(res: dict) -> list[dict]:
+    """One row per method from a quality_<model>.json: the fresh run's stages and its ratio to the limit."""
+    return [{"method": r["method"], "keep": r["keep"], **r["timing"]} for r in res["rows"] if "timing" in r]
