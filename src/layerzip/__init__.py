@@ -15,6 +15,7 @@ from .io import save
 from .layers import FactorizedLayer, LowRankLinear
 from .models import load_model
 from .pipeline import calibration_batches, compress_model, evaluate_model
+from . import structured  # noqa: F401  registers btt, monarch, ... as compress methods
 
 
 def load(source):
