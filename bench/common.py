@@ -26,7 +26,7 @@ from layerzip.calibrate import load_documents, token_batches  # noqa: E402
 from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
 from layerzip.pipeline import retrieval_eval  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("LAYERZIP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 DEFAULT_THREADS = 2
 DOC_CHARS = 600          # retrieval documents are cut to their first 600 characters (~150 tokens)
@@ -62,7 +62,8 @@ class Bench:
             if self.quick:
                 docs = load_documents("builtin", limit=400)
                 held = load_documents("builtin-heldout", limit=120)
-                pairs = [{"query": " ".join(d.split()[:6]), "doc": " ".join(d.split()[6:])} for d in held[:60]]
+                pairs = [{"query": " ".join(d.split()[:6]), "doc": " ".join(d.split()[6:40])}
+                         for d in held[:self.retrieval_pairs]]
                 self.texts = {"calib": docs, "eval": held, "pairs": pairs}
             else:
                 import data
@@ -95,7 +96,7 @@ class Bench:
 def benches(quick: bool = False, only: list[str] | None = None) -> list[Bench]:
     if quick:
         out = [Bench("tiny-bert", "tiny BERT (random weights)", tiny_model("bert"), False, 16, 64,
-                     latency_seq_len=32, quick=True, keeps=(0.8, 0.5)),
+                     retrieval_pairs=16, cosine_texts=16, latency_seq_len=32, quick=True, keeps=(0.8, 0.5)),
                Bench("tiny-gemma", "tiny Gemma-3 (random weights)", tiny_model("gemma"), True, 4, 64,
                      eval_windows=2, eval_seq_len=64, latency_seq_len=32, quick=True, keeps=(0.8, 0.5))]
     else:

@@ -1,0 +1,230 @@
+"""The one command: every benchmark, then BENCHMARKS.md from the JSON results.
+
+    python bench/run_all.py                 # full run (needs `python bench/prepare.py` once)
+    python bench/run_all.py --quick         # smoke run on tiny random models (~1 min), results in a temp dir
+    python bench/run_all.py --report-only   # rewrite BENCHMARKS.md from bench/results/*.json
+
+Steps (each a subprocess, so one failure is reported and the rest still run): quality curves (+ compression time
+vs limit), latency vs FLOP bound, tltorch peers, peak memory; then the other engineers' scripts when present
+(bench/beat_svdllm.py, depth_and_heal.py, structures_speed.py, mnist_structures.py; `--skip-others` skips them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py")
+OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
+              ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
+              ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"))
+
+
+def steps(a) -> list[list[str]]:
+    q = ["--quick"] if a.quick else []
+    models = ["--models", *a.models] if a.models else []
+    methods = ["--methods", *a.methods] if a.methods else []
+    out = [["quality.py", *q, *models, *methods], ["latency.py", *q, *models], ["peers.py", *q, *models],
+           ["memory.py", *q, *models]]
+    if not a.quick and not a.skip_others:
+        out += [[s] for s in OTHERS if (HERE / s).is_file()]
+    return out
+
+
+def run(a) -> dict:
+    log = {}
+    for cmd in steps(a):
+        t = time.perf_counter()
+        print(f"== {' '.join(cmd)}", flush=True)
+        p = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], cwd=ROOT)
+        log[" ".join(cmd)] = {"seconds": round(time.perf_counter() - t, 1), "returncode": p.returncode}
+    return log
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _load(results: Path, name: str):
+    p = results / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _f(x, nd=3):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{nd}g}" if abs(x) < 1 else f"{x:.{nd}f}".rstrip("0").rstrip(".")
+    return str(x)
+
+
+def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
+    metric = q["metric"]
+    keeps = sorted({r["keep"] for r in q["rows"]}, reverse=True)
+    extra = " / MRR / cosine to dense" if metric == "recall_at_1" else ""
+    out = [f"### {q['title']}: {metric.replace('_', ' ')}{extra} (dense: {_f(q['dense'][metric], 4)}"
+           + (f", MRR {_f(q['dense']['mrr'], 3)}" if "mrr" in q["dense"] else "") + ")", "",
+           "| method | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
+    rows = [(r["method"], r) for r in q["rows"]] + [(f"tltorch {r['method']}", r) for r in (peers or {}).get("rows", [])]
+    by: dict = {}
+    for name, r in rows:
+        by.setdefault(name, {})[r["keep"]] = r
+    for name, cells in by.items():
+        vals = []
+        for k in keeps:
+            r = cells.get(k)
+            if r is None:
+                vals.append("–")
+            elif "error" in r:
+                vals.append("error")
+            elif metric == "recall_at_1":
+                vals.append(f"{r['recall_at_1']:.3f} / {r['mrr']:.3f} / {r['cosine_to_dense']:.3f}")
+            else:
+                vals.append(_f(r[metric], 4))
+        out.append(f"| {name} | " + " | ".join(vals) + " |")
+    errs = {f"{n}": r["error"] for n, c in by.items() for r in c.values() if "error" in r}
+    for n, e in errs.items():
+        out.append(f"\n- `{n}` failed: {e}")
+    b = q["bench"]
+    out += ["", f"![{q['title']} quality]({rel}/quality_{q['model']}.png)", "",
+            (f"Perplexity on {b['eval_windows']} held-out windows × {b['eval_seq_len']} tokens (BOS first). "
+             if q["metric"] == "perplexity" else
+             f"Recall@1 / MRR over {b['retrieval_pairs']} held-out {{query, doc}} pairs (each query ranked against "
+             f"all docs by cosine); cosine: mean cosine to the dense model's embedding of {b['cosine_texts']} "
+             "held-out paragraphs. ")
+            + f"Calibration: {b['calib_samples']} × {b['calib_seq_len']} tokens of python-docs text disjoint from "
+            "the evaluation text.", ""]
+    return out
+
+
+def speed_md(q: dict) -> list[str]:
+    lim = q["limit"]
+    out = [f"### {q['title']} (keep 0.5; limit = plain forward over the {lim['calib_tokens']} calibration tokens "
+           f"{_f(lim['seconds_forward'])} s + bare float64 SVD of the {lim['targets']} targets {_f(lim['seconds_svd'])} s)",
+           "", "| method | calibration forward s | statistics s | decomposition s | save s | total s | limit s | "
+           "total / limit |", "|---|---|---|---|---|---|---|---|"]
+    for r in q["rows"]:
+        t = r.get("timing")
+        if t:
+            out.append(f"| {r['method']} | {_f(t['calibration_forward'])} | {_f(t['statistics'])} | "
+                       f"{_f(t['decomposition'])} | {_f(t['save'])} | {_f(t['total'])} | {_f(t['limit'])} | "
+                       f"**{_f(t['ratio_to_limit'])}** |")
+    return out + [""]
+
+
+def latency_md(lat: dict, peers: dict | None, rel: str) -> list[str]:
+    d = lat["dense"]
+    out = [f"### {lat['title']} ({lat['seq_len']} tokens per sequence, {lat['threads']} thread; dense "
+           f"{_f(d['latency_ms_batch1'])} ms at batch 1, {_f(d['latency_ms_batch16'])} ms at batch 16; "
+           f"{_f(d['flops_per_token'] / 1e6)} MFLOP/token, of which LM head {_f(d['flops_per_token_lm_head'] / 1e6)})",
+           "", "| layers | keep | FLOP bound | speedup b1 | speedup b16 | speedup / bound b1 | speedup / bound b16 |",
+           "|---|---|---|---|---|---|---|"]
+    for r in lat["rows"]:
+        out.append(f"| low rank | {r['keep']} | {_f(r['flop_bound'])} | {_f(r['speedup_batch1'])} | "
+                   f"{_f(r['speedup_batch16'])} | {_f(r['speedup_over_bound_batch1'])} | "
+                   f"{_f(r['speedup_over_bound_batch16'])} |")
+    for r in (peers or {}).get("rows", []):
+        if "speedup_batch1" in r:
+            out.append(f"| tltorch {r['method']} | {r['keep']} | {_f(r['flop_bound'])} | {_f(r['speedup_batch1'])} | "
+                       f"{_f(r['speedup_batch16'])} | {_f(r['speedup_batch1'] / r['flop_bound'])} | "
+                       f"{_f(r['speedup_batch16'] / r['flop_bound'])} |")
+    slow = lat["slower_layers"]
+    out += ["", f"Per layer (dense `F.linear` vs the two GEMMs of `LowRankLinear`, {len(lat['layers'])} shape × keep"
+            f" × tokens cases): **{len(slow)} slower than dense**"
+            + (": " + ", ".join(f"{s['out']}×{s['in']} rank {s['rank']} (keep {s['keep']}, {s['tokens']} tokens, "
+                                f"{s['speedup']:.2f}×)" for s in slow[:8]) + (" …" if len(slow) > 8 else "")
+               if slow else "."),
+            "", f"![{lat['title']} latency]({rel}/latency_{lat['model']}.png)", ""]
+    return out
+
+
+def memory_md(mem: dict) -> list[str]:
+    out = ["| model | method | peak RSS MiB | dense weights MiB | Grams MiB | largest step (peak growth MiB) |",
+           "|---|---|---|---|---|---|"]
+    for r in mem["rows"]:
+        if "error" in r:
+            out.append(f"| {r['model']} | error: {r['error']} | | | | |")
+            continue
+        step = r["dominant_stage"]
+        out.append(f"| {r['model']} | {r['method']} keep {r['keep']} | {_f(r['peak_mb'])} | "
+                   f"{_f(r['dense_weights_mb'])} | {_f(r.get('gram_mb'))} | {step} "
+                   f"(+{_f(r['peak_increase_by_stage_mb'][step])}) |")
+    return out + [""]
+
+
+def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -> Path:
+    rel = os.path.relpath(results, out.parent)
+    models = [p.stem.removeprefix("quality_") for p in sorted(results.glob("quality_*.json"))]
+    qs = {m: _load(results, f"quality_{m}") for m in models}
+    env = next((q["env"] for q in qs.values() if q), {})
+    lines = ["# Benchmarks", "",
+             f"Generated by `python bench/run_all.py` (see [bench/README.md](bench/README.md)) from the JSON in "
+             f"`{rel}/`. Every number below is as measured; ratios are against limits measured in the same run.", "",
+             f"Machine: {env.get('cpu', '?')}, {env.get('cores', '?')} cores (shared with other jobs; 1-min load "
+             f"average at start {_f(env.get('load_average_1min'))}). Date: {env.get('date', '?')}. Versions: "
+             f"python {env.get('python')}, torch {env.get('torch')}, transformers {env.get('transformers')}, "
+             f"layerzip {env.get('layerzip')}.", ""]
+    if runtime:
+        lines += ["Runtime of this run: " + ", ".join(f"`{k}` {v['seconds']:.0f} s" + ("" if v["returncode"] == 0
+                                                                                    else " (failed)")
+                                                   for k, v in runtime.items()), ""]
+    lines += ["## Quality vs keep", ""]
+    for m, q in qs.items():
+        lines += quality_md(q, _load(results, f"peers_{m}"), rel)
+    lines += ["## Compression time against its limit", ""]
+    for q in qs.values():
+        lines += speed_md(q)
+    lines += ["## Inference speed against the FLOP bound", ""]
+    for m in models:
+        lat = _load(results, f"latency_{m}")
+        if lat:
+            lines += latency_md(lat, _load(results, f"peers_{m}"), rel)
+    mem = _load(results, "memory")
+    if mem:
+        lines += ["## Peak memory of compress", ""] + memory_md(mem)
+    inst = _load(results, "peers_install")
+    if inst:
+        lines += ["## Peers that were not run", ""]
+        for pkg, i in inst.items():
+            lines.append(f"- `{pkg}` ({i['api']}): dry-run install resolves {i.get('resolved')} "
+                         f"({i.get('packages')} packages).")
+        lines.append("")
+    lines += ["## Results of the other benchmark scripts", ""]
+    for title, doc in OTHER_DOCS:
+        lines.append(f"- {title}: " + (f"[{doc}]({doc})" if (ROOT / doc).is_file() else "not run yet"))
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random models, results in a temp dir (smoke run)")
+    ap.add_argument("--models", nargs="*")
+    ap.add_argument("--methods", nargs="*", help="default: every registered method")
+    ap.add_argument("--skip-others", action="store_true", help="do not run the other engineers' bench scripts")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--results", help="results directory (default bench/results; --quick: a temp dir)")
+    a = ap.parse_args(argv)
+    results = Path(a.results or (tempfile.mkdtemp(prefix="layerzip-bench-") if a.quick else HERE / "results"))
+    os.environ["LAYERZIP_BENCH_RESULTS"] = str(results)
+    runtime = None
+    if not a.report_only:
+        t = time.perf_counter()
+        runtime = run(a)
+        runtime["total"] = {"seconds": time.perf_counter() - t, "returncode": 0}
+        (results / "runtime.json").write_text(json.dumps(runtime, indent=1))
+    else:
+        p = results / "runtime.json"
+        runtime = json.loads(p.read_text()) if p.is_file() else None
+    out = results / "BENCHMARKS.md" if a.quick else ROOT / "BENCHMARKS.md"
+    print(f"wrote {write_benchmarks_md(results, out, runtime)}")
+    failed = [k for k, v in (runtime or {}).items() if v["returncode"]]
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

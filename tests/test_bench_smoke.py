@@ -1,0 +1,54 @@
+"""Smoke run of the benchmark harness on tiny random-weight models (not a timed test: it checks the plumbing)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture()
+def bench(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERZIP_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    for m in ("common", "quality", "speed", "latency", "run_all"):
+        sys.modules.pop(m, None)
+    import common
+    return common
+
+
+def test_harness_smoke(bench, tmp_path):
+    import latency
+    import quality
+    import run_all
+    torch.set_num_threads(1)
+    tiny = bench.benches(quick=True)
+    for b in tiny:
+        b.keeps = (0.5, 0.8)
+    bert, gemma = tiny
+    res = quality.run_model(bert, ["svd", "svd-llm"], progress=False)
+    assert {r["method"] for r in res["rows"]} == {"svd", "svd-llm"}
+    assert all("error" not in r and 0 <= r["recall_at_1"] <= 1 for r in res["rows"])
+    fresh = [r["timing"] for r in res["rows"] if "timing" in r]
+    assert len(fresh) == 2 and all(t["ratio_to_limit"] > 0 for t in fresh)
+    bench.write_json("quality_tiny-bert", res)
+    quality.plot(res)
+    gemma.keeps = (0.5,)
+    lat = latency.run_model(gemma, threads=1, progress=False)
+    r = lat["rows"][0]
+    assert r["flop_bound"] > 1 and r["latency_ms_batch1"] > 0 and lat["dense"]["flops_per_token_lm_head"] > 0
+    bench.write_json("latency_tiny-gemma", lat)
+    md = run_all.write_benchmarks_md(tmp_path, tmp_path / "BENCHMARKS.md")
+    text = md.read_text()
+    assert "svd-llm" in text and "FLOP bound" in text and (tmp_path / "quality_tiny-bert.png").is_file()
+    json.loads((tmp_path / "quality_tiny-bert.json").read_text())
+
+
+def test_retrieval_metrics_and_flops():
+    from layerzip.evaluate import retrieval_metrics
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    d = torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])      # right docs ranked 2nd, 3rd, 1st
+    m = retrieval_metrics(q, d)
+    assert m["recall_at_1"] == pytest.approx(1 / 3) and m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
