@@ -31,7 +31,6 @@ from . import allocate
 from .calibrate import backbone, collect_stats
 from .errors import LayerzipError
 from .layers import dense_weight_and_bias
-from .methods.svdllm import whitened_singular_values
 from .models import find_blocks, linear_shape, select_targets
 
 FORMAT = "layerzip-analysis"
@@ -140,8 +139,9 @@ def module_spectra(model: nn.Module, targets: dict[str, nn.Module], stats: dict,
     for name, mod in tqdm(targets.items(), desc="spectra", unit="module", disable=not progress):
         W, _ = dense_weight_and_bias(mod)
         W = W.detach().to("cpu", torch.float64)
-        s = torch.linalg.svdvals(W)
-        sw = whitened_singular_values(W, stats[name].whitening)
+        # float32 SVDs: spectra are reported to 6 digits, and this is 2-4× faster than float64
+        s = torch.linalg.svdvals(W.float()).double()
+        sw = torch.linalg.svdvals((W @ stats[name].whitening.L).float()).double()
         m, n = linear_shape(mod)
         rest = name[len(blocks_name) + 1:] if name.startswith(blocks_name + ".") else name
         idx, _, kind = rest.partition(".")
@@ -248,7 +248,7 @@ def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_sa
     batches = calibration_batches(loaded, calib, calib_samples, seq_len)
     doc = analyze(loaded.model, batches, keep, include, exclude, progress)
     doc.update(model=str(source), causal=loaded.causal,
-               calibration={"source": calib, "samples": calib_samples, "seq_len": seq_len})
+               calibration={"source": str(calib), "samples": calib_samples, "seq_len": seq_len})
     out.mkdir(parents=True, exist_ok=True)
     path = out / "analysis.json"
     path.write_text(json.dumps(doc))

@@ -4,8 +4,8 @@
          | ‖h_s − h_t‖² / ‖h_t‖² of the last hidden states              (encoders; mean over non-padding tokens)
          + hint_weight · Σ_blocks ‖b_s − b_t‖² / ‖b_t‖²                  (FitNets hints, optional)
 
-Only the parameters of factorized layers train (A, B, biases); with none (a model that only lost blocks), the
-Linear layers of the remaining blocks train. Memory stays bounded: one micro-batch at a time, and for causal LMs the
+Only the factor matrices of factorized layers train (A, B; biases stay); with none (a model that only lost
+blocks), the weights of the Linear layers of the remaining blocks train. Memory stays bounded: one micro-batch at a time, and for causal LMs the
 vocabulary-wide logits are built `chunk` tokens at a time under activation checkpointing, so a 262k-word head never
 holds more than chunk × vocab floats.
 """
@@ -28,17 +28,39 @@ from .models import find_blocks, select_targets
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
-    """Factor matrices (and their biases); else the Linear layers inside the blocks. Freezes everything else."""
+    """Factor matrices; else the weights of the Linear layers inside the blocks. Freezes everything else."""
     mods = [m for m in model.modules() if isinstance(m, FactorizedLayer)]
     what = "factors"
     if not mods:
         mods, what = list(select_targets(model).values()), "block linears"
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list({id(p): p for m in mods for p in m.parameters()}.values())
+    # biases stay frozen: they are the original ones, and the loss is very sharp along some of them
+    params = list({id(p): p for m in mods for n, p in m.named_parameters() if n != "bias"}.values())
     for p in params:
         p.requires_grad_(True)
     return params, what
+
+
+@torch.no_grad()
+def rebalance_(model: nn.Module) -> int:
+    """Re-split every low-rank A·B as U√S · √S Vᵀ (same product). Whitened factors (SVD-LLM's B = √S Vᵀ L⁻¹) can
+    be badly scaled, and Adam moves every entry by about lr: balanced factors make that step uniform in effect.
+
+    A = Qa Ra, Bᵀ = Qb Rb (QR), Ra Rbᵀ = u s vᵀ  =>  A·B = (Qa u √s)(√s vᵀ Qbᵀ)."""
+    n = 0
+    for m in model.modules():
+        A, B = getattr(m, "A", None), getattr(m, "B", None)
+        if isinstance(m, FactorizedLayer) and isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) \
+                and A.dim() == 2 and B.dim() == 2 and A.shape[1] == B.shape[0]:
+            Qa, Ra = torch.linalg.qr(A.double())
+            Qb, Rb = torch.linalg.qr(B.double().T)
+            u, s, vh = torch.linalg.svd(Ra @ Rb.T)
+            r = s.sqrt()
+            A.copy_((Qa @ u) * r)
+            B.copy_((vh.T * r).T @ Qb.T)
+            n += 1
+    return n
 
 
 def _head(model: nn.Module):
@@ -141,6 +163,7 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     for p in teacher.parameters():
         p.requires_grad_(False)
     params, what = trainable_parameters(student)
+    rebalance_(student)
     hooks = None
     if hint_weight:
         s_blocks, t_blocks = len(find_blocks(student)[1]), len(find_blocks(teacher)[1])
