@@ -42,8 +42,8 @@ class Bench:
     calib_seq_len: int
     eval_windows: int = 8      # causal: perplexity windows
     eval_seq_len: int = 512
-    retrieval_pairs: int = 200  # encoder
-    cosine_texts: int = 64      # encoder
+    retrieval_pairs: int = 100  # encoder
+    cosine_texts: int = 32      # encoder
     latency_seq_len: int = 128
     quick: bool = False
     keeps: tuple = KEEPS

@@ -55,7 +55,8 @@ class SVDMemo:
         self.store.clear()
 
 
-def run_model(b: common.Bench, methods: list[str], progress: bool = True) -> dict:
+def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: bool = False) -> dict:
+    """`save`: rewrite quality_<model>.json and its plot after every row, so a cut-short run keeps what it did."""
     loaded = b.load()
     ref = b.reference(loaded)
     with common.Timer() as t:
@@ -66,6 +67,8 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True) -> dic
     del loaded
     keeps = sorted(b.keeps, key=lambda k: (k != 0.5, -k))   # fresh (timed) run first, at keep 0.5
     rows, cache = [], {}
+    res = {"model": b.name, "title": b.title, "metric": b.metric, "bench": common.asdict_bench(b),
+           "methods_requested": methods, "dense": dense, "limit": limit, "rows": rows, "env": common.env()}
     bar = tqdm(total=len(methods) * len(keeps), desc=f"quality {b.name}", unit="model", disable=not progress)
     with SVDMemo() as memo:
         for method in methods:
@@ -93,11 +96,13 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True) -> dic
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 rows.append(row)
                 bar.update()
+                if save:
+                    common.write_json(f"quality_{b.name}", res)
+                    plot(res, common.read_json(f"peers_{b.name}"))
                 del m
                 gc.collect()
     bar.close()
-    return {"model": b.name, "title": b.title, "metric": b.metric, "bench": common.asdict_bench(b),
-            "dense": dense, "limit": limit, "rows": rows, "env": common.env()}
+    return res
 
 
 def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
@@ -143,7 +148,7 @@ def main(argv=None):
     for b in common.benches(a.quick, a.models):
         if a.keeps:
             b.keeps = tuple(a.keeps)
-        res = run_model(b, a.methods or common.methods())
+        res = run_model(b, a.methods or common.methods(), save=True)
         common.write_json(f"quality_{b.name}", res)
         plot(res, common.read_json(f"peers_{b.name}"))
 
