@@ -112,7 +112,7 @@ def run_minilm(args) -> dict:
     calib = token_batches(tok, calib_texts(64), False, 64, 256, 16)
     res = {"model": "minilm", "metric": "cosine to original embeddings; retrieval Recall@1",
            "eval_texts": len(texts), "retrieval_pairs": len(pairs), "dense": metric(ref.model)}
-    res["drop"] = drop_curves(ref, calib, [1, 2, 3, 4], metric)
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 3, 4], metric)
     heal_b = token_batches(tok, calib_texts(args.heal_docs), False, args.heal_docs, 128, 16)
     res["heal"] = heal_run(ref, 0.5, calib, heal_b, args.minilm_steps, args.lr, metric)
     return res
@@ -127,7 +127,7 @@ def run_gemma(args) -> dict:
     res = {"model": "gemma-3-270m", "metric": f"perplexity, {args.windows} held-out windows of 256 tokens",
            "dense": metric(ref.model)}
     print(json.dumps(res), flush=True)
-    res["drop"] = drop_curves(ref, calib, [1, 2, 4], metric)
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 4], metric)
     heal_b = token_batches(tok, calib_texts(), True, 32, 128, 2)
     res["heal"] = heal_run(ref, 0.8, calib, heal_b, args.gemma_steps, args.lr, metric)
     return res
@@ -170,6 +170,8 @@ def main():
     ap.add_argument("--gemma-steps", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                    help="numbers of blocks to drop, e.g. 1,2,3")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

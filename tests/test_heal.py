@@ -93,3 +93,17 @@ def test_cli_heal_saves_reloadable_model(tokenizer, calib_file, tmp_path, capsys
     code, _, err = cli(capsys, "heal", tmp_path / "lz", "--teacher", tmp_path / "orig", "--text", tmp_path / "no.txt",
                        "--out", tmp_path / "bad")
     assert code == 2 and "not found" in err and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_compress_with_heal_steps(tokenizer, calib_file, tmp_path, capsys):
+    src = tmp_path / "llama"
+    deep_tiny("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    code, out, err = cli(capsys, "compress", src, "--out", tmp_path / "o", "--method", "svd", "--keep", 0.3,
+                         "--calib", calib_file, "--calib-samples", 4, "--seq-len", 32, "--heal-steps", 3,
+                         "--heal-lr", 1e-3, "--json")
+    assert code == 0, err
+    assert json.loads(out)["heal"]["steps"] == 3
+    assert json.loads((tmp_path / "o" / "layerzip.json").read_text())["report"]["heal"]["trained"] == "factors"
+    assert load_model(tmp_path / "o").model(input_ids=torch.randint(5, 500, (1, 8))).logits.isfinite().all()
