@@ -123,8 +123,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keeps", nargs="*", type=float)
     a = ap.parse_args(argv)
     for b in common.benches(a.quick, a.models):
+        if a.keeps:
+            b.keeps = tuple(a.keeps)
         res = run_model(b, a.threads)
         common.write_json(f"latency_{b.name}", res)
         plot(res)
