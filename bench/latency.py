@@ -3,7 +3,7 @@
 Latency depends on shapes and ranks, not on the values of the factors, and every low-rank method gives the same
 ranks at a given keep (uniform allocation). So each keep is built with `allocate.uniform_ranks` and LowRankLinear
 layers of those ranks (random factors) — no decomposition needed. Threads are fixed (default 1) and every number
-is the median of repeated runs. The bound for a keep is flops(dense) / flops(compressed), with FLOPs counted on
+is the median of repeated runs, and each compressed model is compared with a dense run measured right after it. The bound for a keep is flops(dense) / flops(compressed), with FLOPs counted on
 every module (`layerzip.evaluate.flops`: linears, factorized layers, attention matmuls, LM head).
 
     python bench/latency.py [--quick] [--models minilm gemma] [--threads 1]
@@ -84,9 +84,12 @@ def run_model(b: common.Bench, threads: int = 1, progress: bool = True) -> dict:
         layers = factorize_like(m, keep)
         shapes |= {s for s, _ in layers.values()}
         r = {"keep": keep, **measure(m)}
+        # the machine's load drifts: compare with a dense run measured right next to this one
+        near = {bs: latency(loaded.model, bs, seq, reps if bs == 1 else 3, threads=threads) for bs in (1, 16)}
         r["flop_bound"] = dense["flops_per_token"] / r["flops_per_token"]
         for bs in (1, 16):
-            r[f"speedup_batch{bs}"] = dense[f"latency_ms_batch{bs}"] / r[f"latency_ms_batch{bs}"]
+            r[f"dense_latency_ms_batch{bs}"] = near[bs]
+            r[f"speedup_batch{bs}"] = near[bs] / r[f"latency_ms_batch{bs}"]
             r[f"speedup_over_bound_batch{bs}"] = r[f"speedup_batch{bs}"] / r["flop_bound"]
         rows.append(r)
     torch.set_num_threads(threads)
