@@ -137,11 +137,9 @@ class ASVD(CompressConfig):
 class SVDLLM(CompressConfig):
     """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
 
-    Default: sequential calibration with the closed-form correction (bench/BEAT_SVDLLM.md has the numbers). With
-    both, A and B are fitted together to map the compressed inputs to the original outputs
-    (correct.target_aware_factors), the optimum that refitting A alone cannot improve."""
-    sequential: bool = True
-    correct: bool = True
+    Options: `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
+    (correct.target_aware_factors). Both stay off by default: on MiniLM they lowered held-out fidelity
+    (bench/BEAT_SVDLLM.md has the numbers)."""
     needs_stats: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
