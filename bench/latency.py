@@ -2,11 +2,12 @@
 
 Latency depends on shapes and ranks, not on the values of the factors, and every low-rank method gives the same
 ranks at a given keep (uniform allocation). So each keep is built with `allocate.uniform_ranks` and LowRankLinear
-layers of those ranks (random factors) — no decomposition needed. Threads are fixed (default 1) and every number
-is the median of repeated runs, and each compressed model is compared with a dense run measured right after it. The bound for a keep is flops(dense) / flops(compressed), with FLOPs counted on
-every module (`layerzip.evaluate.flops`: linears, factorized layers, attention matmuls, LM head).
+layers of those ranks (random factors) — no decomposition needed. Threads are fixed (default 1), every number is
+the median of repeated runs, and each compressed model is compared with a dense run measured right after it. The
+bound for a keep is flops(dense) / flops(compressed), with FLOPs counted on every module
+(`layerzip.evaluate.flops`: linears, factorized layers, attention matmuls, LM head).
 
-    python bench/latency.py [--quick] [--models minilm gemma] [--threads 1]
+    python bench/latency.py [--quick] [--models minilm gemma] [--threads 1] [--keeps 0.8 0.5]
 Writes bench/results/latency_<model>.json and latency_<model>.png.
 """
 from __future__ import annotations
