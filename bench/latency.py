@@ -71,12 +71,12 @@ def layer_table(shapes: set, keeps, tokens: tuple, repeats: int = 7) -> list[dic
 
 def run_model(b: common.Bench, threads: int = 1, progress: bool = True) -> dict:
     seq = b.latency_seq_len
-    reps = 5 if b.quick or not b.causal else 3
+    reps, reps16 = (3, 3) if b.causal and not b.quick else (9, 5)
     loaded = b.load()
 
     def measure(model):
         return {"latency_ms_batch1": latency(model, 1, seq, reps, threads=threads),
-                "latency_ms_batch16": latency(model, 16, seq, 3, threads=threads), **flops(model, seq)}
+                "latency_ms_batch16": latency(model, 16, seq, reps16, threads=threads), **flops(model, seq)}
 
     dense = measure(loaded.model)
     rows, shapes = [], set()
@@ -86,7 +86,7 @@ def run_model(b: common.Bench, threads: int = 1, progress: bool = True) -> dict:
         shapes |= {s for s, _ in layers.values()}
         r = {"keep": keep, **measure(m)}
         # the machine's load drifts: compare with a dense run measured right next to this one
-        near = {bs: latency(loaded.model, bs, seq, reps if bs == 1 else 3, threads=threads) for bs in (1, 16)}
+        near = {bs: latency(loaded.model, bs, seq, reps if bs == 1 else reps16, threads=threads) for bs in (1, 16)}
         r["flop_bound"] = dense["flops_per_token"] / r["flops_per_token"]
         for bs in (1, 16):
             r[f"dense_latency_ms_batch{bs}"] = near[bs]
