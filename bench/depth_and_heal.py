@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import calib_texts, eval_texts, gemma_dir, retrieval_pairs  # noqa: E402
 
-from layerzip import SVDLLM, compress_  # noqa: E402
+from layerzip import compress_, config_from_dict  # noqa: E402
 from layerzip.analyze import block_similarity  # noqa: E402
 from layerzip.calibrate import token_batches  # noqa: E402
 from layerzip.depth import choose_blocks, drop_blocks_  # noqa: E402
@@ -35,6 +35,11 @@ from layerzip.heal import heal_  # noqa: E402
 from layerzip.models import count_params, load_model, select_targets  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def svdllm(keep: float):
+    """Plain SVD-LLM (uniform ranks, one calibration pass), whatever compress.py's defaults become."""
+    return config_from_dict({"method": "svd-llm", "keep": keep, "sequential": False, "correct": False})
 
 
 def target_params(model) -> int:
@@ -76,7 +81,7 @@ def drop_curves(loaded, calib, ns, metric) -> dict:
             print(json.dumps({"rule": rule, **rows[rule][-1]}), flush=True)
         m = copy.deepcopy(loaded.model)
         t = time.perf_counter()
-        rep = compress_(m, SVDLLM(keep=(L - n) / L), calib=calib, progress=False)
+        rep = compress_(m, svdllm((L - n) / L), calib=calib, progress=False)
         rows["svd-llm"].append({"blocks_dropped": n, "keep": rep["keep_achieved"], "params": count_params(m),
                                 "seconds": time.perf_counter() - t, **metric(m)})
         print(json.dumps({"rule": "svd-llm", **rows["svd-llm"][-1]}), flush=True)
@@ -90,7 +95,7 @@ def select_blocks_name(model) -> str:
 
 def heal_run(loaded, keep, calib, heal_batches, steps, lr, metric) -> dict:
     m = copy.deepcopy(loaded.model)
-    compress_(m, SVDLLM(keep=keep), calib=calib, progress=False)
+    compress_(m, svdllm(keep), calib=calib, progress=False)
     before = metric(m)
     rep = heal_(m, loaded.model, heal_batches, steps=steps, lr=lr, progress=True)
     after = metric(m)
@@ -112,9 +117,10 @@ def run_minilm(args) -> dict:
     calib = token_batches(tok, calib_texts(64), False, 64, 256, 16)
     res = {"model": "minilm", "metric": "cosine to original embeddings; retrieval Recall@1",
            "eval_texts": len(texts), "retrieval_pairs": len(pairs), "dense": metric(ref.model)}
-    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 3, 4], metric)
     heal_b = token_batches(tok, calib_texts(args.heal_docs), False, args.heal_docs, 128, 16)
     res["heal"] = heal_run(ref, 0.5, calib, heal_b, args.minilm_steps, args.lr, metric)
+    write("minilm", res)
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 3, 4], metric)
     return res
 
 
@@ -127,10 +133,15 @@ def run_gemma(args) -> dict:
     res = {"model": "gemma-3-270m", "metric": f"perplexity, {args.windows} held-out windows of 256 tokens",
            "dense": metric(ref.model)}
     print(json.dumps(res), flush=True)
-    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 4], metric)
     heal_b = token_batches(tok, calib_texts(), True, 32, 128, 2)
     res["heal"] = heal_run(ref, 0.8, calib, heal_b, args.gemma_steps, args.lr, metric)
+    write("gemma", res)
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 4], metric)
     return res
+
+
+def write(part: str, res: dict) -> None:
+    (RESULTS / f"depth_heal_{part}.json").write_text(json.dumps(res, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -138,6 +149,8 @@ def plot(res: dict) -> list[Path]:
     from matplotlib.figure import Figure
     paths = []
     for name, r in res.items():
+        if "drop" not in r:
+            continue
         keys = ["cosine", "recall_at_1"] if name == "minilm" else ["perplexity"]
         fig = Figure(figsize=(5 * len(keys), 3.6))
         axes = fig.subplots(1, len(keys), squeeze=False)[0]
@@ -186,7 +199,7 @@ def main():
     res = run_minilm(args) if args.part == "minilm" else run_gemma(args)
     res["seconds_total"] = time.perf_counter() - t
     res["threads"] = args.threads
-    (RESULTS / f"depth_heal_{args.part}.json").write_text(json.dumps(res, indent=1))
+    write(args.part, res)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def compress(
     select: str = typer.Option("span", help="drop-blocks: span (smallest angular distance) or influence "
                                "(lowest Block Influence)"),
     heal_steps: int = typer.Option(0, help="then distill towards MODEL on the --calib text for N steps"),
-    heal_lr: float = typer.Option(1e-4, help="learning rate of --heal-steps"),
+    heal_lr: float = typer.Option(1e-5, help="learning rate of --heal-steps"),
     seed: int = typer.Option(0, help="random seed"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -130,7 +130,7 @@ def heal(
     text: str = typer.Option(..., "--text", help="training text: .txt (a document per line), .jsonl, or builtin"),
     out: str = typer.Option(..., "--out", help="output directory for the healed model"),
     steps: int = typer.Option(100, help="optimizer steps"),
-    lr: float = typer.Option(1e-4, help="learning rate (AdamW, warm-up then cosine decay)"),
+    lr: float = typer.Option(1e-5, help="learning rate (AdamW, warm-up then cosine decay)"),
     samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) of --text used"),
     seq_len: int = typer.Option(256, help="tokens per training sequence"),
     batch_size: int = typer.Option(4, help="sequences per step"),

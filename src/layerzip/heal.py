@@ -137,7 +137,7 @@ def distill_loss(student, teacher, batch: dict, causal: bool, chunk: int = 128, 
     return loss
 
 
-def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: int = 100, lr: float = 1e-4,
+def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: int = 100, lr: float = 1e-5,
           causal: bool | None = None, hint_weight: float = 0.0, block_map: list[int] | None = None,
           chunk: int = 128, device: str | None = None, progress: bool = True) -> dict:
     """Distill `student` towards `teacher` for `steps` optimizer steps over `batches` (cycled), in place.
@@ -213,7 +213,7 @@ def heal_batches(tokenizer, text: str, causal: bool, samples: int, seq_len: int,
     return token_batches(tokenizer, docs, causal, samples, seq_len, batch_size)
 
 
-def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps: int = 100, lr: float = 1e-4,
+def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps: int = 100, lr: float = 1e-5,
                samples: int = 64, seq_len: int = 256, batch_size: int = 4, hints: float = 0.0,
                force: bool = False, progress: bool = True) -> dict:
     """`layerzip heal`: load both models, distill, save the healed model to `out` (never into COMPRESSED)."""

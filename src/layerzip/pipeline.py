@@ -26,7 +26,7 @@ def calibration_batches(loaded: Loaded, source: str = "builtin", n_samples: int 
 
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
-                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-4) -> dict:
+                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving."""
     t0 = time.perf_counter()
