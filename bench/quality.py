@@ -117,7 +117,7 @@ def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
             lines.setdefault(r["method"], []).append((r["keep"], r[metric]))
     for r in (peers or {}).get("rows", []):
         if metric in r:
-            lines.setdefault(f"tltorch {r['method']}", []).append((r["keep"], r[metric]))
+            lines.setdefault(f"tltorch {r['method']}", []).append((r["keep_achieved"], r[metric]))
     for name, pts in lines.items():
         pts.sort()
         ax.plot(*zip(*pts), marker="o", ls="--" if name.startswith("tltorch") else "-", label=name)

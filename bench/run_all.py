@@ -85,10 +85,15 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
                 vals.append(f"{r['recall_at_1']:.3f} / {r['mrr']:.3f} / {r['cosine_to_dense']:.3f}")
             else:
                 vals.append(_f(r[metric], 4))
+            if r is not None and abs(r.get("keep_achieved", k) - k) > 0.02:
+                vals[-1] += f" (kept {r['keep_achieved']:.2f})"
         out.append(f"| {name} | " + " | ".join(vals) + " |")
     errs = {f"{n}": r["error"] for n, c in by.items() for r in c.values() if "error" in r}
     for n, e in errs.items():
         out.append(f"\n- `{n}` failed: {e}")
+    if peers:
+        out.append("\ntltorch rows: `from_linear(rank=keep)` does not land on the asked parameter count; "
+                   "\"(kept x)\" gives the fraction it actually kept (the plot uses that as x).")
     b = q["bench"]
     out += ["", f"![{q['title']} quality]({rel}/quality_{q['model']}.png)", "",
             (f"Perplexity on {b['eval_windows']} held-out windows × {b['eval_seq_len']} tokens (BOS first). "
