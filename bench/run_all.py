@@ -186,6 +186,19 @@ def memory_md(mem: dict) -> list[str]:
     return out + [""]
 
 
+def replot(results: Path) -> None:
+    """Redraw every figure from the saved JSON (never from live model state)."""
+    sys.path.insert(0, str(HERE))
+    import latency
+    import quality
+    for p in sorted(results.glob("quality_*.json")):
+        m = p.stem.removeprefix("quality_")
+        quality.plot(json.loads(p.read_text()), _load(results, f"peers_{m}"), results)
+        lat = _load(results, f"latency_{m}")
+        if lat:
+            latency.plot(lat, results)
+
+
 def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -> Path:
     rel = os.path.relpath(results, out.parent)
     models = [p.stem.removeprefix("quality_") for p in sorted(results.glob("quality_*.json"))]
@@ -251,6 +264,7 @@ def main(argv=None):
     else:
         p = results / "runtime.json"
         runtime = json.loads(p.read_text()) if p.is_file() else None
+    replot(results)
     out = results / "BENCHMARKS.md" if a.quick else ROOT / "BENCHMARKS.md"
     print(f"wrote {write_benchmarks_md(results, out, runtime)}")
     failed = [k for k, v in (runtime or {}).items() if v["returncode"]]
