@@ -56,7 +56,8 @@ class SVDMemo:
 
 
 def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: bool = False) -> dict:
-    """`save`: rewrite quality_<model>.json and its plot after every row, so a cut-short run keeps what it did."""
+    """`save`: rewrite quality_<model>.json and its plot after every row, so a cut-short run keeps what it did;
+    rows of an earlier run for other (method, keep) pairs are kept."""
     loaded = b.load()
     ref = b.reference(loaded)
     with common.Timer() as t:
@@ -67,6 +68,10 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
     del loaded
     keeps = sorted(b.keeps, key=lambda k: (k != 0.5, -k))   # fresh (timed) run first, at keep 0.5
     rows, cache = [], {}
+    if save:   # add to an earlier run's rows (its other methods / keeps), replacing the ones redone here
+        prev = common.read_json(f"quality_{b.name}") or {}
+        rows += [r for r in prev.get("rows", []) if (r["method"], r["keep"]) not in
+                 {(m, k) for m in methods for k in keeps}]
     res = {"model": b.name, "title": b.title, "metric": b.metric, "bench": common.asdict_bench(b),
            "methods_requested": methods, "dense": dense, "limit": limit, "rows": rows, "env": common.env()}
     bar = tqdm(total=len(methods) * len(keeps), desc=f"quality {b.name}", unit="model", disable=not progress)

@@ -108,14 +108,14 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
 
 def speed_md(q: dict) -> list[str]:
     lim = q["limit"]
-    out = [f"### {q['title']} (keep 0.5; limit = plain forward over the {lim['calib_tokens']} calibration tokens "
+    out = [f"### {q['title']} (limit = plain forward over the {lim['calib_tokens']} calibration tokens "
            f"{_f(lim['seconds_forward'])} s + bare float64 SVD of the {lim['targets']} targets {_f(lim['seconds_svd'])} s)",
-           "", "| method | calibration forward s | statistics s | decomposition s | save s | total s | limit s | "
-           "total / limit |", "|---|---|---|---|---|---|---|---|"]
+           "", "| method | keep | calibration forward s | statistics s | decomposition s | save s | total s | limit s | "
+           "total / limit |", "|---|---|---|---|---|---|---|---|---|"]
     for r in q["rows"]:
         t = r.get("timing")
         if t:
-            out.append(f"| {r['method']} | {_f(t['calibration_forward'])} | {_f(t['statistics'])} | "
+            out.append(f"| {r['method']} | {r['keep']} | {_f(t['calibration_forward'])} | {_f(t['statistics'])} | "
                        f"{_f(t['decomposition'])} | {_f(t['save'])} | {_f(t['total'])} | {_f(t['limit'])} | "
                        f"**{_f(t['ratio_to_limit'])}** |")
     return out + [""]
