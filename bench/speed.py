@@ -2,7 +2,8 @@
 
 A compression is timed in four stages: calibration forward, statistics, decomposition, save. The statistics are
 accumulated by hooks inside the calibration forward, so the split is: `calibration_forward` = one plain forward over
-the same batches (timed once per model by `limit`), `statistics` = calibration wall time − that forward.
+the same batches (timed once per model by `limit`), `statistics` = calibration wall time − that forward. Methods
+with sequential calibration (svd-llm's default) calibrate block by block inside the decomposition stage.
 
 The limit is what any method must at least do: one plain forward over the calibration tokens (methods that use
 statistics) plus a bare float64 `torch.linalg.svd` of every target matrix (the same precision the methods use).
@@ -49,15 +50,23 @@ def timed_compress(loaded, cfg, calib: list[dict], out_dir: str, lim: dict, cach
     t = time.perf_counter()
     common.lz.save(loaded.model, f"{out_dir}/model", tokenizer=loaded.tokenizer)
     save = time.perf_counter() - t
-    fwd = lim["seconds_forward"] if cfg.needs_stats else 0.0
-    stages = {"calibration_forward": fwd if cfg.needs_stats else 0.0,
-              "statistics": max(rep["seconds_calibration"] - fwd, 0.0) if cfg.needs_stats else 0.0,
-              "decomposition": rep["seconds_decomposition"], "save": save}
+    return rep, split(rep["seconds_calibration"], rep["seconds_decomposition"], save, lim, cfg.needs_stats,
+                      bool(getattr(cfg, "sequential", False)))
+
+
+def split(calibration: float, decomposition: float, save: float, lim: dict, needs_stats: bool,
+          sequential: bool) -> dict:
+    """Stages and the ratio to the limit. Sequential calibration runs its forwards block by block *inside* the
+    decomposition stage, so there the calibration columns are 0 and `decomposition` holds both."""
+    fwd = lim["seconds_forward"] if needs_stats else 0.0
+    cal_fwd = min(fwd, calibration)
+    stages = {"calibration_forward": cal_fwd, "statistics": calibration - cal_fwd,
+              "decomposition": decomposition, "save": save}
     total = sum(stages.values())
     bound = fwd + lim["seconds_svd"]
-    return rep, {**stages, "total": total, "limit": bound, "limit_forward": fwd, "limit_svd": lim["seconds_svd"],
-                 "ratio_to_limit": total / bound if bound else None,
-                 "seconds_calibration_measured": rep["seconds_calibration"]}
+    return {**stages, "total": total, "limit": bound, "limit_forward": fwd, "limit_svd": lim["seconds_svd"],
+            "ratio_to_limit": total / bound if bound else None, "seconds_calibration_measured": calibration,
+            "sequential": sequential}
 
 
 def table(res: dict) -> list[dict]:
