@@ -128,8 +128,9 @@ def keep_dense_if_slower(shapes: dict[str, tuple[int, int]], ranks: dict[str, in
     """Ranks with None (stay dense) where the factorized layer would not be faster than the dense one.
 
     A rank-r layer does r(m+n) multiply-adds per token instead of mn, in two skinny GEMMs instead of one. Measured on
-    CPU (bench/latency.py, BENCHMARKS.md), it is about as fast as dense or slower (0.8–1.1× at keep 0.9) while
-    mn / r(m+n) < 1.25 (keep above 0.8 under uniform allocation), and gains about its FLOP ratio below that. Not applied by `compress_`:
+    CPU (bench/latency.py, BENCHMARKS.md: MiniLM and Gemma shapes, 1 thread), it is about as fast as dense or slower
+    while mn / r(m+n) < 1.25 (keep ≥ 0.8 under uniform allocation); below that it gains, though less than its FLOP
+    ratio at large token counts. Not applied by `compress_`:
     `keep` is a parameter budget, and a dense layer would overshoot it; a latency-driven allocator can call this.
     """
     return {n: (r if r is not None and shapes[n][0] * shapes[n][1] / (r * sum(shapes[n])) >= min_flop_gain
