@@ -183,7 +183,10 @@ def memory_md(mem: dict) -> list[str]:
         out.append(f"| {r['model']} | {r['method']} keep {r['keep']} | {_f(r['peak_mb'])} | "
                    f"{_f(r['dense_weights_mb'])} | {_f(r.get('gram_mb'))} | {step} "
                    f"(+{_f(r['peak_increase_by_stage_mb'][step])}) |")
-    return out + [""]
+    return out + ["", "Peak growth per stage: `start->loaded` is the dense model; `loaded->calibrated` the float64 "
+                  "Grams (one per distinct input) plus the activations of one calibration batch; "
+                  "`calibrated->decomposed` the float64 copies, whitening factors and SVD workspaces plus the new "
+                  "factors; `decomposed->saved` the serialized tensors.", ""]
 
 
 def replot(results: Path) -> None:
@@ -231,11 +234,19 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
     if mem:
         lines += ["## Peak memory of compress", ""] + memory_md(mem)
     inst = _load(results, "peers_install")
-    if inst:
+    cp = _load(results, "peers_cp_probe")
+    if inst or cp:
         lines += ["## Peers that were not run", ""]
+    if cp:
+        lines.append(f"- tltorch CP: at keep {cp['keep']} a {cp['shape'][0]}×{cp['shape'][1]} MiniLM weight "
+                     f"(tensorized {cp['tensorized']}) gets CP rank {cp['cp_rank']}; one ALS iteration of "
+                     f"`from_linear` on that one layer took {cp['seconds_one_als_iteration_one_layer']:.0f} s, so "
+                     "the default 100 iterations × 36 layers is out of reach on this machine.")
+    if inst:
         for pkg, i in inst.items():
-            lines.append(f"- `{pkg}` ({i['api']}): dry-run install resolves {i.get('resolved')} "
-                         f"({i.get('packages')} packages).")
+            lines.append(f"- `{pkg}` ({i['api']}): a dry-run install resolves {i.get('resolved')} "
+                         f"({i.get('packages')} packages) — a different torch than ours, with its CUDA wheels; "
+                         "it would need its own multi-GB environment, so it was not run.")
         lines.append("")
     lines += ["## Results of the other benchmark scripts", ""]
     for title, doc in OTHER_DOCS:
