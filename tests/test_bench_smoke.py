@@ -52,3 +52,16 @@ def test_retrieval_metrics_and_flops():
     d = torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])      # right docs ranked 2nd, 3rd, 1st
     m = retrieval_metrics(q, d)
     assert m["recall_at_1"] == pytest.approx(1 / 3) and m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+
+
+def test_cli_eval_retrieval_and_latency(bench, tmp_path, capsys):
+    from layerzip.cli import main
+    tiny = bench.tiny_model("bert")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"query": f"topic {i}", "doc": f"text about topic {i} and more"})
+                               for i in range(4)))
+    main(["eval", tiny, "--retrieval", str(pairs), "--latency", "--latency-seq-len", "8", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("recall_at_1", "mrr", "latency_ms_batch1", "latency_ms_batch16", "flops_per_token", "params"):
+        assert key in out
+    assert 0 <= out["recall_at_1"] <= 1 and out["flops_per_token"] > 0
