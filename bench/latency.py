@@ -3,7 +3,7 @@
 Latency depends on shapes and ranks, not on the values of the factors, and every low-rank method gives the same
 ranks at a given keep (uniform allocation). So each keep is built with `allocate.uniform_ranks` and LowRankLinear
 layers of those ranks (random factors) — no decomposition needed. Threads are fixed (default 1), every number is
-the median of repeated runs, and each compressed model is compared with a dense run measured right after it. The
+the median of repeated runs, dense and compressed forwards alternate and the speedup is the median of pairs. The
 bound for a keep is flops(dense) / flops(compressed), with FLOPs counted on every module
 (`layerzip.evaluate.flops`: linears, factorized layers, attention matmuls, LM head).
 
@@ -61,12 +61,27 @@ def layer_table(shapes: set, keeps, tokens: tuple, repeats: int = 7) -> list[dic
             A, B = torch.randn(m, r), torch.randn(r, n)
             for t in tokens:
                 x = torch.randn(t, n)
-                dense = _median_ms(lambda: F.linear(x, W), repeats)
-                low = _median_ms(lambda: F.linear(F.linear(x, B), A), repeats)
+                pairs = [(_median_ms(lambda: F.linear(x, W), 1), _median_ms(lambda: F.linear(F.linear(x, B), A), 1))
+                         for _ in range(repeats)]          # alternated, as in `paired`
+                dense, low = (sorted(v)[repeats // 2] for v in zip(*pairs))
+                speedup = sorted(d / f for d, f in pairs)[repeats // 2]
                 rows.append({"out": m, "in": n, "keep": keep, "rank": r, "tokens": t, "dense_ms": dense,
-                             "factorized_ms": low, "speedup": dense / low, "flop_bound": m * n / (r * (m + n)),
-                             "slower_than_dense": low > dense})
+                             "factorized_ms": low, "speedup": speedup, "flop_bound": m * n / (r * (m + n)),
+                             "slower_than_dense": speedup < 1})
     return rows
+
+
+@torch.no_grad()
+def paired(dense, comp, batch_size: int, seq: int, repeats: int, threads: int) -> dict:
+    """Dense and compressed forwards alternated, one pair per repeat: the load of a shared machine drifts within
+    seconds, so the speedup is the median of per-pair ratios; latencies are medians too."""
+    d, c = [], []
+    for _ in range(repeats):
+        d.append(latency(dense, batch_size, seq, 1, warmup=0, threads=threads))
+        c.append(latency(comp, batch_size, seq, 1, warmup=0, threads=threads))
+    ratios = sorted(x / y for x, y in zip(d, c))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"dense_ms": med(d), "ms": med(c), "speedup": ratios[len(ratios) // 2]}
 
 
 def run_model(b: common.Bench, threads: int = 1, progress: bool = True) -> dict:
@@ -84,13 +99,13 @@ def run_model(b: common.Bench, threads: int = 1, progress: bool = True) -> dict:
         m = b.load().model
         layers = factorize_like(m, keep)
         shapes |= {s for s, _ in layers.values()}
-        r = {"keep": keep, **measure(m)}
-        # the machine's load drifts: compare with a dense run measured right next to this one
-        near = {bs: latency(loaded.model, bs, seq, reps if bs == 1 else reps16, threads=threads) for bs in (1, 16)}
+        latency(m, 1, seq, 1, threads=threads)                    # warm-up
+        r = {"keep": keep, **flops(m, seq)}
         r["flop_bound"] = dense["flops_per_token"] / r["flops_per_token"]
         for bs in (1, 16):
-            r[f"dense_latency_ms_batch{bs}"] = near[bs]
-            r[f"speedup_batch{bs}"] = near[bs] / r[f"latency_ms_batch{bs}"]
+            p = paired(loaded.model, m, bs, seq, reps if bs == 1 else reps16, threads)
+            r[f"latency_ms_batch{bs}"], r[f"dense_latency_ms_batch{bs}"] = p["ms"], p["dense_ms"]
+            r[f"speedup_batch{bs}"] = p["speedup"]
             r[f"speedup_over_bound_batch{bs}"] = r[f"speedup_batch{bs}"] / r["flop_bound"]
         rows.append(r)
     torch.set_num_threads(threads)
