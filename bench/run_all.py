@@ -218,7 +218,22 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
         lines += ["Runtime of this run: " + ", ".join(f"`{k}` {v['seconds']:.0f} s" + ("" if v["returncode"] == 0
                                                                                     else " (failed)")
                                                    for k, v in runtime.items()), ""]
-    lines += ["## Quality vs keep", ""]
+    lines += ["### Scope of this run", ""]
+    for m, q in qs.items():
+        done = sorted({r["method"] for r in q["rows"]})
+        keeps = sorted({r["keep"] for r in q["rows"]}, reverse=True)
+        lines.append(f"- {q['title']}: methods {', '.join(done)}; keeps {', '.join(map(str, keeps))}.")
+    try:
+        sys.path.insert(0, str(HERE))
+        import common
+        missing = [x for x in common.methods() if not any(x in {r["method"] for r in q["rows"]} for q in qs.values())]
+        if missing:
+            lines.append(f"- Registered but not in these tables (the default run includes them; this shared 2-core "
+                         f"machine had no time for them): {', '.join(missing)}. Their own benchmarks are linked at "
+                         "the end.")
+    except Exception:   # the report must not depend on importing the package
+        pass
+    lines += ["", "## Quality vs keep", ""]
     for m, q in qs.items():
         lines += quality_md(q, _load(results, f"peers_{m}"), rel)
     lines += ["## Compression time against its limit", ""]
