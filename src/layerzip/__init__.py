@@ -9,13 +9,16 @@
 """
 __version__ = "0.1.0"
 
-from .compress import ASVD, METHODS, SVD, SVDLLM, CompressConfig, compress_, config_from_dict, register_method
+from .compress import ASVD, CUR, FWSVD, METHODS, SVD, SVDLLM, CompressConfig, compress_, config_from_dict, register_method
 from .errors import LayerzipError
 from .io import save
 from .layers import FactorizedLayer, LowRankLinear
 from .models import load_model
 from .pipeline import calibration_batches, compress_model, evaluate_model
 from . import structured  # noqa: F401  registers btt, monarch, ... as compress methods
+from .analyze import analyze_model
+from .depth import DropBlocks
+from .heal import heal_, heal_model
 
 
 def load(source):
@@ -23,6 +26,6 @@ def load(source):
     return load_model(source).model
 
 
-__all__ = ["ASVD", "METHODS", "SVD", "SVDLLM", "CompressConfig", "FactorizedLayer", "LayerzipError",
-           "LowRankLinear", "calibration_batches", "compress_", "compress_model", "config_from_dict",
+__all__ = ["DropBlocks", "analyze_model", "heal_", "heal_model", "ASVD", "METHODS", "SVD", "SVDLLM", "CompressConfig", "FactorizedLayer", "LayerzipError",
+           "LowRankLinear", "CUR", "FWSVD", "calibration_batches", "compress_", "compress_model", "config_from_dict",
            "evaluate_model", "load", "load_model", "register_method", "save"]

@@ -212,6 +212,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     >>> batches = lz.calibration_batches(m, "builtin", n_samples=16)  # doctest: +SKIP
     >>> report = lz.compress_(m, lz.SVDLLM(keep=0.5), calib=batches)  # doctest: +SKIP
     """
+    apply = getattr(config, "apply", None)      # whole-model transforms (drop-blocks) run themselves
+    if apply is not None:
+        return apply(model, calib, progress)
     t0 = time.perf_counter()
     targets = select_targets(model, config.include, config.exclude)
     check_finite(targets)

@@ -39,9 +39,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     out = check_out_dir(out, force, loaded.path)
     batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
     t_load = time.perf_counter()
-    apply = getattr(config, "apply", None)          # whole-model transforms (drop-blocks) run themselves
-    report = apply(loaded.model, batches, progress) if apply else compress_(loaded.model, config, calib=batches,
-                                                                            progress=progress)
+    report = compress_(loaded.model, config, calib=batches, progress=progress)
     if heal_steps:
         from .heal import heal_after_compress
         report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
