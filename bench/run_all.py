@@ -236,7 +236,12 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
     lines += ["", "## Quality vs keep", ""]
     for m, q in qs.items():
         lines += quality_md(q, _load(results, f"peers_{m}"), rel)
-    lines += ["## Compression time against its limit", ""]
+    lines += ["## Compression time against its limit", "",
+              "Each row is the first (fresh) compression of its method in a quality run, against the limit measured "
+              "in that same process: `calibration forward` = the limit's plain forward, `statistics` = the rest of "
+              "the hooked calibration, `decomposition` includes svd-llm's sequential block-by-block calibration. "
+              "Rows from different processes ran under different loads of this shared machine; a ratio below 1 "
+              "means the load dropped between the limit's measurement and the method's run.", ""]
     for q in qs.values():
         lines += speed_md(q)
     lines += ["## Inference speed against the FLOP bound", ""]
