@@ -7,7 +7,7 @@ import json
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Annotated, Optional
 
 import click
 import typer
@@ -16,6 +16,13 @@ from .errors import LayerzipError
 
 # typer ≥ 0.20 vendors its own click: catch usage errors from both
 USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
+
+# options shared by several commands
+ModelArg = Annotated[str, typer.Argument(help="HF model directory, .gguf file, layerzip directory, or 'minilm'")]
+CalibOpt = Annotated[str, typer.Option(help="calibration text: .txt (a document per line), .jsonl, or builtin")]
+CalibSamplesOpt = Annotated[int, typer.Option(help="documents (encoders) or windows (causal LMs) used")]
+SeqLenOpt = Annotated[int, typer.Option(help="tokens per calibration sequence")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure and decompose the layers of trained neural networks.")
@@ -35,13 +42,13 @@ def _fmt_bytes(n) -> str:
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="HF model directory, .gguf file, layerzip directory, or 'minilm'"),
+    model: ModelArg,
     out: str = typer.Option(..., "--out", help="output directory (must be empty unless --force)"),
     method: str = typer.Option("svd-llm", help="decomposition method"),
     keep: float = typer.Option(0.5, help="fraction of the targeted modules' parameters kept, in (0, 1]"),
-    calib: str = typer.Option("builtin", help="calibration text: .txt (a document per line), .jsonl, or builtin"),
-    calib_samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) used"),
-    seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    calib: CalibOpt = "builtin",
+    calib_samples: CalibSamplesOpt = 64,
+    seq_len: SeqLenOpt = 512,
     include: Optional[str] = typer.Option(None, help="regex: compress only the linear layers whose name matches"),
     exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers dense"),
     alloc: Optional[str] = typer.Option(None, help="rank allocation: uniform | global (default: the method's best)"),
@@ -57,7 +64,7 @@ def compress(
     heal_lr: float = typer.Option(1e-5, help="learning rate of --heal-steps"),
     seed: int = typer.Option(0, help="random seed"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_json: JsonOpt = False,
 ):
     """Compress MODEL into a factorized model saved at --out.
 
@@ -92,7 +99,7 @@ def eval_(
     latency: bool = typer.Option(False, "--latency", help="median forward ms at batch 1 and 16, FLOPs per token"),
     latency_seq_len: int = typer.Option(128, help="tokens per sequence for --latency"),
     threads: int = typer.Option(1, help="torch threads fixed for --latency"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_json: JsonOpt = False,
 ):
     """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
     retrieval quality (--retrieval) and speed (--latency)."""
@@ -104,11 +111,11 @@ def eval_(
 
 @app.command()
 def analyze(
-    model: str = typer.Argument(..., help="HF model directory, .gguf file, layerzip directory, or 'minilm'"),
+    model: ModelArg,
     out: str = typer.Option(..., "--out", help="directory for analysis.json, PNG plots and report.html"),
-    calib: str = typer.Option("builtin", help="calibration text: .txt (a document per line), .jsonl, or builtin"),
-    calib_samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) used"),
-    seq_len: int = typer.Option(512, help="tokens per calibration sequence"),
+    calib: CalibOpt = "builtin",
+    calib_samples: CalibSamplesOpt = 64,
+    seq_len: SeqLenOpt = 512,
     keep: float = typer.Option(0.5, help="budget of the recommended plan (fraction of block parameters kept)"),
     include: Optional[str] = typer.Option(None, help="regex: analyze only the linear layers whose name matches"),
     exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers out"),
@@ -136,7 +143,7 @@ def heal(
     batch_size: int = typer.Option(4, help="sequences per step"),
     hints: float = typer.Option(0.0, help="weight of per-block hidden-state hints (FitNets); 0 = off"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_json: JsonOpt = False,
 ):
     """Distill a compressed model towards --teacher on --text, training only its factor matrices."""
     from .heal import heal_model
