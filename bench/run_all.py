@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -270,9 +271,26 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
         lines.append("")
     lines += ["## Results of the other benchmark scripts", ""]
     for title, doc in OTHER_DOCS:
-        lines.append(f"- {title}: " + (f"[{doc}]({doc})" if (ROOT / doc).is_file() else "not run yet"))
+        lines += [f"### {title}", "", f"From [{doc}]({doc}), written by its script's run:" if (ROOT / doc).is_file()
+                  else "not run yet", ""]
+        if (ROOT / doc).is_file():
+            lines += _inline(ROOT / doc)
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+def _inline(doc: Path) -> list[str]:
+    """A bench/*.md section inside BENCHMARKS.md: its title dropped, headings one level down, links re-rooted."""
+    text = doc.read_text().split("\n")
+    if text and text[0].startswith("# "):
+        text = text[1:]
+    rel = doc.parent.relative_to(ROOT).as_posix()
+    out = []
+    for line in text:
+        if line.startswith("#"):
+            line = "##" + line
+        out.append(re.sub(r"\]\((?!https?:|/|#)", f"]({rel}/", line))
+    return out + [""]
 
 
 def main(argv=None):
