@@ -45,7 +45,11 @@ def model_class(config):
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    if getattr(config, "is_decoder", False) or config.model_type in transformers.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    from transformers.models.auto import modeling_auto as auto
+    # decoder-only families have a causal-LM class and no masked-LM one (BERT has both: it is an encoder)
+    decoder = (config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+               and config.model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if getattr(config, "is_decoder", False) or decoder:
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel
 
