@@ -53,7 +53,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta)
     t_save = time.perf_counter()
     report.update(out=str(out), seconds=t_save - t0, seconds_load=t_load - t0, seconds_save=t_save - t_comp,
-                  size_on_disk_before=size_on_disk(loaded.path if source != "minilm" else loaded.path),
+                  size_on_disk_before=size_on_disk(loaded.path),
                   size_on_disk_after=size_on_disk(out))
     return report
 
