@@ -9,6 +9,7 @@ layers (ViT: patch embedding and head) stay dense.
 
     python bench/mnist_structures.py --model mlp      # writes results/mnist_structures_mlp.json
     python bench/mnist_structures.py --model vit
+    python bench/mnist_structures.py --model vit --steps 300 --structures lowrank,btt,monarch,blast
     python bench/mnist_structures.py --report         # merges into results/mnist_structures.json + PNGs
 """
 from __future__ import annotations
@@ -171,7 +172,7 @@ def run_model(kind: str, args):
         return row
 
     run(None, base_w, "baseline")
-    for s in lnn.STRUCTURES:
+    for s in args.structures or lnn.STRUCTURES:
         for match, key, target in (("params", count, P), ("flops", lambda m: m.flops(), FL)):
             w = match_width(cls, s, target, key, widths)
             if match == "flops" and s in done and abs(done[s]["flops"] - FL) < 0.1 * FL:
@@ -188,7 +189,7 @@ def run_model(kind: str, args):
         run(None, base_w, "cuttlefish", "cuttlefish")
         run(None, base_w, "maestro", "maestro")
     meta = dict(torch=torch.__version__, threads=args.threads, keep=KEEP, dense_params=P, dense_flops=FL,
-                date=time.strftime("%Y-%m-%d %H:%M"))
+                structures=list(args.structures or lnn.STRUCTURES), date=time.strftime("%Y-%m-%d %H:%M"))
     OUT.mkdir(exist_ok=True)
     (OUT / f"mnist_structures_{kind}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
@@ -251,9 +252,13 @@ if __name__ == "__main__":
     ap.add_argument("--model", choices=["mlp", "vit"])
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--structures", type=lambda v: v.split(","), default=None,
+                    help="comma-separated subset/order of layerzip.nn.STRUCTURES (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.structures and not set(args.structures) <= set(lnn.STRUCTURES):
+        ap.error(f"--structures: unknown {sorted(set(args.structures) - set(lnn.STRUCTURES))}")
     if args.model:
         run_model(args.model, args)
     if args.report:
