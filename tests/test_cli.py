@@ -174,3 +174,11 @@ def test_lz_load_matches_cli_output(compressed):
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(out).all()
+
+
+def test_pickled_weights_refused(capsys, tiny_dirs, tmp_path):
+    """A directory with only pytorch_model.bin is refused: nothing is ever unpickled."""
+    src = tmp_path / "bin"
+    shutil.copytree(tiny_dirs["bert"], src)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    assert_bad(capsys, "eval", str(src), match="never loads")

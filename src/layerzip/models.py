@@ -57,7 +57,10 @@ def model_class(config):
 def _from_pretrained(path: Path, gguf_file: str | None = None):
     import transformers
     from safetensors import SafetensorError
-    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}   # never unpickle *.bin weights
+    if not gguf_file and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
+        raise LayerzipError(f"{path} holds only pickled *.bin weights, which layerzip never loads; convert them to "
+                            "safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))")
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kw)
         model = model_class(config).from_pretrained(path, **kw)
