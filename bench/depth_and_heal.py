@@ -9,6 +9,7 @@ MiniLM: mean cosine of mean-pooled embeddings to the original on held-out doc pa
 dropped blocks n, both selection rules, next to SVD-LLM low rank at the same parameter count (keep = (L−n)/L of
 the block parameters: blocks are identical, so this matches exactly). Healing: SVD-LLM keep 0.5 (MiniLM) and keep
 0.8 (Gemma), distilled on the calibration half of the docs, measured on the held-out half; its cost in seconds.
+A re-run keeps the earlier drop rows for other n (and, with --no-heal, the earlier heal result).
 Runs on CPU with one thread per process (this machine's 2 cores are shared: run the two parts side by side).
 """
 from __future__ import annotations
@@ -63,28 +64,37 @@ def gemma_metrics(model, tok, texts, windows, seq_len) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def drop_curves(loaded, calib, ns, metric) -> dict:
-    """Both selection rules and SVD-LLM at the same parameter count, for every n in ns."""
+def drop_curves(loaded, calib, ns, metric, prev: dict | None = None, save=None) -> dict:
+    """Both selection rules and SVD-LLM at the same parameter count, for every n in ns.
+
+    Rows of `prev` (an earlier run's "drop") for other n are kept, so runs over disjoint ns add up; `save(rows)` is
+    called after every new row, so an interrupted run keeps what it measured."""
     L = len(loaded.model.get_submodule(select_blocks_name(loaded.model)))
     t = time.perf_counter()
     sim = block_similarity(loaded.model, calib, progress=False)
     rows = {"span": [], "influence": [], "svd-llm": [], "similarity_seconds": time.perf_counter() - t,
             "block_influence": sim["influence"], "num_blocks": L}
+    for rule in ("span", "influence", "svd-llm"):
+        rows[rule] += [r for r in (prev or {}).get(rule, []) if r["blocks_dropped"] not in ns]
+
+    def add(rule, row):
+        rows[rule] = sorted(rows[rule] + [row], key=lambda r: r["blocks_dropped"])
+        print(json.dumps({"rule": rule, **row}), flush=True)
+        if save:
+            save(rows)
     before = target_params(loaded.model)
     for n in ns:
         for rule in ("span", "influence"):
             m = copy.deepcopy(loaded.model)
             drop = choose_blocks(sim, n, rule)
             drop_blocks_(m, drop)
-            rows[rule].append({"blocks_dropped": n, "dropped": drop, "keep": target_params(m) / before,
-                               "params": count_params(m), **metric(m)})
-            print(json.dumps({"rule": rule, **rows[rule][-1]}), flush=True)
+            add(rule, {"blocks_dropped": n, "dropped": drop, "keep": target_params(m) / before,
+                       "params": count_params(m), **metric(m)})
         m = copy.deepcopy(loaded.model)
         t = time.perf_counter()
         rep = compress_(m, svdllm((L - n) / L), calib=calib, progress=False)
-        rows["svd-llm"].append({"blocks_dropped": n, "keep": rep["keep_achieved"], "params": count_params(m),
-                                "seconds": time.perf_counter() - t, **metric(m)})
-        print(json.dumps({"rule": "svd-llm", **rows["svd-llm"][-1]}), flush=True)
+        add("svd-llm", {"blocks_dropped": n, "keep": rep["keep_achieved"], "params": count_params(m),
+                        "seconds": time.perf_counter() - t, **metric(m)})
     return rows
 
 
@@ -118,9 +128,12 @@ def run_minilm(args) -> dict:
     res = {"model": "minilm", "metric": "cosine to original embeddings; retrieval Recall@1",
            "eval_texts": len(texts), "retrieval_pairs": len(pairs), "dense": metric(ref.model)}
     heal_b = token_batches(tok, calib_texts(args.heal_docs), False, args.heal_docs, 128, 16)
-    res["heal"] = heal_run(ref, 0.5, calib, heal_b, args.minilm_steps, args.lr, metric)
-    write("minilm", res)
-    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 3, 4], metric)
+    prev = previous("minilm")
+    res["heal"] = prev.get("heal") if args.no_heal else heal_run(ref, 0.5, calib, heal_b, args.minilm_steps,
+                                                                 args.lr, metric)
+    write("minilm", {**res, "drop": prev.get("drop")})
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 3, 4], metric, prev.get("drop"),
+                              lambda rows: write("minilm", {**res, "drop": rows}))
     return res
 
 
@@ -133,15 +146,27 @@ def run_gemma(args) -> dict:
     res = {"model": "gemma-3-270m", "metric": f"perplexity, {args.windows} held-out windows of 256 tokens",
            "dense": metric(ref.model)}
     print(json.dumps(res), flush=True)
-    heal_b = token_batches(tok, calib_texts(), True, 32, 128, 2)
-    res["heal"] = heal_run(ref, 0.8, calib, heal_b, args.gemma_steps, args.lr, metric)
-    write("gemma", res)
-    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 4], metric)
+    prev = previous("gemma")
+    if args.no_heal:
+        res["heal"] = prev.get("heal")
+    else:
+        heal_b = token_batches(tok, calib_texts(), True, 32, 128, 2)
+        res["heal"] = heal_run(ref, 0.8, calib, heal_b, args.gemma_steps, args.lr, metric)
+    write("gemma", {**res, "drop": prev.get("drop")})
+    res["drop"] = drop_curves(ref, calib, args.ns or [1, 2, 4], metric, prev.get("drop"),
+                              lambda rows: write("gemma", {**res, "drop": rows}))
     return res
 
 
 def write(part: str, res: dict) -> None:
+    res = {k: v for k, v in res.items() if v is not None}
     (RESULTS / f"depth_heal_{part}.json").write_text(json.dumps(res, indent=1))
+
+
+def previous(part: str) -> dict:
+    """The part's earlier results (heal, drop rows), {} if none."""
+    p = RESULTS / f"depth_heal_{part}.json"
+    return json.loads(p.read_text()) if p.exists() else {}
 
 
 # ------------------------------------------------------------------------------------------------------ plots
@@ -183,6 +208,8 @@ def main():
     ap.add_argument("--gemma-steps", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-heal", action="store_true",
+                    help="skip healing; keep the heal result already in results/depth_heal_<part>.json")
     ap.add_argument("--ns", type=lambda s: [int(x) for x in s.split(",")], default=None,
                     help="numbers of blocks to drop, e.g. 1,2,3")
     args = ap.parse_args()
