@@ -173,6 +173,15 @@ def env() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure (the bench plots share one style)."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_json(name: str, obj, results: Path = RESULTS) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{name}.json"

@@ -130,11 +130,7 @@ def plot(res: dict, results=common.RESULTS):
     ax.set_title(f"{res['title']}: inference speedup ({res['seq_len']} tokens, {res['threads']} thread)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = results / f"latency_{res['model']}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, results / f"latency_{res['model']}.png")
 
 
 def main(argv=None):

@@ -134,11 +134,7 @@ def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
     ax.set_title(f"{res['title']}: {metric.replace('_', ' ')} vs keep")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = results / f"quality_{res['model']}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, results / f"quality_{res['model']}.png")
 
 
 def main(argv=None):
