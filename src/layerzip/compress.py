@@ -89,7 +89,7 @@ class CompressConfig:
     def ranks(self, shapes: dict[str, tuple[int, int]], stats, spectrum_of=None) -> dict[str, int | None]:
         """`spectrum_of(name)` -> that module's spectrum; needed by --alloc global."""
         if self.alloc == "global":
-            spectra = {n: spectrum_of(n) for n in tqdm(shapes, desc="spectra", unit="module", disable=True)}
+            spectra = {n: spectrum_of(n) for n in shapes}
             return allocate.global_ranks(shapes, spectra, self.keep)
         return allocate.uniform_ranks(shapes, self.keep)
 
