@@ -39,6 +39,9 @@ SVDLLM_VARIANTS = {                       # name -> options of the svd-llm metho
     "+ sequential": dict(alloc="uniform", sequential=True, correct=False),
     "+ sequential + correct": dict(alloc="uniform", sequential=True, correct=True),
     "global + sequential + correct": dict(alloc="global", sequential=True, correct=True),
+    "+ fisher": dict(alloc="uniform", fisher=True),
+    "+ fisher + global alloc": dict(alloc="global", fisher=True),
+    "fisher global + sequential + correct": dict(alloc="global", fisher=True, sequential=True, correct=True),
 }
 OTHERS = {"cur": dict(method="cur"), "fwsvd": dict(method="fwsvd"), "svd": dict(method="svd")}
 SKIP = {"gemma": {"+ sequential", "svd"}, "minilm": set()}   # CPU time: Gemma runs the rows that decide
@@ -72,16 +75,16 @@ def gemma_setup():
     return L, calib, measure
 
 
-def run(model_name: str, only: list[str] | None):
+def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1):
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     L, calib, measure = minilm_setup() if model_name == "minilm" else gemma_setup()
     out_path = RESULTS / f"beat_svdllm_{model_name}.json"
     res = json.loads(out_path.read_text()) if out_path.exists() else {"model": model_name, "rows": []}
     res["dense"] = measure(L.model)
     print(json.dumps({"dense": res["dense"]}), flush=True)
     plan = [(n, {"method": "svd-llm", **o}) for n, o in SVDLLM_VARIANTS.items()] + list(OTHERS.items())
-    for keep in KEEPS:
+    for keep in keeps:
         for name, opts in plan:
             if (only and name not in only) or name in SKIP[model_name]:
                 continue
@@ -159,9 +162,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["minilm", "gemma"])
     ap.add_argument("--only", nargs="*", help="row names to (re)run")
+    ap.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     if a.report:
         report()
     else:
-        run(a.model, a.only)
+        run(a.model, a.only, a.keeps, a.threads)

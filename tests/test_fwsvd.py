@@ -59,3 +59,59 @@ def test_fwsvd_compress_llama():
     rep = compress_(model, FWSVD(keep=0.5, alloc="global"), calib=_batches(), progress=False)
     assert 0.49 <= rep["keep_achieved"] <= 0.5
     assert torch.isfinite(model(**_batches()[0]).logits).all()
+
+
+# ---- output Fisher (svd-llm --fisher): D W L whitened SVD, losses in one unit across modules -----------------
+def test_output_fisher_matches_autograd():
+    from layerzip.methods.fwsvd import collect_output_fisher
+    model = tiny_model("llama")
+    targets = select_targets(model)
+    batch = _batches()[0]
+    got = collect_output_fisher(model, targets, [batch], True, progress=False, micro_batch=8)
+    outs = {}
+    def keep(name):
+        def hook(mod, args, out):
+            out.retain_grad()
+            outs[name] = out
+        return hook
+    hs = [m.register_forward_hook(keep(n)) for n, m in targets.items()]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    for h in hs:
+        h.remove()
+    for n in targets:
+        ref = outs[n].grad.double().reshape(-1, outs[n].shape[-1]).square().sum(0)
+        assert torch.allclose(got[n], ref, rtol=1e-4, atol=1e-12), n
+    assert all((got[n] > 0).any() for n in targets)
+
+
+def test_weighted_whitened_svd_is_exact_and_optimal():
+    from layerzip.calibrate import ModuleStats
+    from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    st = ModuleStats(16)
+    st.add(X)
+    d = torch.rand(24, generator=g, dtype=torch.float64) * 5 + 0.05
+    loss = lambda A, B: (d[:, None] * ((W - A @ B) @ X.T)).square().sum().item()
+    r = 6
+    A, B = svdllm_factors(W, st, r, rows=d)
+    s = whitened_singular_values(W, st.whitening, rows=d)
+    assert abs(loss(A, B) - s[r:].square().sum().item()) <= 1e-8 * s.square().sum().item()
+    A0, B0 = svdllm_factors(W, st, r)                        # unweighted SVD-LLM: worse in the weighted loss
+    assert loss(A, B) < loss(A0, B0)
+    A, B = svdllm_factors(W, st, 16, rows=d)                 # full rank: exact
+    assert torch.allclose(A @ B, W, atol=1e-9)
+    A, B = svdllm_factors(W, st, r, rows=torch.full((24,), 7.0, dtype=torch.float64))
+    assert torch.allclose(A @ B, A0 @ B0, atol=1e-9)         # uniform weights: plain SVD-LLM
+
+
+def test_svdllm_fisher_compress_global_and_sequential():
+    from layerzip.compress import SVDLLM
+    for opts in (dict(alloc="global"), dict(alloc="global", sequential=True, correct=True)):
+        model = tiny_model("llama")
+        rep = compress_(model, SVDLLM(keep=0.6, fisher=True, **opts), calib=_batches(), progress=False)
+        assert 0.59 <= rep["keep_achieved"] <= 0.6
+        assert torch.isfinite(model(**_batches()[0]).logits).all()

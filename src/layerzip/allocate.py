@@ -52,11 +52,11 @@ def factorized_params(shapes: dict[str, tuple[int, int]], ranks: dict[str, int |
     return sum(m * n if ranks[k] is None else ranks[k] * (m + n) for k, (m, n) in shapes.items())
 
 
-def _options(sigma: torch.Tensor, m: int, n: int, weight: float):
+def _options(sigma: torch.Tensor, m: int, n: int, weight: float, normalize: bool = True):
     """(costs, losses) of every choice of one module: ranks 1..r_max, then dense (cost mn, loss 0)."""
     r_max = min(max_useful_rank(m, n), sigma.numel())
     s2 = sigma.double().square()
-    total = s2.sum().clamp_min(1e-300)
+    total = s2.sum().clamp_min(1e-300) if normalize else torch.ones((), dtype=torch.float64)
     tail = (total - s2.cumsum(0)) / total * weight               # tail[r-1] = normalized E(r)
     ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
     costs = torch.cat([ranks * (m + n), torch.tensor([float(m * n)], dtype=torch.float64)])
@@ -65,15 +65,17 @@ def _options(sigma: torch.Tensor, m: int, n: int, weight: float):
 
 
 def global_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor], keep: float,
-                 weights: dict[str, float] | None = None, min_rank: int = 1) -> dict[str, int | None]:
+                 weights: dict[str, float] | None = None, min_rank: int = 1, normalize: bool = True
+                 ) -> dict[str, int | None]:
     """Ranks minimizing the summed normalized layer loss with Σ cost ≤ keep · Σ mn (see module doc).
 
     `spectra[name]`: the singular values whose squared tail is the module's loss at each rank (descending).
     `weights[name]`: an optional sensitivity multiplying the module's normalized loss (default 1).
+    `normalize=False`: the spectra are already in one unit across modules (e.g. Fisher-weighted): no division.
     """
     budget = keep * sum(m * n for m, n in shapes.values())
     names = list(shapes)
-    opts = {k: _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0)) for k in names}
+    opts = {k: _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0), normalize) for k in names}
     for k in names:   # options below min_rank are not allowed: give them infinite loss
         opts[k][1][: max(min_rank, 1) - 1] = math.inf
 

@@ -27,7 +27,7 @@ from .layers import LowRankLinear, dense_weight_and_bias
 from .correct import refit_left, target_aware_factors
 from .methods import asvd_factors, cur_factors, fwsvd_factors, svd_factors, svdllm_factors
 from .methods.cur import score_singular_values
-from .methods.fwsvd import FisherStats, collect_fisher, row_weights
+from .methods.fwsvd import FisherStats, collect_fisher, collect_output_fisher, row_weights
 from .methods.svdllm import whitened_singular_values
 from .models import check_finite, count_params, linear_shape, select_targets, set_module
 
@@ -90,8 +90,13 @@ class CompressConfig:
         """`spectrum_of(name)` -> that module's spectrum; needed by --alloc global."""
         if self.alloc == "global":
             spectra = {n: spectrum_of(n) for n in shapes}
-            return allocate.global_ranks(shapes, spectra, self.keep)
+            return allocate.global_ranks(shapes, spectra, self.keep, normalize=not self.loss_units)
         return allocate.uniform_ranks(shapes, self.keep)
+
+    @property
+    def loss_units(self) -> bool:
+        """Whether `spectrum` is already in comparable units across modules (else global allocation normalizes it)."""
+        return False
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
@@ -138,17 +143,34 @@ class SVDLLM(CompressConfig):
     """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
 
     Options: `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
-    (correct.target_aware_factors). Both stay off by default: on MiniLM they lowered held-out fidelity
-    (bench/BEAT_SVDLLM.md has the numbers)."""
+    (correct.target_aware_factors). `fisher`: weight each output feature's error by its diagonal output Fisher
+    (methods/fwsvd.collect_output_fisher) — the whitened SVD stays exact for that weighted loss, and the losses of
+    all modules are then in one unit (≈ the model's loss increase), which is what --alloc global compares."""
+    fisher: bool = False
     needs_stats: ClassVar[bool] = True
+
+    @property
+    def loss_units(self):
+        return self.fisher
+
+    def _rows(self, stats):
+        return row_weights(stats.fisher_rows) if self.fisher else None
 
     def factors(self, W, stats, rank):
         if self.correct and hasattr(stats, "cross"):
-            return target_aware_factors(W, stats, rank)
-        return svdllm_factors(W, stats, rank, whitening=stats.whitening)
+            return target_aware_factors(W, stats, rank, rows=self._rows(stats))
+        return svdllm_factors(W, stats, rank, whitening=stats.whitening, rows=self._rows(stats))
 
     def spectrum(self, W, stats):
-        return whitened_singular_values(W, stats.whitening)
+        return whitened_singular_values(W, stats.whitening, rows=self._rows(stats))
+
+    def collect(self, model, targets, calib, progress):
+        base = super().collect(model, targets, calib, progress)
+        if not self.fisher:
+            return base
+        from .models import is_causal
+        fisher = collect_output_fisher(model, targets, calib, is_causal(model), progress)
+        return {n: FisherStats(fisher[n], base[n]) for n in targets}
 
 
 @register_method("cur")
@@ -225,8 +247,10 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     stats: dict = {}
     if config.needs_stats and not calib:
         raise LayerzipError(f"method {config.name} needs calibration text; pass --calib FILE or --calib builtin")
-    # sequential + uniform needs no statistics of the original model; everything else does (global: its spectra)
-    if config.needs_stats and not (config.sequential and config.alloc == "uniform"):
+    # sequential + uniform needs no statistics of the original model; everything else does (global: its spectra;
+    # fisher: the original model's output sensitivities)
+    if config.needs_stats and not (config.sequential and config.alloc == "uniform"
+                                   and not getattr(config, "fisher", False)):
         stats = config.collect(model, targets, calib, progress)
     t_calib = time.perf_counter()
 
@@ -240,7 +264,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     ranks = replace(config, keep=min(weight_keep, 1.0)).ranks(shapes, stats, spectrum_of)
     if config.sequential:
         from .sequential import compress_sequential
-        modules, seq_tokens = compress_sequential(model, targets, ranks, config, calib, progress)
+        fisher = {n: s.fisher_rows for n, s in stats.items() if isinstance(s, FisherStats)}
+        modules, seq_tokens = compress_sequential(model, targets, ranks, config, calib, progress, fisher)
     else:
         modules = {}
         for name in tqdm(targets, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
@@ -266,7 +291,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     }
     if stats:
         report["calibration"] = {"tokens": max(getattr(s, "tokens", 0) for s in stats.values()),
-                                 "distinct_inputs": len({id(s) for s in stats.values()})}
+                                 "distinct_inputs": len({id(getattr(s, "base", None) or s) for s in stats.values()})}
         report["whitening"] = _whitening_summary(stats) if config.name == "svd-llm" else None
     if config.sequential:
         report["calibration"] = {**report.get("calibration", {}), "sequential_tokens": seq_tokens}
@@ -284,7 +309,7 @@ def replace_module(model: nn.Module, name: str, mod: nn.Module, config: Compress
 
 def _whitening_summary(stats: dict) -> dict:
     """How often the Gram needed help: jitter added (relative to its mean diagonal) or the eigen fallback."""
-    uniq = {id(s): s for s in stats.values()}.values()
+    uniq = {id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values()
     jit = [w.jitter / max(s.gram.diagonal().mean().item(), 1e-300) for s in uniq if (w := s.whitening).jitter > 0]
     return {"inputs": len(uniq), "jittered": len(jit), "max_relative_jitter": max(jit, default=0.0),
             "eigen_fallback": sum(not s.whitening.triangular for s in uniq)}

@@ -74,18 +74,21 @@ def refit_left(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats) -> torc
 
 
 @torch.no_grad()
-def target_aware_factors(W: torch.Tensor, stats, rank: int):
+def target_aware_factors(W: torch.Tensor, stats, rank: int, rows: torch.Tensor | None = None):
     """The best rank-r map from the compressed inputs to the original outputs, A and B fitted together:
 
         min_{rank r} ‖W' X'ᵀ − W Xᵀ‖²:   G' = L Lᵀ,  W C L⁻ᵀ = U Σ Vᵀ,  W' = U_r Σ_r V_rᵀ L⁻¹
 
     (X' = Q Lᵀ, so W' X'ᵀ = W' L Qᵀ and the target's projection onto span(Q) is W C L⁻ᵀ Qᵀ.) With X' = X it is
-    exactly SVD-LLM; refit_left cannot improve it further."""
+    exactly SVD-LLM; refit_left cannot improve it further. `rows`: output weights D as in svdllm_factors (the
+    loss ‖D(W' X'ᵀ − W Xᵀ)‖², solved by the SVD of D W C L⁻ᵀ)."""
     from .methods.svd import split_balanced
 
     wt = stats.whitening                                  # of G' = stats.gram, cached and shared
     _, C, _ = _grams(stats)
     WC = W @ C.to(W)
+    if rows is not None:
+        WC = rows.to(W)[:, None] * WC
     if wt.triangular:                                     # (W C) L⁻ᵀ
         M = torch.linalg.solve_triangular(wt.L.T, WC, upper=True, left=False)
     else:
@@ -93,4 +96,4 @@ def target_aware_factors(W: torch.Tensor, stats, rank: int):
         M = (WC @ Q) / sqrt_lam
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     A, Bw = split_balanced(U, S, Vh, rank)
-    return A, wt.right_solve(Bw)
+    return (A if rows is None else A / rows.to(W)[:, None]), wt.right_solve(Bw)

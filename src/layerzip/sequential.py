@@ -134,9 +134,15 @@ def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 @torch.no_grad()
 def compress_sequential(model: nn.Module, targets: dict[str, nn.Module], ranks: dict[str, int | None], config,
-                        batches: list[dict], progress: bool = True) -> tuple[dict[str, dict], int]:
-    """Compress `targets` block by block (see module doc). Returns ({name: spec}, calibration tokens)."""
+                        batches: list[dict], progress: bool = True, fisher: dict | None = None
+                        ) -> tuple[dict[str, dict], int]:
+    """Compress `targets` block by block (see module doc). Returns ({name: spec}, calibration tokens).
+    `fisher`: per-module output Fisher of the original model, attached to each module's new statistics."""
     from .compress import replace_module
+    from .methods.fwsvd import FisherStats
+
+    def attach(name, stats):
+        return FisherStats(fisher[name], stats) if fisher and name in fisher else stats
 
     found = find_blocks(model)
     if found is None:
@@ -165,12 +171,13 @@ def compress_sequential(model: nn.Module, targets: dict[str, nn.Module], ranks: 
                         stats.add(x)
                 tokens = max(tokens, stats.tokens)
                 for name in group:
-                    modules[name] = replace_module(model, name, targets[name], config, stats, ranks[name])
+                    modules[name] = replace_module(model, name, targets[name], config, attach(name, stats),
+                                                   ranks[name])
         h_cur = [_run(block, *_with_hidden(*call, h_cur[b])) for b, call in enumerate(calls[l])]
         calls[l] = None                      # free this block's captured inputs
     rest = {n: m for n, m in targets.items() if not n.startswith(prefix + ".") and ranks[n] is not None}
     if rest:                                 # targets outside the blocks (e.g. a head named by --include)
         stats = collect_stats(model, rest, {n: linear_shape(m)[1] for n, m in rest.items()}, batches, progress)
         for name, mod in rest.items():
-            modules[name] = replace_module(model, name, mod, config, stats[name], ranks[name])
+            modules[name] = replace_module(model, name, mod, config, attach(name, stats[name]), ranks[name])
     return modules, tokens

@@ -48,10 +48,29 @@ def fwsvd_factors(W: torch.Tensor, stats, rank: int):
     return A / w[:, None], B
 
 
+def _sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator) -> torch.Tensor:
+    """The loss whose gradients measure sensitivity: the LM loss for causal LMs, εᵀe (ε ~ N(0, I)) of the mean-pooled
+    embedding e for encoders (see module doc)."""
+    from ..calibrate import backbone
+
+    if causal:
+        labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+        return model(**batch, labels=labels, use_cache=False).loss
+    h = backbone(model)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+    e = (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return (e * torch.randn(e.shape, generator=gen).to(e)).sum()
+
+
+def _micro_batches(batches, micro_batch, device, progress, desc):
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        for i in range(0, len(batch["input_ids"]), micro_batch):
+            yield {k: v[i:i + micro_batch].to(device) for k, v in batch.items()}
+
+
 def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
                    progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
     """{name: Σ over micro-batches of (∂L/∂W)² summed per output row} (float64, length out_features)."""
-    from ..calibrate import backbone
     from ..layers.base import is_conv1d
 
     device = next(model.parameters()).device
@@ -65,22 +84,60 @@ def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: lis
     try:
         for w in weights.values():
             w.requires_grad_(True)
-        for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress):
-            for i in range(0, len(batch["input_ids"]), micro_batch):
-                b = {k: v[i:i + micro_batch].to(device) for k, v in batch.items()}
-                with torch.enable_grad():
-                    if causal:
-                        labels = b["input_ids"].masked_fill(b.get("attention_mask", 1) == 0, -100)
-                        loss = model(**b, labels=labels, use_cache=False).loss
-                    else:
-                        h = backbone(model)(**b).last_hidden_state
-                        mask = b["attention_mask"].unsqueeze(-1).to(h.dtype)
-                        e = (h * mask).sum(1) / mask.sum(1).clamp_min(1)
-                        loss = (e * torch.randn(e.shape, generator=gen).to(e)).sum()
-                    grads = torch.autograd.grad(loss, list(weights.values()))
-                for (n, w), g in zip(weights.items(), grads):
-                    acc[n] += g.double().square().sum(0 if is_conv1d(targets[n]) else 1).cpu()
+        for b in _micro_batches(batches, micro_batch, device, progress, "fisher"):
+            with torch.enable_grad():
+                grads = torch.autograd.grad(_sensitivity_loss(model, b, causal, gen), list(weights.values()))
+            for (n, w), g in zip(weights.items(), grads):
+                acc[n] += g.double().square().sum(0 if is_conv1d(targets[n]) else 1).cpu()
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     return acc
+
+
+def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
+                          progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
+    """{name: Σ over tokens of (∂L/∂y)²} per output feature y of each target (float64, length out_features): the
+    diagonal empirical Fisher of the module's outputs. With it, Σᵢ fᵢ ‖(ΔW X)ᵢ‖² ≈ 2·T·(loss increase) for a
+    change ΔW, in the same units for every module (second-order Taylor, Fisher for the Hessian, diagonal)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    acc: dict[str, torch.Tensor] = {}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+
+    def out_hook(name):
+        def hook(module, args, out):
+            def grad_hook(g):
+                g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
+                acc[name] = acc[name] + g if name in acc else g
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    def leaf_hook(module, args, out):       # gradients reach the targets without any weight requiring grad
+        return out.detach().requires_grad_(True)
+
+    handles = [m.register_forward_hook(out_hook(n)) for n, m in targets.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf_hook))
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for b in _micro_batches(batches, micro_batch, device, progress, "output fisher"):
+            with torch.enable_grad():
+                loss = _sensitivity_loss(model, b, causal, gen)
+                if loss.requires_grad:
+                    loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+    missing = [n for n in targets if n not in acc]
+    for n in missing:                        # a target the loss does not depend on: no sensitivity at all
+        acc[n] = torch.zeros(linear_out(targets[n]), dtype=torch.float64)
+    return acc
+
+
+def linear_out(module: nn.Module) -> int:
+    from ..models import linear_shape
+    return linear_shape(module)[0]

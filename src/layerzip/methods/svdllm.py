@@ -53,14 +53,19 @@ def whiten(G: torch.Tensor) -> Whitening:
 
 
 @torch.no_grad()
-def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | None = None):
-    """(W out×in float64, stats with .gram, rank) -> (A, B). Pass `whitening` to reuse it across modules."""
+def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | None = None,
+                   rows: torch.Tensor | None = None):
+    """(W out×in float64, stats with .gram, rank) -> (A, B). Pass `whitening` to reuse it across modules.
+
+    `rows` (positive, length out): weight the loss of output i by rows[i]² — min ‖D(W − W')Xᵀ‖, D = diag(rows) —
+    solved exactly the same way: SVD of D W L, then A = D⁻¹ U_r Σ_r^½."""
     wt = whitening or whiten(stats.gram.to(W))
-    U, S, Vh = torch.linalg.svd(W @ wt.L, full_matrices=False)
+    DW = W if rows is None else rows.to(W)[:, None] * W
+    U, S, Vh = torch.linalg.svd(DW @ wt.L, full_matrices=False)
     A, M = split_balanced(U, S, Vh, rank)
-    return A, wt.right_solve(M)
+    return (A if rows is None else A / rows.to(W)[:, None]), wt.right_solve(M)
 
 
-def whitened_singular_values(W: torch.Tensor, whitening: Whitening) -> torch.Tensor:
-    """σ(W L): σ_{r+1..}² summed is the exact layer loss of rank r (used by allocation and analysis)."""
-    return torch.linalg.svdvals(W @ whitening.L)
+def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """σ(D W L): σ_{r+1..}² summed is the exact (row-weighted) layer loss of rank r (for allocation and analysis)."""
+    return torch.linalg.svdvals((W if rows is None else rows.to(W)[:, None] * W) @ whitening.L)
