@@ -182,3 +182,12 @@ def test_pickled_weights_refused(capsys, tiny_dirs, tmp_path):
     shutil.copytree(tiny_dirs["bert"], src)
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     assert_bad(capsys, "eval", str(src), match="never loads")
+
+
+def test_option_of_another_method_is_refused(tmp_path):
+    from layerzip.compress import config_from_dict
+    from layerzip.errors import LayerzipError
+    import pytest as _pytest
+    with _pytest.raises(LayerzipError, match="--fisher does not apply to method svd"):
+        config_from_dict({"method": "svd", "keep": 0.5, "fisher": True})
+    assert config_from_dict({"method": "svd-llm", "keep": 0.5, "fisher": True}).fisher

@@ -56,6 +56,8 @@ def compress(
                                               help="calibrate each block on the already compressed blocks' output"),
     correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",
                                            help="refit each left factor by least squares toward the original outputs"),
+    fisher: Optional[bool] = typer.Option(None, "--fisher/--no-fisher",
+                                          help="svd-llm: weight each output by its loss gradient² (output Fisher)"),
     blocks: Optional[int] = typer.Option(None, help="drop-blocks: number of whole blocks to remove "
                                          "(default: from --keep)"),
     select: str = typer.Option("span", help="drop-blocks: span (smallest angular distance) or influence "
@@ -80,7 +82,7 @@ def compress(
         raise LayerzipError("--blocks and --select apply to --method drop-blocks (or drop-blocks+svd-llm); "
                             "drop them or change --method")
     config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "sequential": sequential,
-                               "correct": correct, "include": include,
+                               "correct": correct, "fisher": fisher, "include": include,
                                "exclude": exclude, **depth})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
                          heal_steps=heal_steps, heal_lr=heal_lr)

@@ -109,6 +109,10 @@ def config_from_dict(d: dict) -> CompressConfig:
         raise LayerzipError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     cls = METHODS[name]
     known = {f.name for f in fields(cls)}
+    stray = sorted(k for k, v in d.items() if k not in known and v is not None and v is not False)
+    if stray:
+        raise LayerzipError(f"option {', '.join('--' + k for k in stray)} does not apply to method {name}; "
+                            "drop it or change --method")
     return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
