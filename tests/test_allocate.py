@@ -61,3 +61,14 @@ def test_weights_shift_rank():
     base = global_ranks(shapes, {"a": s, "b": s}, 0.4)
     heavy = global_ranks(shapes, {"a": s, "b": s}, 0.4, weights={"a": 10.0})
     assert heavy["a"] > base["a"] and heavy["b"] < base["b"]
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0, 1e6])
+def test_global_unnormalized_meets_budget_and_minimizes_absolute_loss(scale):
+    sp = {k: v * scale for k, v in spectra(3).items()}
+    dense = sum(m * n for m, n in SHAPES.values())
+    ranks = global_ranks(SHAPES, sp, 0.5, normalize=False)
+    assert (0.49 * dense) <= factorized_params(SHAPES, ranks) <= 0.5 * dense
+    absolute = lambda rk: sum(0.0 if r is None else sp[k][r:].square().sum().item() for k, r in rk.items())
+    uni = uniform_ranks(SHAPES, 0.5)
+    assert absolute(ranks) <= absolute(uni) * (1 + 1e-9)

@@ -56,8 +56,9 @@ def _options(sigma: torch.Tensor, m: int, n: int, weight: float, normalize: bool
     """(costs, losses) of every choice of one module: ranks 1..r_max, then dense (cost mn, loss 0)."""
     r_max = min(max_useful_rank(m, n), sigma.numel())
     s2 = sigma.double().square()
-    total = s2.sum().clamp_min(1e-300) if normalize else torch.ones((), dtype=torch.float64)
-    tail = (total - s2.cumsum(0)) / total * weight               # tail[r-1] = normalized E(r)
+    total = s2.sum()
+    norm = total.clamp_min(1e-300) if normalize else 1.0
+    tail = (total - s2.cumsum(0)) / norm * weight                # tail[r-1] = (normalized) E(r)
     ranks = torch.arange(1, r_max + 1, dtype=torch.float64)
     costs = torch.cat([ranks * (m + n), torch.tensor([float(m * n)], dtype=torch.float64)])
     losses = torch.cat([tail[:r_max].clamp_min(0), torch.zeros(1, dtype=torch.float64)])
