@@ -125,6 +125,9 @@ def test_blast_and_hadamard_optimizers_beat_their_starts():
     b0 = lnn.BlastLinear.from_dense(W, nblocks=4, rank=4, als_steps=0)
     b1 = lnn.BlastLinear.from_dense(W, nblocks=4, rank=4, als_steps=10)
     assert (b1.dense_weight() - W).norm() < (b0.dense_weight() - W).norm()
+    one = lnn.BlastLinear.from_dense(W, nblocks=1, rank=5)                # b = 1: the truncated SVD, no ALS
+    S = torch.linalg.svdvals(W)
+    assert abs((one.dense_weight() - W).pow(2).sum().item() - S[5:].pow(2).sum().item()) < 1e-8
     h = lnn.LowRankHadamardLinear.from_dense(W, rank=3)
     S = torch.linalg.svdvals(W)
     assert (h.dense_weight() - W).norm() < S[3:].norm()                  # beats its rank-R SVD start

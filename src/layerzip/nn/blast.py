@@ -6,7 +6,10 @@ Forward: z_j = V_jᵀ x_j, w_i = Σ_j s_ij ⊙ z_j, y_i = U_i w_i. Parameters r�
 FLOPs per row 2× that. b = 1 is a rank-r SVD (U diag(s) Vᵀ).
 Projection (`project_`), no closed form for b > 1: U_i ← top-r left singular vectors of block row i, V_j ← top-r right
 singular vectors of block column j, s_ij ← least squares; then `als_steps` rounds of alternating least squares on
-U, V, s (each a closed-form ridge solve, so the error never increases; the best iterate is kept). Not exact in\none step: the singular-vector bases span the right spaces but are not the basis that makes every s_ij diagonal;\nALS converges to a random BLAST matrix to ~1e-9 relative error in ~100 rounds in our tests.
+U, V, s (each a closed-form ridge solve, so the error never increases; the best iterate is kept; skipped for b = 1,
+where the start is already the truncated SVD). Not exact in
+one step: the singular-vector bases span the right spaces but are not the basis that makes every s_ij diagonal;
+ALS converges to a random BLAST matrix to ~1e-9 relative error in ~100 rounds in our tests.
 Init: V ~ N(0, 1/q), s ~ N(0, 1/b), U ~ N(0, 1/r): every stage keeps unit RMS.
 """
 from __future__ import annotations
@@ -109,7 +112,9 @@ class BlastLinear(StructuredLinear):
 
         s = solve_s(U, V)
         best = (err(U, s, V), U, s, V)
-        for _ in range(self.als_steps):
+        # b = 1: U, V are the top-r singular vectors of W and s their singular values, the truncated SVD, which is
+        # optimal (Eckart–Young); ALS cannot improve it, so skip it.
+        for _ in range(self.als_steps if b > 1 else 0):
             # U_i [diag(s_ij) V_jᵀ]_j = A_i,:  ->  U_i = (Σ_j A_ij V_j diag(s_ij)) (Σ_j diag(s_ij) VⱼᵀVⱼ diag(s_ij))⁻¹
             G = (s[..., :, None] * gram(V)[None] * s[..., None, :]).sum(1)
             U = _ridge_solve(G, ((A @ V[None]) * s[:, :, None]).sum(1).transpose(1, 2)).transpose(1, 2)
