@@ -42,14 +42,15 @@ SVDLLM_VARIANTS = {                       # name -> options of the svd-llm metho
     "+ fisher": dict(alloc="uniform", fisher=True),
     "+ fisher + global alloc": dict(alloc="global", fisher=True),
     "fisher global + sequential + correct": dict(alloc="global", fisher=True, sequential=True, correct=True),
+    "+ fisher + sequential + correct": dict(alloc="uniform", fisher=True, sequential=True, correct=True),
 }
 OTHERS = {"cur": dict(method="cur"), "fwsvd": dict(method="fwsvd"), "svd": dict(method="svd")}
 SKIP = {"gemma": {"+ sequential", "svd"}, "minilm": set()}   # CPU time: Gemma runs the rows that decide
 
 
-def minilm_setup(n_eval=64, n_pairs=128):
+def minilm_setup(n_eval=128, n_pairs=500, calib_docs=64):
     L = lz.load_model("minilm")
-    calib = token_batches(L.tokenizer, load_documents("builtin", 64), False, 64, 256)
+    calib = token_batches(L.tokenizer, load_documents("builtin", calib_docs), False, calib_docs, 256)
     texts = data.eval_texts(n_eval)
     pairs = data.retrieval_pairs(n_pairs)
 
@@ -75,10 +76,12 @@ def gemma_setup():
     return L, calib, measure
 
 
-def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1):
+def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1, calib_docs: int | None = None):
+    """`calib_docs` (MiniLM): calibration documents instead of the default 64; rows are named "... @N docs"."""
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    L, calib, measure = minilm_setup() if model_name == "minilm" else gemma_setup()
+    L, calib, measure = (minilm_setup(calib_docs=calib_docs or 64) if model_name == "minilm" else gemma_setup())
+    suffix = f" @{calib_docs} docs" if calib_docs else ""
     out_path = RESULTS / f"beat_svdllm_{model_name}.json"
     res = json.loads(out_path.read_text()) if out_path.exists() else {"model": model_name, "rows": []}
     res["dense"] = measure(L.model)
@@ -91,10 +94,10 @@ def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1):
             m = copy.deepcopy(L.model)
             t = time.perf_counter()
             rep = lz.compress_(m, config_from_dict({**opts, "keep": keep}), calib=calib, progress=False)
-            row = {"name": name, "keep": keep, "config": rep["config"], "keep_achieved": rep["keep_achieved"],
+            row = {"name": name + suffix, "keep": keep, "config": rep["config"], "keep_achieved": rep["keep_achieved"],
                    "seconds": time.perf_counter() - t, **measure(m),
                    "ranks": rep["ranks"], "shapes": {n: list(s) for n, s in _shapes(L.model, rep["ranks"]).items()}}
-            res["rows"] = [r for r in res["rows"] if (r["name"], r["keep"]) != (name, keep)] + [row]
+            res["rows"] = [r for r in res["rows"] if (r["name"], r["keep"]) != (row["name"], keep)] + [row]
             print(json.dumps({k: v for k, v in row.items() if k not in ("ranks", "shapes", "config")}), flush=True)
             out_path.write_text(json.dumps(res, indent=1))
             del m
@@ -103,6 +106,39 @@ def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1):
 def _shapes(model, ranks):
     from layerzip.models import linear_shape
     return {n: linear_shape(model.get_submodule(n)) for n in ranks}
+
+
+def tables_md(merged: dict) -> str:
+    """One markdown table per model: every setting × keep, with the share of uniform SVD-LLM's gap to dense closed."""
+    out = []
+    for m, res in merged.items():
+        metrics = ["recall@1", "mrr", "cosine"] if m == "minilm" else ["perplexity"]
+        main = metrics[0]
+        dense = res["dense"]
+        out += [f"**{m}** (dense: " + ", ".join(f"{k} {dense[k]:.4g}" for k in metrics) + ")", "",
+                "| keep | setting | keep achieved | " + " | ".join(metrics) + f" | gap closed ({main}) | compress s |",
+                "|---" * (len(metrics) + 5) + "|"]
+        for keep in sorted({r["keep"] for r in res["rows"]}, reverse=True):
+            rows = [r for r in res["rows"] if r["keep"] == keep]
+            base = {r["name"].replace("svd-llm uniform", ""): r for r in rows if r["name"].startswith("svd-llm uniform")}
+            for r in rows:
+                suffix = r["name"][r["name"].find(" @"):] if " @" in r["name"] else ""
+                ref = base.get(suffix)
+                gap = "–"
+                if ref is not None and r is not ref and ref[main] != dense[main]:
+                    gap = f"{(r[main] - ref[main]) / (dense[main] - ref[main]):+.0%}"
+                out.append(f"| {keep} | {r['name']} | {r['keep_achieved']:.4f} | "
+                           + " | ".join(f"{r[k]:.4g}" for k in metrics) + f" | {gap} | {r['seconds']:.0f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_tables(merged: dict, doc=Path(__file__).resolve().parent / "BEAT_SVDLLM.md"):
+    """Replace the text between the table markers of BEAT_SVDLLM.md by the tables of `merged`."""
+    text = doc.read_text()
+    a, b = "<!-- tables: generated by beat_svdllm.py --report -->", "<!-- /tables -->"
+    if a in text and b in text:
+        doc.write_text(text[:text.index(a) + len(a)] + "\n" + tables_md(merged) + text[text.index(b):])
 
 
 def report():
@@ -118,6 +154,7 @@ def report():
     slim = {k: {**v, "rows": [{kk: vv for kk, vv in r.items() if kk not in ("shapes",)} for r in v["rows"]]}
             for k, v in merged.items()}
     (RESULTS / "beat_svdllm.json").write_text(json.dumps(slim, indent=1))
+    write_tables(merged)
     metrics = [("minilm", "recall@1"), ("minilm", "cosine"), ("gemma", "perplexity")]
     metrics = [(m, k) for m, k in metrics if m in merged]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2))
@@ -164,9 +201,10 @@ if __name__ == "__main__":
     ap.add_argument("--only", nargs="*", help="row names to (re)run")
     ap.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-docs", type=int, help="MiniLM: calibration documents (default 64)")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     if a.report:
         report()
     else:
-        run(a.model, a.only, a.keeps, a.threads)
+        run(a.model, a.only, a.keeps, a.threads, a.calib_docs)

@@ -17,8 +17,8 @@ def outputs(model, ids):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("config", [lz.SVDLLM(keep=0.5), lz.ASVD(keep=0.6), lz.SVD(keep=0.4)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [lz.SVDLLM(keep=0.5), lz.SVDLLM(keep=0.5, alloc="uniform", fisher=False),
+                                    lz.ASVD(keep=0.6), lz.SVD(keep=0.4)], ids=lambda c: f"{c.name}-{c.alloc}")
 def test_compress_save_load_roundtrip(arch, config, tiny_dirs, calib_file, tmp_path):
     loaded = lz.load_model(tiny_dirs[arch])
     n_targets = len(select_targets(loaded.model))
@@ -28,8 +28,10 @@ def test_compress_save_load_roundtrip(arch, config, tiny_dirs, calib_file, tmp_p
     rep = lz.compress_(loaded.model, config, calib=batches, progress=False)
 
     assert abs(rep["keep_achieved"] - config.keep) <= 0.01 * config.keep
-    assert rep["factorized"] == n_targets
-    assert sum(isinstance(m, LowRankLinear) for m in loaded.model.modules()) == n_targets
+    assert 0 < rep["factorized"] <= n_targets              # global allocation may leave some modules dense
+    if config.alloc == "uniform":
+        assert rep["factorized"] == n_targets
+    assert sum(isinstance(m, LowRankLinear) for m in loaded.model.modules()) == rep["factorized"]
     out = outputs(loaded.model, ids)
     assert out.shape == dense_out.shape and torch.isfinite(out).all()
 

@@ -35,7 +35,8 @@ def test_stats_are_those_of_the_final_model(arch):
     batches = batches_for(arch)
     targets = select_targets(model)
     Recording.seen = {}
-    rep = compress_(model, Recording(keep=0.4, sequential=True, correct=False), calib=batches, progress=False)
+    cfg = Recording(keep=0.4, alloc="uniform", fisher=False, sequential=True, correct=False)
+    rep = compress_(model, cfg, calib=batches, progress=False)
     assert rep["factorized"] == len(targets)
     order = list(rep["modules"])                  # insertion order = decomposition order
     final = collect_stats(model, {n: model.get_submodule(n) for n in order},
@@ -49,8 +50,9 @@ def test_stats_are_those_of_the_final_model(arch):
 def test_sequential_differs_from_one_shot_after_block_0(arch):
     model_a, model_b = tiny_model(arch), tiny_model(arch)
     batches = batches_for(arch)
-    compress_(model_a, SVDLLM(keep=0.4, sequential=False, correct=False), calib=batches, progress=False)
-    compress_(model_b, SVDLLM(keep=0.4, sequential=True, correct=False), calib=batches, progress=False)
+    plain = dict(keep=0.4, alloc="uniform", fisher=False, correct=False)
+    compress_(model_a, SVDLLM(**plain, sequential=False), calib=batches, progress=False)
+    compress_(model_b, SVDLLM(**plain, sequential=True), calib=batches, progress=False)
     names = list(select_targets(tiny_model(arch)))
     first, last = names[0], names[-1]
     w = lambda m, n: m.get_submodule(n).dense_weight()

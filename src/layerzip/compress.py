@@ -60,7 +60,7 @@ class CompressConfig:
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise LayerzipError(f"--keep must be in (0, 1] (the fraction of parameters kept), got {self.keep}")
-        if self.alloc not in ALLOCATORS:
+        if self.alloc is not None and self.alloc not in ALLOCATORS:
             raise LayerzipError(f"--alloc must be one of {', '.join(ALLOCATORS)}, got {self.alloc!r}")
         if (self.sequential or self.correct) and not self.needs_stats:
             raise LayerzipError(f"--sequential and --correct need calibration statistics, which method {self.name} "
@@ -97,6 +97,10 @@ class CompressConfig:
     def loss_units(self) -> bool:
         """Whether `spectrum` is already in comparable units across modules (else global allocation normalizes it)."""
         return False
+
+    def resolve(self, model: nn.Module) -> "CompressConfig":
+        """The config with model-dependent defaults filled in (see SVDLLM); the report records this one."""
+        return self
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}
@@ -146,16 +150,25 @@ class ASVD(CompressConfig):
 class SVDLLM(CompressConfig):
     """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
 
-    Options: `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
-    (correct.target_aware_factors). `fisher`: weight each output feature's error by its diagonal output Fisher
-    (methods/fwsvd.collect_output_fisher) — the whitened SVD stays exact for that weighted loss, and the losses of
-    all modules are then in one unit (≈ the model's loss increase), which is what --alloc global compares."""
-    fisher: bool = False
+    Defaults, the best setting measured (bench/BEAT_SVDLLM.md): `alloc="global"` — every module's rank chosen
+    together from its whitened spectrum; `fisher` on for causal LMs — each output feature's error weighted by its
+    diagonal output Fisher under the LM loss (methods/fwsvd.collect_output_fisher), so the whitened SVD is exact for
+    that weighted loss and the losses of all modules are in one unit (≈ the model's loss increase), which is what
+    global allocation compares. Encoders have no loss of their own (their Fisher comes from a random projection of
+    the pooled embedding), so `fisher` is off for them by default and global allocation normalizes each module's
+    loss by its output energy instead. `sequential` and `correct` together fit A and B to map the compressed inputs
+    to the original outputs (correct.target_aware_factors); off by default: they lost on held-out data."""
+    alloc: str = "global"
+    fisher: bool | None = None          # None: on for causal LMs, off for encoders
     needs_stats: ClassVar[bool] = True
+
+    def resolve(self, model):
+        from .models import is_causal
+        return self if self.fisher is not None else replace(self, fisher=is_causal(model))
 
     @property
     def loss_units(self):
-        return self.fisher
+        return bool(self.fisher)
 
     def _rows(self, stats):
         return row_weights(stats.fisher_rows) if self.fisher else None
@@ -242,6 +255,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     if apply is not None:
         return apply(model, calib, progress)
     t0 = time.perf_counter()
+    config = config.resolve(model)
     targets = select_targets(model, config.include, config.exclude)
     check_finite(targets)
     shapes = {n: linear_shape(m) for n, m in targets.items()}

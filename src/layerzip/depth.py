@@ -93,6 +93,7 @@ class DropBlocks(CompressConfig):
     blocks: int | None = None
     select: str = "span"
     then: str | None = None
+    alloc: str | None = None               # passed on to `then` when given; else `then` uses its own default
     needs_stats: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -149,7 +150,7 @@ class DropBlocks(CompressConfig):
                 raise LayerzipError(f"dropping {n} blocks already keeps {left_params / target_before:.3f} ≤ --keep "
                                     f"{self.keep}; use --method drop-blocks alone or drop fewer blocks")
             mine = {"blocks", "select", "then"}
-            cfg = config_from_dict({**{k: v for k, v in self.to_dict().items() if k not in mine},
+            cfg = config_from_dict({**{k: v for k, v in self.to_dict().items() if k not in mine and v is not None},
                                     "method": self.then, "keep": k2})
             inner = compress_(model, cfg, calib=calib, progress=progress)
         target_after = sum(p.numel() for n_ in left for p in model.get_submodule(n_).parameters())
