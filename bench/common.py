@@ -5,6 +5,9 @@ A `Bench` says how one model is loaded, calibrated and scored:
     held-out paragraph embeddings to the dense model's;
   - Gemma-3-270M (causal LM): perplexity on held-out python-docs windows, each starting with BOS.
 `--quick` swaps both for tiny random-weight models built from transformers configs (the smoke run / CI test).
+
+`GEMMA_METHOD_KEEPS` is the plan for the methods whose full Gemma curve does not fit the time of one run on the
+2-core benchmark machine (see bench/README.md); every other method runs at every keep of `KEEPS`.
 """
 from __future__ import annotations
 
@@ -29,6 +32,10 @@ from layerzip.pipeline import retrieval_eval  # noqa: E402
 RESULTS = Path(os.environ.get("LAYERZIP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 DEFAULT_THREADS = 2
+# Gemma: the structures use no calibration and collapse like plain `svd` does (perplexity > 10⁸), so two keeps show
+# where they stand; Hadamard's rank is capped at R² ≤ min(in, out), so every keep ≥ 0.15 is the same model (≈ 0.13 of
+# the weights) and its ALS projection takes ≈ 9 min of one core: one keep.
+GEMMA_METHOD_KEEPS = {**{s: (0.8, 0.5) for s in ("btt", "monarch", "kronecker", "tt", "blast")}, "hadamard": (0.5,)}
 DOC_CHARS = 600          # retrieval documents are cut to their first 600 characters (~150 tokens)
 
 
@@ -47,7 +54,11 @@ class Bench:
     latency_seq_len: int = 128
     quick: bool = False
     keeps: tuple = KEEPS
+    method_keeps: dict = field(default_factory=dict)   # fewer keeps for methods too slow for the full curve
     texts: dict = field(default_factory=dict, repr=False)
+
+    def keeps_for(self, method: str) -> tuple:
+        return tuple(self.method_keeps.get(method, self.keeps))
 
     @property
     def metric(self) -> str:
@@ -104,25 +115,26 @@ def benches(quick: bool = False, only: list[str] | None = None) -> list[Bench]:
         out = [Bench("minilm", "all-MiniLM-L6-v2", "minilm", False, calib_samples=64, calib_seq_len=256,
                      latency_seq_len=128),
                Bench("gemma", "Gemma-3-270M", str(data.gemma_dir()), True, calib_samples=16, calib_seq_len=256,
-                     eval_windows=int(os.environ.get("BENCH_GEMMA_WINDOWS", 4)), eval_seq_len=512,
-                     latency_seq_len=32)]
+                     eval_windows=int(os.environ.get("BENCH_GEMMA_WINDOWS", 2)), eval_seq_len=512,
+                     latency_seq_len=32, method_keeps=dict(GEMMA_METHOD_KEEPS))]
     return [b for b in out if not only or b.name in only]
 
 
 def tiny_model(kind: str) -> str:
-    """A tiny random-weight model saved as a HF directory (MiniLM's tokenizer, so nothing is downloaded)."""
+    """A tiny random-weight model saved as a HF directory (MiniLM's tokenizer, so nothing is downloaded). Four blocks,
+    so that drop-blocks at keep 0.5 leaves repeated blocks."""
     import transformers
-    path = Path(tempfile.gettempdir()) / f"layerzip-bench-tiny-{kind}"
+    path = Path(tempfile.gettempdir()) / f"layerzip-bench-tiny-{kind}-l4"
     if (path / "config.json").is_file():
         return str(path)
     tok = transformers.AutoTokenizer.from_pretrained(lz.models.builtin_path("minilm"))
     torch.manual_seed(0)
     if kind == "bert":
-        cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+        cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, intermediate_size=128, max_position_embeddings=128)
         model = transformers.BertModel(cfg)
     else:
-        cfg = transformers.Gemma3TextConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+        cfg = transformers.Gemma3TextConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=4,
                                             num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                             intermediate_size=128, max_position_embeddings=256,
                                             bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,

@@ -3,13 +3,20 @@
 For each method the first keep (0.5 if in the list) is a *fresh* compression — statistics collected, every SVD
 computed, the model saved — and is timed stage by stage (see speed.py); the other keeps reuse that method's
 statistics and SVDs (`SVDMemo`), which are the same at every keep, so the curve costs one decomposition per method.
+Structured projections by ALS (hadamard, blast) and drop-blocks' block similarity are reused the same way
+(`ProjectionMemo`) when a later keep asks for the same thing again.
 
-    python bench/quality.py [--quick] [--models minilm gemma] [--methods svd svd-llm] [--keeps 0.8 0.5]
+Keeps: `Bench.keeps`, except where `Bench.method_keeps` plans fewer for a slow method (see common.benches);
+`--keeps` overrides both. `--skip-done` leaves out (method, keep) pairs that quality_<model>.json already holds
+without error (resume a cut-short run).
+
+    python bench/quality.py [--quick] [--models minilm gemma] [--methods svd svd-llm] [--keeps 0.8 0.5] [--skip-done]
 Writes bench/results/quality_<model>.json and quality_<model>.png.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import tempfile
 
@@ -55,9 +62,91 @@ class SVDMemo:
         self.store.clear()
 
 
-def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: bool = False) -> dict:
+def _fingerprint(t: torch.Tensor) -> tuple:
+    flat = t.detach().reshape(-1).double()
+    return tuple(t.shape), float(flat.sum()), float((flat * flat).sum()), float(flat[::997].sum())
+
+
+class ProjectionMemo:
+    """While active, reuse (1) the ALS projections of the structures in `STRUCTURES` for the same matrix and shape —
+    Hadamard's rank is capped (R² ≤ min(in, out)), so every keep above ≈ 0.15 projects onto the same shape — and
+    (2) drop-blocks' block similarity, which depends on the model and the calibration batches only. `clear()`
+    between methods bounds the memory."""
+    STRUCTURES = ("hadamard", "blast")
+
+    def __init__(self):
+        self.layers, self.sims, self.hits = {}, {}, 0
+
+    def __enter__(self):
+        import importlib
+        analyze = importlib.import_module("layerzip.analyze")
+        structurize = importlib.import_module("layerzip.nn.structurize")   # (layerzip.nn.structurize is a function)
+        self._mods = (structurize, analyze)
+        self._build, self._sim = build0, sim0 = structurize.build_layer, analyze.block_similarity
+
+        def build_layer(name, W, in_features, out_features, bias, shape_args, dtype=None, device=None):
+            if W is None or name not in self.STRUCTURES:
+                return build0(name, W, in_features, out_features, bias, shape_args, dtype, device)
+            key = (name, _fingerprint(W), None if bias is None else _fingerprint(bias),
+                   tuple(sorted((k, str(v)) for k, v in shape_args.items())))
+            if key in self.layers:
+                self.hits += 1
+            else:
+                self.layers[key] = build0(name, W, in_features, out_features, bias, shape_args, dtype, device)
+            return copy.deepcopy(self.layers[key])
+
+        def block_similarity(model, batches, progress=True):
+            first = next(model.parameters())
+            key = (id(batches), len(batches), sum(p.numel() for p in model.parameters()), _fingerprint(first))
+            if key in self.sims:
+                self.hits += 1
+            else:
+                self.sims[key] = sim0(model, batches, progress)
+            return self.sims[key]
+        structurize.build_layer, analyze.block_similarity = build_layer, block_similarity
+        return self
+
+    def __exit__(self, *exc):
+        structurize, analyze = self._mods
+        structurize.build_layer, analyze.block_similarity = self._build, self._sim
+
+    def clear(self):
+        self.layers.clear()
+        self.sims.clear()
+
+
+MERGE_FOR_EVAL = ("btt", "monarch", "kronecker", "hadamard", "blast", "tt")
+
+
+def merge_for_eval(model) -> int:
+    """Replace every structured layer by `nn.Linear(dense_weight())` (`FactorizedLayer.to_dense`): the same function
+    up to float32 rounding (another summation order), evaluated at dense speed. The structures' own CPU forwards are
+    slow at the shapes `choose_shape` picks (Monarch with ~120–230 blocks, TT of rank 30–100: up to 50× a dense
+    layer, > 5 min per MiniLM evaluation), and quality does not depend on how the product is computed.
+    Returns the number of layers merged."""
+    from layerzip.models import set_module
+    from layerzip.nn._common import StructuredLinear
+    names = [n for n, m in model.named_modules() if isinstance(m, StructuredLinear)]
+    for n in names:
+        set_module(model, n, model.get_submodule(n).to_dense())
+    return len(names)
+
+
+def done_pairs(prev: dict | None) -> set:
+    return {(r["method"], r["keep"]) for r in (prev or {}).get("rows", []) if "error" not in r}
+
+
+def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: bool = False,
+              skip: set | None = None) -> dict:
     """`save`: rewrite quality_<model>.json and its plot after every row, so a cut-short run keeps what it did;
-    rows of an earlier run for other (method, keep) pairs are kept."""
+    rows of an earlier run for other (method, keep) pairs are kept. `skip`: (method, keep) pairs not to run."""
+    skip = skip or set()
+    plan = {m: [k for k in sorted(b.keeps_for(m), key=lambda k: (k != 0.5, -k))   # fresh (timed) run first, at 0.5
+                if (m, k) not in skip] for m in methods}
+    plan = {m: ks for m, ks in plan.items() if ks}
+    prev = (common.read_json(f"quality_{b.name}") or {}) if save else {}
+    if not plan and prev:
+        return prev
     loaded = b.load()
     ref = b.reference(loaded)
     with common.Timer() as t:
@@ -66,18 +155,17 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
     calib = b.calib(loaded)
     limit = speed.limit(loaded, calib)            # plain forward + bare SVDs: the floor for every method
     del loaded
-    keeps = sorted(b.keeps, key=lambda k: (k != 0.5, -k))   # fresh (timed) run first, at keep 0.5
     rows, cache = [], {}
     if save:   # add to an earlier run's rows (its other methods / keeps), replacing the ones redone here
-        prev = common.read_json(f"quality_{b.name}") or {}
         rows += [r for r in prev.get("rows", []) if (r["method"], r["keep"]) not in
-                 {(m, k) for m in methods for k in keeps}]
+                 {(m, k) for m, ks in plan.items() for k in ks}]
     res = {"model": b.name, "title": b.title, "metric": b.metric, "bench": common.asdict_bench(b),
            "methods_requested": methods, "dense": dense, "limit": limit, "rows": rows, "env": common.env()}
-    bar = tqdm(total=len(methods) * len(keeps), desc=f"quality {b.name}", unit="model", disable=not progress)
-    with SVDMemo() as memo:
-        for method in methods:
+    bar = tqdm(total=sum(map(len, plan.values())), desc=f"quality {b.name}", unit="model", disable=not progress)
+    with SVDMemo() as memo, ProjectionMemo() as pmemo:
+        for method, keeps in plan.items():
             memo.clear()
+            pmemo.clear()
             for i, keep in enumerate(keeps):
                 bar.set_postfix_str(f"{method} keep {keep}")
                 row = {"method": method, "keep": keep}
@@ -92,8 +180,11 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
                         rep = common.lz.compress_(m.model, common.cache_collect(cfg, cache), calib=calib,
                                                   progress=False)
                     row.update(keep_achieved=rep["keep_achieved"], params=rep["params_after"],
-                               target_params=rep["target_params_after"], seconds_compress=
-                               rep["seconds_calibration"] + rep["seconds_decomposition"])
+                               target_params=rep["target_params_after"], seconds_compress=sum(speed.seconds(rep)))
+                    if "dropped_blocks" in rep:
+                        row["dropped_blocks"] = rep["dropped_blocks"]
+                    if method in MERGE_FOR_EVAL:
+                        row["eval_merged_layers"] = merge_for_eval(m.model)
                     with common.Timer() as t:
                         row.update(b.evaluate(m, ref))
                     row["seconds_eval"] = t.s
@@ -110,30 +201,62 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
     return res
 
 
+LOWRANK = ("svd", "asvd", "svd-llm", "cur", "fwsvd")
+PPL_CAP = 100.0   # perplexity axis: up to PPL_CAP × dense; worse points sit on the top edge (drawn as ▲)
+
+
+def _style(name: str) -> str:
+    if name.startswith("tltorch"):
+        return "--"
+    if name.startswith("drop-blocks"):
+        return ":"
+    return "-" if name in LOWRANK else "-."
+
+
 def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
+    """One PNG per model: the metric (MiniLM: Recall@1 and, in a second panel, cosine to dense) against the fraction
+    of block-linear parameters actually kept (`keep_achieved`: drop-blocks and Hadamard do not land on the asked keep),
+    one line per method, dense as a horizontal line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metric = res["metric"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    lines = {}
-    for r in res["rows"]:
-        if metric in r:
-            lines.setdefault(r["method"], []).append((r["keep"], r[metric]))
-    for r in (peers or {}).get("rows", []):
-        if metric in r:
-            lines.setdefault(f"tltorch {r['method']}", []).append((r["keep_achieved"], r[metric]))
-    for name, pts in lines.items():
-        pts.sort()
-        ax.plot(*zip(*pts), marker="o", ls="--" if name.startswith("tltorch") else "-", label=name)
-    ax.axhline(res["dense"][metric], color="k", lw=1, label="dense")
-    ax.set_xlabel("keep (fraction of block-linear parameters kept)")
-    ax.set_ylabel(metric.replace("_", " "))
-    if metric == "perplexity":
-        ax.set_yscale("log")
-    ax.set_title(f"{res['title']}: {metric.replace('_', ' ')} vs keep")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    panels = [metric] + (["cosine_to_dense"] if metric == "recall_at_1" else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 4.6), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    markers = "os^vD<>pP*Xh"
+    for ax, key in zip(axes[0], panels):
+        lines = {}
+        for r in res["rows"]:
+            if key in r:
+                lines.setdefault(r["method"], []).append((r.get("keep_achieved", r["keep"]), r[key]))
+        for r in (peers or {}).get("rows", []):
+            if key in r:
+                lines.setdefault(f"tltorch {r['method']}", []).append((r["keep_achieved"], r[key]))
+        dense = res["dense"][key] if key in res["dense"] else 1.0
+        cap = PPL_CAP * dense if key == "perplexity" else None
+        for i, (name, pts) in enumerate(lines.items()):
+            pts = sorted(set(pts))
+            xs = [x for x, _ in pts]
+            ys = [min(y, cap) if cap else y for _, y in pts]
+            ax.plot(xs, ys, marker=markers[i % len(markers)], ms=4, lw=1.3, ls=_style(name), color=cmap(i % 20),
+                    label=name)
+            if cap:
+                over = [(x, cap) for x, y in pts if y > cap]
+                if over:
+                    ax.plot(*zip(*over), ls="none", marker="^", ms=8, color=cmap(i % 20))
+        ax.axhline(dense, color="k", lw=1.2, label="dense")
+        ax.set_xlabel("fraction of block-linear parameters kept")
+        ax.set_ylabel(key.replace("_", " ").replace("recall at 1", "Recall@1"))
+        if key == "perplexity":
+            ax.set_yscale("log")
+            top = max([y for pts in lines.values() for _, y in pts] + [dense])
+            ax.set_ylim(dense / 1.15, min(top, cap) * 1.4)
+            ax.set_title(f"{res['title']}: perplexity (▲ at the top: > {cap:,.0f})", fontsize=10)
+        else:
+            ax.set_title(f"{res['title']}: {ax.get_ylabel()}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return common.save_figure(fig, results / f"quality_{res['model']}.png")
 
 
@@ -143,13 +266,15 @@ def main(argv=None):
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*", help="default: every registered method")
     ap.add_argument("--keeps", nargs="*", type=float)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-done", action="store_true", help="leave out (method, keep) rows already in the JSON")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     for b in common.benches(a.quick, a.models):
         if a.keeps:
-            b.keeps = tuple(a.keeps)
-        res = run_model(b, a.methods or common.methods(), save=True)
+            b.keeps, b.method_keeps = tuple(a.keeps), {}
+        skip = done_pairs(common.read_json(f"quality_{b.name}")) if a.skip_done else None
+        res = run_model(b, a.methods or common.methods(), save=True, skip=skip)
         common.write_json(f"quality_{b.name}", res)
         plot(res, common.read_json(f"peers_{b.name}"))
 

@@ -32,8 +32,9 @@ def steps(a) -> list[list[str]]:
     q = ["--quick"] if a.quick else []
     models = ["--models", *a.models] if a.models else []
     methods = ["--methods", *a.methods] if a.methods else []
-    out = [["quality.py", *q, *models, *methods], ["latency.py", *q, *models], ["peers.py", *q, *models],
-           ["memory.py", *q, *models]]
+    th = ["--threads", str(a.threads)] if a.threads else []
+    out = [["quality.py", *q, *models, *methods, *th], ["latency.py", *q, *models, *th],
+           ["peers.py", *q, *models, *th], ["memory.py", *q, *models]]
     if not a.quick and not a.skip_others:
         out += [[s] for s in OTHERS if (HERE / s).is_file()]
     return out
@@ -63,6 +64,33 @@ def _f(x, nd=3):
     return str(x)
 
 
+def _order(names) -> list[str]:
+    """Registered methods in registry order (low rank, drop-blocks, structures), then anything else (peers)."""
+    try:
+        sys.path.insert(0, str(HERE))
+        import common
+        reg = common.methods()
+    except Exception:   # the report must not depend on importing the package
+        reg = []
+    names = list(dict.fromkeys(names))
+    return [m for m in reg if m in names] + [m for m in names if m not in reg]
+
+
+STRUCTURE_NOTES = {
+    "drop-blocks": "drop-blocks: keep → the number of whole blocks removed, n = round((1 − keep) · blocks) (span rule); "
+                   "the cell gives the fraction of block-linear parameters left and n. Two keeps can round to the same "
+                   "n (same model).",
+    "hadamard": "hadamard: the rank R is capped at R² ≤ min(in, out) (the Hadamard product of two rank-R factors has "
+                "rank ≤ R²), so every keep above ≈ 0.2 gives the same model (kept ≈ 0.13–0.16): the curve is flat by "
+                "construction. ALS projection, 30 rounds (default).",
+    "blast": "blast: `choose_shape` picks, among shapes within 10% of the budget, the fewest FLOPs, which on these "
+             "layers is mostly 1 block (= a truncated SVD of W, no ALS needed); a few square/short layers get 2 blocks "
+             "(100 ALS rounds, default).",
+    "kronecker": "kronecker, tt: more FLOPs than the dense layer at equal parameters (a quality table, not a speed "
+                 "one); no calibration for any structure (Frobenius projection of W).",
+}
+
+
 def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
     metric = q["metric"]
     keeps = sorted({r["keep"] for r in q["rows"]}, reverse=True)
@@ -74,7 +102,8 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
     by: dict = {}
     for name, r in rows:
         by.setdefault(name, {})[r["keep"]] = r
-    for name, cells in by.items():
+    for name in _order(by):
+        cells = by[name]
         vals = []
         for k in keeps:
             r = cells.get(k)
@@ -86,15 +115,23 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
                 vals.append(f"{r['recall_at_1']:.3f} / {r['mrr']:.3f} / {r['cosine_to_dense']:.3f}")
             else:
                 vals.append(_f(r[metric], 4))
-            if r is not None and abs(r.get("keep_achieved", k) - k) > 0.02:
+            if r is not None and "error" not in r and "dropped_blocks" in r:
+                vals[-1] += f" (kept {r['keep_achieved']:.2f}, −{len(r['dropped_blocks'])} blocks)"
+            elif r is not None and abs(r.get("keep_achieved", k) - k) > 0.02:
                 vals[-1] += f" (kept {r['keep_achieved']:.2f})"
         out.append(f"| {name} | " + " | ".join(vals) + " |")
     errs = {f"{n}": r["error"] for n, c in by.items() for r in c.values() if "error" in r}
     for n, e in errs.items():
         out.append(f"\n- `{n}` failed: {e}")
+    notes = [v for k, v in STRUCTURE_NOTES.items() if k in by]
+    planned = q["bench"].get("method_keeps") or {}
+    notes += [f"{m}: keeps {', '.join(map(str, ks))} only on this model (its full curve does not fit one run's time "
+              "on this machine; see bench/common.py)." for m, ks in planned.items() if m in by]
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
     if peers:
         out.append("\ntltorch rows: `from_linear(rank=keep)` does not land on the asked parameter count; "
-                   "\"(kept x)\" gives the fraction it actually kept (the plot uses that as x).")
+                   "\"(kept x)\" gives the fraction it actually kept.")
     b = q["bench"]
     out += ["", f"![{q['title']} quality]({rel}/quality_{q['model']}.png)", "",
             (f"Perplexity on {b['eval_windows']} held-out windows × {b['eval_seq_len']} tokens (BOS first). "
@@ -103,7 +140,7 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
              f"all docs by cosine); cosine: mean cosine to the dense model's embedding of {b['cosine_texts']} "
              "held-out paragraphs. ")
             + f"Calibration: {b['calib_samples']} × {b['calib_seq_len']} tokens of python-docs text disjoint from "
-            "the evaluation text.", ""]
+            "the evaluation text. The plot's x is the fraction of block-linear parameters actually kept.", ""]
     return out
 
 
@@ -298,6 +335,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny random models, results in a temp dir (smoke run)")
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--methods", nargs="*", help="default: every registered method")
+    ap.add_argument("--threads", type=int, help="torch threads for quality, latency and peers (their default: 1)")
     ap.add_argument("--skip-others", action="store_true", help="do not run the other engineers' bench scripts")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--results", help="results directory (default bench/results; --quick: a temp dir)")

@@ -50,8 +50,16 @@ def timed_compress(loaded, cfg, calib: list[dict], out_dir: str, lim: dict, cach
     t = time.perf_counter()
     common.lz.save(loaded.model, f"{out_dir}/model", tokenizer=loaded.tokenizer)
     save = time.perf_counter() - t
-    return rep, split(rep["seconds_calibration"], rep["seconds_decomposition"], save, lim, cfg.needs_stats,
+    return rep, split(*seconds(rep), save, lim, cfg.needs_stats,
                       bool(getattr(cfg, "sequential", False)))
+
+
+def seconds(rep: dict) -> tuple[float, float]:
+    """(calibration, decomposition) seconds of a compress_ report; drop-blocks reports `seconds_drop` (its block
+    similarity forward + the removal) instead, counted here as calibration."""
+    if "seconds_calibration" in rep:
+        return rep["seconds_calibration"], rep["seconds_decomposition"]
+    return rep.get("seconds_drop", 0.0), 0.0
 
 
 def split(calibration: float, decomposition: float, save: float, lim: dict, needs_stats: bool,
