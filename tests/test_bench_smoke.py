@@ -65,3 +65,11 @@ def test_cli_eval_retrieval_and_latency(bench, tmp_path, capsys):
     for key in ("recall_at_1", "mrr", "latency_ms_batch1", "latency_ms_batch16", "flops_per_token", "params"):
         assert key in out
     assert 0 <= out["recall_at_1"] <= 1 and out["flops_per_token"] > 0
+
+
+def test_builtin_pairs_are_held_out():
+    from layerzip.calibrate import builtin_documents, builtin_pairs
+    pairs = builtin_pairs(200)
+    assert len(pairs) == 200 and all(p["query"].endswith(".") and len(p["doc"]) >= 80 for p in pairs)
+    calib = set(builtin_documents("calib"))
+    assert not any(f"{p['query']} {p['doc']}" in calib for p in pairs)

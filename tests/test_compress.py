@@ -80,3 +80,18 @@ def test_config_json_roundtrip():
 def test_bad_keep_rejected(keep):
     with pytest.raises(lz.LayerzipError, match="keep"):
         lz.SVDLLM(keep=keep)
+
+
+def test_svdllm_defaults_depend_on_model_kind():
+    """The measured best (bench/BEAT_SVDLLM.md): global + output Fisher for causal LMs, uniform for encoders;
+    an explicit choice is kept, and the report records the resolved config."""
+    from conftest import tiny_model
+    assert lz.SVDLLM().resolve(tiny_model("llama")).alloc == "global"
+    assert lz.SVDLLM().resolve(tiny_model("llama")).fisher is True
+    enc = lz.SVDLLM().resolve(tiny_model("bert"))
+    assert (enc.alloc, enc.fisher) == ("uniform", False)
+    mine = lz.SVDLLM(alloc="uniform", fisher=False).resolve(tiny_model("llama"))
+    assert (mine.alloc, mine.fisher) == ("uniform", False)
+    ids = torch.randint(100, 1000, (2, 16))
+    rep = lz.compress_(tiny_model("qwen2"), lz.SVDLLM(keep=0.5), calib=[{"input_ids": ids}], progress=False)
+    assert rep["config"]["alloc"] == "global" and rep["config"]["fisher"] is True

@@ -66,6 +66,19 @@ def builtin_documents(split: str = "calib", limit: int | None = None) -> list[st
     return docs
 
 
+def builtin_pairs(limit: int | None = None) -> list[dict]:
+    """A retrieval task from held-out standard-library docstrings: the summary sentence is the query, the rest of
+    the docstring its document ({"query", "doc"}); docstrings whose rest is shorter than 80 characters are skipped."""
+    pairs = []
+    for doc in builtin_documents("heldout"):
+        head, sep, rest = doc.partition(". ")
+        if sep and 20 <= len(head) <= 200 and len(rest) >= MIN_DOC_CHARS:
+            pairs.append({"query": head + ".", "doc": rest})
+            if limit is not None and len(pairs) >= limit:
+                break
+    return pairs
+
+
 def load_documents(source: str | Path, limit: int | None = None) -> list[str]:
     """`builtin`, `builtin-heldout`, a .txt file (one document per non-empty line) or a .jsonl file (field "text")."""
     if str(source) in ("builtin", "builtin-heldout"):

@@ -150,21 +150,24 @@ class ASVD(CompressConfig):
 class SVDLLM(CompressConfig):
     """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
 
-    Defaults, the best setting measured (bench/BEAT_SVDLLM.md): `alloc="global"` — every module's rank chosen
-    together from its whitened spectrum; `fisher` on for causal LMs — each output feature's error weighted by its
-    diagonal output Fisher under the LM loss (methods/fwsvd.collect_output_fisher), so the whitened SVD is exact for
-    that weighted loss and the losses of all modules are in one unit (≈ the model's loss increase), which is what
-    global allocation compares. Encoders have no loss of their own (their Fisher comes from a random projection of
-    the pooled embedding), so `fisher` is off for them by default and global allocation normalizes each module's
-    loss by its output energy instead. `sequential` and `correct` together fit A and B to map the compressed inputs
-    to the original outputs (correct.target_aware_factors); off by default: they lost on held-out data."""
-    alloc: str = "global"
+    Defaults, the best setting measured (bench/BEAT_SVDLLM.md), depend on the model kind:
+    - causal LMs: `alloc="global"` — all ranks chosen together from the whitened spectra — with `fisher` — each
+      output feature's error weighted by its diagonal output Fisher under the LM loss
+      (methods/fwsvd.collect_output_fisher), so the whitened SVD is exact for that weighted loss and every module's
+      loss is in one unit (≈ the model's loss increase), which is what global allocation compares;
+    - encoders: uniform ranks, no Fisher — they have no loss of their own (their Fisher comes from a random
+      projection of the pooled embedding), and neither global allocation nor that Fisher won consistently there.
+    `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
+    (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
+    alloc: str | None = None            # None: "global" for causal LMs, "uniform" for encoders
     fisher: bool | None = None          # None: on for causal LMs, off for encoders
     needs_stats: ClassVar[bool] = True
 
     def resolve(self, model):
         from .models import is_causal
-        return self if self.fisher is not None else replace(self, fisher=is_causal(model))
+        causal = is_causal(model)
+        return replace(self, alloc=self.alloc or ("global" if causal else "uniform"),
+                       fisher=causal if self.fisher is None else self.fisher)
 
     @property
     def loss_units(self):

@@ -54,7 +54,9 @@ def _sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Ge
     from ..calibrate import backbone
 
     if causal:
-        labels = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+        labels = batch["input_ids"]
+        if "attention_mask" in batch:              # padding is not predicted
+            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
         return model(**batch, labels=labels, use_cache=False).loss
     h = backbone(model)(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
