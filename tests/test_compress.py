@@ -83,13 +83,16 @@ def test_bad_keep_rejected(keep):
 
 
 def test_svdllm_defaults_depend_on_model_kind():
-    """The measured best (bench/BEAT_SVDLLM.md): global + output Fisher for causal LMs, uniform for encoders;
-    an explicit choice is kept, and the report records the resolved config."""
+    """The measured best (bench/BEAT_SVDLLM.md): global + output Fisher for causal LMs, and for encoders with
+    ≥ 512 calibration sequences, else uniform; an explicit choice is kept; the report records the resolved config."""
     from conftest import tiny_model
     assert lz.SVDLLM().resolve(tiny_model("llama")).alloc == "global"
     assert lz.SVDLLM().resolve(tiny_model("llama")).fisher is True
     enc = lz.SVDLLM().resolve(tiny_model("bert"))
     assert (enc.alloc, enc.fisher) == ("uniform", False)
+    many = [{"input_ids": torch.zeros(256, 4, dtype=torch.long)}] * 2
+    enc = lz.SVDLLM().resolve(tiny_model("bert"), many)
+    assert (enc.alloc, enc.fisher) == ("global", True)
     mine = lz.SVDLLM(alloc="uniform", fisher=False).resolve(tiny_model("llama"))
     assert (mine.alloc, mine.fisher) == ("uniform", False)
     ids = torch.randint(100, 1000, (2, 16))

@@ -98,8 +98,8 @@ class CompressConfig:
         """Whether `spectrum` is already in comparable units across modules (else global allocation normalizes it)."""
         return False
 
-    def resolve(self, model: nn.Module) -> "CompressConfig":
-        """The config with model-dependent defaults filled in (see SVDLLM); the report records this one."""
+    def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":
+        """The config with model- and data-dependent defaults filled in (see SVDLLM); the report records this one."""
         return self
 
     def to_dict(self) -> dict:
@@ -150,24 +150,26 @@ class ASVD(CompressConfig):
 class SVDLLM(CompressConfig):
     """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
 
-    Defaults, the best setting measured (bench/BEAT_SVDLLM.md), depend on the model kind:
-    - causal LMs: `alloc="global"` — all ranks chosen together from the whitened spectra — with `fisher` — each
-      output feature's error weighted by its diagonal output Fisher under the LM loss
-      (methods/fwsvd.collect_output_fisher), so the whitened SVD is exact for that weighted loss and every module's
-      loss is in one unit (≈ the model's loss increase), which is what global allocation compares;
-    - encoders: uniform ranks, no Fisher — they have no loss of their own (their Fisher comes from a random
-      projection of the pooled embedding), and neither global allocation nor that Fisher won consistently there.
+    Defaults, the best setting measured (bench/BEAT_SVDLLM.md): `alloc="global"` — all ranks chosen together from
+    the whitened spectra — with `fisher` — each output feature's error weighted by its diagonal output Fisher
+    (methods/fwsvd.collect_output_fisher), so the whitened SVD is exact for that weighted loss and every module's
+    loss is in one unit (≈ the model's loss increase), which is what global allocation compares. Causal LMs always
+    (the Fisher comes from their own LM loss, every token a sample). Encoders only with at least
+    `ENCODER_FISHER_MIN_SEQUENCES` calibration sequences: their Fisher comes from random projections of the pooled
+    embedding, one per sequence, and with the default 64 it was too noisy to beat uniform ranks (which they get).
     `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
     (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
-    alloc: str | None = None            # None: "global" for causal LMs, "uniform" for encoders
-    fisher: bool | None = None          # None: on for causal LMs, off for encoders
+    alloc: str | None = None            # None: see above
+    fisher: bool | None = None          # None: see above
     needs_stats: ClassVar[bool] = True
+    ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
 
-    def resolve(self, model):
+    def resolve(self, model, calib=None):
         from .models import is_causal
-        causal = is_causal(model)
-        return replace(self, alloc=self.alloc or ("global" if causal else "uniform"),
-                       fisher=causal if self.fisher is None else self.fisher)
+        sequences = sum(len(b["input_ids"]) for b in calib or [])
+        best = is_causal(model) or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
+        return replace(self, alloc=self.alloc or ("global" if best else "uniform"),
+                       fisher=best if self.fisher is None else self.fisher)
 
     @property
     def loss_units(self):
@@ -258,7 +260,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     if apply is not None:
         return apply(model, calib, progress)
     t0 = time.perf_counter()
-    config = config.resolve(model)
+    config = config.resolve(model, calib)
     targets = select_targets(model, config.include, config.exclude)
     check_finite(targets)
     shapes = {n: linear_shape(m) for n, m in targets.items()}
