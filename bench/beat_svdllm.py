@@ -1,13 +1,14 @@
-"""Beat uniform SVD-LLM at equal parameters (issue 4): global allocation, sequential calibration, closed-form
-correction, CUR and FWSVD, on MiniLM (embedding cosine, retrieval Recall@1 / MRR) and Gemma-3-270M (perplexity).
+"""Beat uniform SVD-LLM at equal parameters (issue 4): global allocation, output-Fisher weighting, sequential
+calibration, closed-form correction, on MiniLM (retrieval Recall@1 / MRR, embedding cosine) and Gemma-3-270M
+(perplexity). (CUR, FWSVD, ASVD and SVD at every keep are in the quality grid, bench/quality.py.)
 
-    python bench/beat_svdllm.py --model minilm      # writes results/beat_svdllm_minilm.json
-    python bench/beat_svdllm.py --model gemma
-    python bench/beat_svdllm.py --report            # merges into results/beat_svdllm.json + PNGs
+    python bench/beat_svdllm.py                     # everything (≈ 2 h on one thread), then --report
+    python bench/beat_svdllm.py --model minilm [--calib-docs 512] [--keeps 0.5] [--only "+ global alloc"]
+    python bench/beat_svdllm.py --report            # merged JSON, plots, tables in BEAT_SVDLLM.md
 
 Every row is one compress_ run from the same calibration batches, measured against the same dense model.
-MiniLM: calibration = 64 built-in docstrings (the CLI's default source); evaluation = python-docs paragraphs and
-section-title -> section-body retrieval (bench/data.py), never seen in calibration.
+MiniLM: calibration = 64 built-in docstrings (the CLI's default) or 512; evaluation = 128 python-docs paragraphs
+(cosine) and 500 section-title -> section-body pairs (retrieval, bench/data.py), never seen in calibration.
 Gemma: calibration = 16 windows × 256 tokens of python-docs calib paragraphs; perplexity on 8 windows × 512 tokens of
 the eval paragraphs, BOS first in every window.
 """
@@ -44,8 +45,10 @@ SVDLLM_VARIANTS = {                       # name -> options of the svd-llm metho
     "fisher global + sequential + correct": dict(alloc="global", fisher=True, sequential=True, correct=True),
     "+ fisher + sequential + correct": dict(alloc="uniform", fisher=True, sequential=True, correct=True),
 }
-OTHERS = {"cur": dict(method="cur"), "fwsvd": dict(method="fwsvd"), "svd": dict(method="svd")}
-SKIP = {"gemma": {"+ sequential", "svd"}, "minilm": set()}   # CPU time: Gemma runs the rows that decide
+SKIP = {"gemma": {"+ sequential", "+ fisher + sequential + correct"},   # CPU time: the rows that decide
+        "minilm": {"+ sequential", "global + sequential + correct", "fisher global + sequential + correct"}}
+MORE_DATA = ("svd-llm uniform", "+ global alloc", "+ fisher + global alloc")   # MiniLM rows also run @512 docs
+# cur, fwsvd, svd, asvd at every keep: the quality grid (bench/quality.py)
 
 
 def minilm_setup(n_eval=128, n_pairs=500, calib_docs=64):
@@ -86,7 +89,7 @@ def run(model_name: str, only: list[str] | None, keeps=KEEPS, threads: int = 1, 
     res = json.loads(out_path.read_text()) if out_path.exists() else {"model": model_name, "rows": []}
     res["dense"] = measure(L.model)
     print(json.dumps({"dense": res["dense"]}), flush=True)
-    plan = [(n, {"method": "svd-llm", **o}) for n, o in SVDLLM_VARIANTS.items()] + list(OTHERS.items())
+    plan = [(n, {"method": "svd-llm", **o}) for n, o in SVDLLM_VARIANTS.items()]
     for keep in keeps:
         for name, opts in plan:
             if (only and name not in only) or name in SKIP[model_name]:
@@ -197,15 +200,19 @@ def report():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["minilm", "gemma"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["minilm", "gemma"], help="default: both, then --report")
     ap.add_argument("--only", nargs="*", help="row names to (re)run")
     ap.add_argument("--keeps", nargs="*", type=float, default=KEEPS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calib-docs", type=int, help="MiniLM: calibration documents (default 64)")
-    ap.add_argument("--report", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only rewrite the merged JSON, plots and tables")
     a = ap.parse_args()
-    if a.report:
+    if not a.report:
+        for name in [a.model] if a.model else ["minilm", "gemma"]:
+            run(name, a.only, a.keeps, a.threads, a.calib_docs)
+            more = [r for r in MORE_DATA if not a.only or r in a.only]
+            if name == "minilm" and not a.model and not a.calib_docs and more:
+                run(name, more, a.keeps, a.threads, 512)
+    if a.report or not a.model:
         report()
-    else:
-        run(a.model, a.only, a.keeps, a.threads, a.calib_docs)
