@@ -202,7 +202,7 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
 
 
 LOWRANK = ("svd", "asvd", "svd-llm", "cur", "fwsvd")
-PPL_CAP = 100.0   # perplexity axis: up to PPL_CAP × dense; worse points sit on the top edge (drawn as ▲)
+PPL_CAP = 100.0   # zoomed perplexity panel: up to PPL_CAP × dense; worse points sit on the top edge (drawn as ▲)
 
 
 def _style(name: str) -> str:
@@ -213,19 +213,29 @@ def _style(name: str) -> str:
     return "-" if name in LOWRANK else "-."
 
 
+def _line_order(names) -> list[str]:
+    """Registered methods in registry order (so every model's plot gives a method the same color), then peers."""
+    reg = common.methods()
+    names = list(dict.fromkeys(names))
+    return [m for m in reg if m in names] + sorted(m for m in names if m not in reg)
+
+
 def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
-    """One PNG per model: the metric (MiniLM: Recall@1 and, in a second panel, cosine to dense) against the fraction
-    of block-linear parameters actually kept (`keep_achieved`: drop-blocks and Hadamard do not land on the asked keep),
-    one line per method, dense as a horizontal line."""
+    """One PNG per model, against the fraction of block-linear parameters actually kept (`keep_achieved`:
+    drop-blocks and Hadamard do not land on the asked keep), one line per method, dense as a horizontal line.
+    MiniLM: Recall@1 and cosine to dense side by side. Gemma: perplexity on a log axis over its whole range, and
+    zoomed to [dense, PPL_CAP × dense] (worse points on the top edge, drawn as ▲)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     metric = res["metric"]
-    panels = [metric] + (["cosine_to_dense"] if metric == "recall_at_1" else [])
+    panels = [(metric, None), ("cosine_to_dense", None)] if metric == "recall_at_1" else \
+        [(metric, None), (metric, PPL_CAP * res["dense"][metric])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 4.6), squeeze=False)
     cmap = plt.get_cmap("tab20")
     markers = "os^vD<>pP*Xh"
-    for ax, key in zip(axes[0], panels):
+    colors = {m: i for i, m in enumerate(common.methods())}
+    for ax, (key, cap) in zip(axes[0], panels):
         lines = {}
         for r in res["rows"]:
             if key in r:
@@ -234,27 +244,25 @@ def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
             if key in r:
                 lines.setdefault(f"tltorch {r['method']}", []).append((r["keep_achieved"], r[key]))
         dense = res["dense"][key] if key in res["dense"] else 1.0
-        cap = PPL_CAP * dense if key == "perplexity" else None
-        for i, (name, pts) in enumerate(lines.items()):
-            pts = sorted(set(pts))
-            xs = [x for x, _ in pts]
+        for name in _line_order(lines):
+            i = colors.setdefault(name, len(colors))
+            pts = sorted(set(lines[name]))
             ys = [min(y, cap) if cap else y for _, y in pts]
-            ax.plot(xs, ys, marker=markers[i % len(markers)], ms=4, lw=1.3, ls=_style(name), color=cmap(i % 20),
-                    label=name)
-            if cap:
-                over = [(x, cap) for x, y in pts if y > cap]
-                if over:
-                    ax.plot(*zip(*over), ls="none", marker="^", ms=8, color=cmap(i % 20))
+            ax.plot([x for x, _ in pts], ys, marker=markers[i % len(markers)], ms=4 if len(set(x for x, _ in pts)) > 1 else 9, lw=1.3, ls=_style(name),
+                    color=cmap(i % 20), label=name)
+            over = [(x, cap) for x, y in pts if cap and y > cap]
+            if over:
+                ax.plot(*zip(*over), ls="none", marker="^", ms=7, color=cmap(i % 20))
         ax.axhline(dense, color="k", lw=1.2, label="dense")
         ax.set_xlabel("fraction of block-linear parameters kept")
         ax.set_ylabel(key.replace("_", " ").replace("recall at 1", "Recall@1"))
+        title = f"{res['title']}: {ax.get_ylabel()}"
         if key == "perplexity":
             ax.set_yscale("log")
-            top = max([y for pts in lines.values() for _, y in pts] + [dense])
-            ax.set_ylim(dense / 1.15, min(top, cap) * 1.4)
-            ax.set_title(f"{res['title']}: perplexity (▲ at the top: > {cap:,.0f})", fontsize=10)
-        else:
-            ax.set_title(f"{res['title']}: {ax.get_ylabel()}", fontsize=10)
+            if cap:
+                ax.set_ylim(dense / 1.15, cap * 1.4)
+                title += f" (zoom; ▲: > {cap:,.0f})"
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     return common.save_figure(fig, results / f"quality_{res['model']}.png")

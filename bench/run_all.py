@@ -81,13 +81,16 @@ STRUCTURE_NOTES = {
                    "the cell gives the fraction of block-linear parameters left and n. Two keeps can round to the same "
                    "n (same model).",
     "hadamard": "hadamard: the rank R is capped at R² ≤ min(in, out) (the Hadamard product of two rank-R factors has "
-                "rank ≤ R²), so every keep above ≈ 0.2 gives the same model (kept ≈ 0.13–0.16): the curve is flat by "
-                "construction. ALS projection, 30 rounds (default).",
+                "rank ≤ R²), so every keep above ≈ 0.15 gives the same model (kept 0.14 on MiniLM, 0.10 on Gemma): the curve is "
+                "flat by construction. ALS projection, 30 rounds (default).",
     "blast": "blast: `choose_shape` picks, among shapes within 10% of the budget, the fewest FLOPs, which on these "
              "layers is mostly 1 block (= a truncated SVD of W, no ALS needed); a few square/short layers get 2 blocks "
              "(100 ALS rounds, default).",
     "kronecker": "kronecker, tt: more FLOPs than the dense layer at equal parameters (a quality table, not a speed "
-                 "one); no calibration for any structure (Frobenius projection of W).",
+                 "one).",
+    "btt": "btt, monarch, kronecker, hadamard, blast, tt: no calibration (Frobenius projection of W). "
+           "`choose_shape` takes, among the shapes within 10% of the parameter budget, the one with the fewest FLOPs, "
+           "so they keep ≈ 0.9 × keep (\"kept\").",
 }
 
 
@@ -116,7 +119,8 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
             else:
                 vals.append(_f(r[metric], 4))
             if r is not None and "error" not in r and "dropped_blocks" in r:
-                vals[-1] += f" (kept {r['keep_achieved']:.2f}, −{len(r['dropped_blocks'])} blocks)"
+                n = len(r["dropped_blocks"])
+                vals[-1] += f" (kept {r['keep_achieved']:.2f}, −{n} block{'s' * (n > 1)})"
             elif r is not None and abs(r.get("keep_achieved", k) - k) > 0.02:
                 vals[-1] += f" (kept {r['keep_achieved']:.2f})"
         out.append(f"| {name} | " + " | ".join(vals) + " |")
@@ -124,9 +128,27 @@ def quality_md(q: dict, peers: dict | None, rel: str) -> list[str]:
     for n, e in errs.items():
         out.append(f"\n- `{n}` failed: {e}")
     notes = [v for k, v in STRUCTURE_NOTES.items() if k in by]
-    planned = q["bench"].get("method_keeps") or {}
-    notes += [f"{m}: keeps {', '.join(map(str, ks))} only on this model (its full curve does not fit one run's time "
-              "on this machine; see bench/common.py)." for m, ks in planned.items() if m in by]
+    structured = ("btt", "monarch", "kronecker", "hadamard", "blast", "tt")
+    merged = [r for r in q["rows"] if r.get("eval_merged_layers")]
+    if merged:
+        own: dict = {}
+        for r in q["rows"]:
+            if r["method"] in structured and "error" not in r and not r.get("eval_merged_layers"):
+                own.setdefault(r["method"], []).append(r["keep"])
+        own_txt = ", ".join(m + ("" if len(ks) == len(by[m]) else " " + "/".join(map(str, sorted(ks, reverse=True))))
+                            for m, ks in own.items())
+        notes.append(f"{len(merged)} structured rows were scored through the merged dense weight (`nn.Linear` of "
+                     "`dense_weight()`: the same function up to float32 rounding; the structures' own CPU forwards "
+                     "are up to 50× slower at these shapes)" + (f"; {own_txt} through their own forward (scored "
+                     "both ways, MiniLM monarch and tt at keep 0.5 agree to 1e-7)" if own else "") + ".")
+    planned = {}
+    for m, ks in (q["bench"].get("method_keeps") or {}).items():
+        if m in by:
+            planned.setdefault(tuple(ks), []).append(m)
+    if planned:
+        notes.append("Fewer keeps on this model (a full curve does not fit one run's time on this machine; "
+                     "`common.GEMMA_METHOD_KEEPS`): " + "; ".join(f"{', '.join(ms)} at {', '.join(map(str, ks))}"
+                                                                  for ks, ms in planned.items()) + ".")
     if notes:
         out += [""] + [f"- {n}" for n in notes]
     if peers:
@@ -279,7 +301,9 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
               "in that same process: `calibration forward` = the limit's plain forward, `statistics` = the rest of "
               "the hooked calibration, `decomposition` includes svd-llm's sequential block-by-block calibration. "
               "Rows from different processes ran under different loads of this shared machine; a ratio below 1 "
-              "means the load dropped between the limit's measurement and the method's run.", ""]
+              "means the load dropped between the limit's measurement and the method's run. The structures use no "
+              "calibration (their limit is the bare SVDs) and some need less than an SVD (ratio < 1); hadamard and "
+              "blast (with 2 blocks) run ALS.", ""]
     for q in qs.values():
         lines += speed_md(q)
     lines += ["## Inference speed against the FLOP bound", ""]
