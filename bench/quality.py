@@ -248,7 +248,8 @@ def plot(res: dict, peers: dict | None = None, results=common.RESULTS):
             i = colors.setdefault(name, len(colors))
             pts = sorted(set(lines[name]))
             ys = [min(y, cap) if cap else y for _, y in pts]
-            ax.plot([x for x, _ in pts], ys, marker=markers[i % len(markers)], ms=4 if len(set(x for x, _ in pts)) > 1 else 9, lw=1.3, ls=_style(name),
+            ms = 4 if len({x for x, _ in pts}) > 1 else 9          # a lone point (Hadamard) must stay visible
+            ax.plot([x for x, _ in pts], ys, marker=markers[i % len(markers)], ms=ms, lw=1.3, ls=_style(name),
                     color=cmap(i % 20), label=name)
             over = [(x, cap) for x, y in pts if cap and y > cap]
             if over:

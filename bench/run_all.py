@@ -81,8 +81,8 @@ STRUCTURE_NOTES = {
                    "the cell gives the fraction of block-linear parameters left and n. Two keeps can round to the same "
                    "n (same model).",
     "hadamard": "hadamard: the rank R is capped at R² ≤ min(in, out) (the Hadamard product of two rank-R factors has "
-                "rank ≤ R²), so every keep above ≈ 0.15 gives the same model (kept 0.14 on MiniLM, 0.10 on Gemma): the curve is "
-                "flat by construction. ALS projection, 30 rounds (default).",
+                "rank ≤ R²), so every keep above ≈ 0.15 gives the same model (kept 0.14 on MiniLM, 0.10 on Gemma): "
+                "the curve is flat by construction. ALS projection, 30 rounds (default).",
     "blast": "blast: `choose_shape` picks, among shapes within 10% of the budget, the fewest FLOPs, which on these "
              "layers is mostly 1 block (= a truncated SVD of W, no ALS needed); a few square/short layers get 2 blocks "
              "(100 ALS rounds, default).",
