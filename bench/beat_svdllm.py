@@ -34,12 +34,12 @@ from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KEEPS = (0.8, 0.6, 0.5)
-SVDLLM_VARIANTS = {                       # name -> options of the svd-llm method
-    "svd-llm uniform": dict(alloc="uniform", sequential=False, correct=False),
-    "+ global alloc": dict(alloc="global", sequential=False, correct=False),
-    "+ sequential": dict(alloc="uniform", sequential=True, correct=False),
-    "+ sequential + correct": dict(alloc="uniform", sequential=True, correct=True),
-    "global + sequential + correct": dict(alloc="global", sequential=True, correct=True),
+SVDLLM_VARIANTS = {      # name -> options of the svd-llm method, all explicit (its defaults depend on the model)
+    "svd-llm uniform": dict(alloc="uniform", fisher=False, sequential=False, correct=False),
+    "+ global alloc": dict(alloc="global", fisher=False, sequential=False, correct=False),
+    "+ sequential": dict(alloc="uniform", fisher=False, sequential=True, correct=False),
+    "+ sequential + correct": dict(alloc="uniform", fisher=False, sequential=True, correct=True),
+    "global + sequential + correct": dict(alloc="global", fisher=False, sequential=True, correct=True),
     "+ fisher": dict(alloc="uniform", fisher=True),
     "+ fisher + global alloc": dict(alloc="global", fisher=True),
     "fisher global + sequential + correct": dict(alloc="global", fisher=True, sequential=True, correct=True),
