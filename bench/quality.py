@@ -171,7 +171,9 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
                 row = {"method": method, "keep": keep}
                 try:
                     m = b.load()
-                    cfg = common.config(method, keep)
+                    # model-dependent defaults filled in first: compress_ would otherwise resolve a copy of cfg
+                    # and lose the statistics cache patched onto this instance
+                    cfg = common.config(method, keep).resolve(m.model, calib)
                     if i == 0:       # fresh: collect and time everything, then share the statistics
                         with tempfile.TemporaryDirectory() as tmp:
                             rep, timing = speed.timed_compress(m, cfg, calib, tmp, limit, cache)
