@@ -38,14 +38,14 @@ def child(name: str, quick: bool, method: str) -> dict:
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
     stages["loaded"] = _rss()
     calib = b.calib(loaded)
-    cfg = common.config(method, 0.5)
+    cfg = common.config(method, 0.5).resolve(loaded.model, calib)     # resolved first: compress_ would copy it
     stats_bytes = {}
     orig = cfg.collect
 
     def collect(model, targets, calib_, progress):
         stats = orig(model, targets, calib_, progress)
         stages["calibrated"] = _rss()
-        uniq = {id(s): s for s in stats.values()}.values()
+        uniq = {id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values()
         stats_bytes["gram_mb"] = sum(s.gram.numel() * 8 for s in uniq if hasattr(s, "gram")) / MB
         stats_bytes["distinct_inputs"] = len(uniq)
         return stats
