@@ -118,8 +118,10 @@ def retrieval_eval(loaded: Loaded, pairs: str | Path | list[dict], progress: boo
     """Recall@1 and MRR of `pairs` (a .jsonl path, "builtin" — summary sentence -> rest of held-out standard-library
     docstrings, `limit` pairs — or rows) with the model's mean-pooled embeddings."""
     from .calibrate import builtin_pairs
-    rows = builtin_pairs(limit) if str(pairs) == "builtin" else read_pairs(pairs) if isinstance(pairs, (str, Path)) \
-        else pairs
+    if str(pairs) == "builtin":
+        rows = builtin_pairs(limit)
+    else:
+        rows = read_pairs(pairs) if isinstance(pairs, (str, Path)) else pairs
     q = embed(loaded.model, loaded.tokenizer, [r["query"] for r in rows], progress=progress)
     d = embed(loaded.model, loaded.tokenizer, [r["doc"] for r in rows], progress=progress)
     return retrieval_metrics(q, d)

@@ -22,7 +22,8 @@ from .svd import split_balanced
 
 @dataclass
 class FisherStats:
-    """Per-module Fisher row sums, next to the module's activation statistics (`base`, for --correct)."""
+    """Per-module Fisher row sums (FWSVD's weight-gradient rows, or svd-llm's output Fisher), next to the module's
+    activation statistics (`base`: Grams, whitening, cross Grams for --correct)."""
     fisher_rows: torch.Tensor
     base: object = None
 
@@ -134,12 +135,8 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
             h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
-    missing = [n for n in targets if n not in acc]
-    for n in missing:                        # a target the loss does not depend on: no sensitivity at all
-        acc[n] = torch.zeros(linear_out(targets[n]), dtype=torch.float64)
-    return acc
-
-
-def linear_out(module: nn.Module) -> int:
     from ..models import linear_shape
-    return linear_shape(module)[0]
+    for n in targets:                        # a target the loss does not depend on: no sensitivity at all
+        if n not in acc:
+            acc[n] = torch.zeros(linear_shape(targets[n])[0], dtype=torch.float64)
+    return acc
