@@ -98,3 +98,9 @@ def test_svdllm_defaults_depend_on_model_kind():
     ids = torch.randint(100, 1000, (2, 16))
     rep = lz.compress_(tiny_model("qwen2"), lz.SVDLLM(keep=0.5), calib=[{"input_ids": ids}], progress=False)
     assert rep["config"]["alloc"] == "global" and rep["config"]["fisher"] is True
+
+
+def test_resolved_config_is_kept_as_is():
+    cfg = lz.SVDLLM(keep=0.5, alloc="global", fisher=False)
+    from conftest import tiny_model
+    assert cfg.resolve(tiny_model("llama")) is cfg

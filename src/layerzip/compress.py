@@ -165,6 +165,8 @@ class SVDLLM(CompressConfig):
     ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
 
     def resolve(self, model, calib=None):
+        if self.alloc is not None and self.fisher is not None:
+            return self                     # nothing left to decide (and the caller's instance is kept)
         from .models import is_causal
         sequences = sum(len(b["input_ids"]) for b in calib or [])
         best = is_causal(model) or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
