@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 import common
+from layerzip.compress import distinct_stats
 
 MB = 2 ** 20
 
@@ -45,7 +46,7 @@ def child(name: str, quick: bool, method: str) -> dict:
     def collect(model, targets, calib_, progress):
         stats = orig(model, targets, calib_, progress)
         stages["calibrated"] = _rss()
-        uniq = {id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values()
+        uniq = distinct_stats(stats)
         stats_bytes["gram_mb"] = sum(s.gram.numel() * 8 for s in uniq if hasattr(s, "gram")) / MB
         stats_bytes["distinct_inputs"] = len(uniq)
         return stats

@@ -9,7 +9,8 @@
 """
 __version__ = "0.1.0"
 
-from .compress import ASVD, CUR, FWSVD, METHODS, SVD, SVDLLM, CompressConfig, compress_, config_from_dict, register_method
+from .compress import (ASVD, CUR, FWSVD, METHODS, SVD, SVDLLM, CompressConfig, compress_, config_from_dict,
+                       register_method)
 from .errors import LayerzipError
 from .io import save
 from .layers import FactorizedLayer, LowRankLinear
@@ -26,6 +27,7 @@ def load(source):
     return load_model(source).model
 
 
-__all__ = ["DropBlocks", "analyze_model", "heal_", "heal_model", "ASVD", "METHODS", "SVD", "SVDLLM", "CompressConfig", "FactorizedLayer", "LayerzipError",
-           "LowRankLinear", "CUR", "FWSVD", "calibration_batches", "compress_", "compress_model", "config_from_dict",
-           "evaluate_model", "load", "load_model", "register_method", "save"]
+__all__ = ["ASVD", "CUR", "FWSVD", "METHODS", "SVD", "SVDLLM", "CompressConfig", "DropBlocks", "FactorizedLayer",
+           "LayerzipError", "LowRankLinear", "analyze_model", "calibration_batches", "compress_", "compress_model",
+           "config_from_dict", "evaluate_model", "heal_", "heal_model", "load", "load_model", "register_method",
+           "save"]

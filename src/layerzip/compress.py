@@ -29,7 +29,7 @@ from .methods import asvd_factors, cur_factors, fwsvd_factors, svd_factors, svdl
 from .methods.cur import score_singular_values
 from .methods.fwsvd import FisherStats, collect_fisher, collect_output_fisher, row_weights
 from .methods.svdllm import whitened_singular_values
-from .models import check_finite, count_params, linear_shape, select_targets, set_module
+from .models import check_finite, count_params, is_causal, linear_shape, select_targets, set_module
 
 METHODS: dict[str, type["CompressConfig"]] = {}
 ALLOCATORS = ("uniform", "global")
@@ -97,6 +97,12 @@ class CompressConfig:
     def loss_units(self) -> bool:
         """Whether `spectrum` is already in comparable units across modules (else global allocation normalizes it)."""
         return False
+
+    @property
+    def needs_original_stats(self) -> bool:
+        """Whether statistics of the original model are collected up front: always, except for sequential + uniform
+        ranks, which gathers its own block by block (global allocation needs the original spectra)."""
+        return self.needs_stats and not (self.sequential and self.alloc == "uniform")
 
     def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":
         """The config with model- and data-dependent defaults filled in (see SVDLLM); the report records this one."""
@@ -167,7 +173,6 @@ class SVDLLM(CompressConfig):
     def resolve(self, model, calib=None):
         if self.alloc is not None and self.fisher is not None:
             return self                     # nothing left to decide (and the caller's instance is kept)
-        from .models import is_causal
         sequences = sum(len(b["input_ids"]) for b in calib or [])
         best = is_causal(model) or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
         return replace(self, alloc=self.alloc or ("global" if best else "uniform"),
@@ -176,6 +181,10 @@ class SVDLLM(CompressConfig):
     @property
     def loss_units(self):
         return bool(self.fisher)
+
+    @property
+    def needs_original_stats(self):          # the Fisher is the original model's, whatever the calibration mode
+        return super().needs_original_stats or bool(self.fisher)
 
     def _rows(self, stats):
         return row_weights(stats.fisher_rows) if self.fisher else None
@@ -192,7 +201,6 @@ class SVDLLM(CompressConfig):
         base = super().collect(model, targets, calib, progress)
         if not self.fisher:
             return base
-        from .models import is_causal
         fisher = collect_output_fisher(model, targets, calib, is_causal(model), progress)
         return {n: FisherStats(fisher[n], base[n]) for n in targets}
 
@@ -242,7 +250,6 @@ class FWSVD(CompressConfig):
         return torch.linalg.svdvals(row_weights(stats.fisher_rows).to(W)[:, None] * W)
 
     def collect(self, model, targets, calib, progress):
-        from .models import is_causal
         base = super().collect(model, targets, calib, progress)
         fisher = collect_fisher(model, targets, calib, is_causal(model), progress)
         return {n: FisherStats(fisher[n], base[n]) for n in targets}
@@ -272,10 +279,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     stats: dict = {}
     if config.needs_stats and not calib:
         raise LayerzipError(f"method {config.name} needs calibration text; pass --calib FILE or --calib builtin")
-    # sequential + uniform needs no statistics of the original model; everything else does (global: its spectra;
-    # fisher: the original model's output sensitivities)
-    if config.needs_stats and not (config.sequential and config.alloc == "uniform"
-                                   and not getattr(config, "fisher", False)):
+    if config.needs_original_stats:
         stats = config.collect(model, targets, calib, progress)
     t_calib = time.perf_counter()
 
@@ -316,7 +320,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     }
     if stats:
         report["calibration"] = {"tokens": max(getattr(s, "tokens", 0) for s in stats.values()),
-                                 "distinct_inputs": len({id(getattr(s, "base", None) or s) for s in stats.values()})}
+                                 "distinct_inputs": len(distinct_stats(stats))}
         report["whitening"] = _whitening_summary(stats) if config.name == "svd-llm" else None
     if config.sequential:
         report["calibration"] = {**report.get("calibration", {}), "sequential_tokens": seq_tokens}
@@ -332,9 +336,15 @@ def replace_module(model: nn.Module, name: str, mod: nn.Module, config: Compress
     return new.spec()
 
 
+def distinct_stats(stats: dict) -> list:
+    """The activation statistics behind `stats`, each once (modules reading one input share them; a FisherStats
+    wraps its module's shared `base`)."""
+    return list({id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values())
+
+
 def _whitening_summary(stats: dict) -> dict:
     """How often the Gram needed help: jitter added (relative to its mean diagonal) or the eigen fallback."""
-    uniq = {id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values()
+    uniq = distinct_stats(stats)
     jit = [w.jitter / max(s.gram.diagonal().mean().item(), 1e-300) for s in uniq if (w := s.whitening).jitter > 0]
     return {"inputs": len(uniq), "jittered": len(jit), "max_relative_jitter": max(jit, default=0.0),
             "eigen_fallback": sum(not s.whitening.triangular for s in uniq)}
