@@ -43,6 +43,12 @@ class Registry(Mapping):
         except KeyError:
             raise LayerzipError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._items)}") from None
 
+    def __contains__(self, name) -> bool:
+        return name in self._items
+
+    def get(self, name, default=None):
+        return self._items.get(name, default)
+
     def __iter__(self):
         return iter(self._items)
 
