@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 
 import layerzip as lz  # noqa: E402
-from layerzip.calibrate import load_documents, token_batches  # noqa: E402
-from layerzip.compress import config_from_dict  # noqa: E402
+from layerzip.data import load_documents, token_batches  # noqa: E402
+from layerzip import config_from_dict  # noqa: E402
 from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layerzip as lz  # noqa: E402
-from layerzip.calibrate import load_documents, token_batches  # noqa: E402
+from layerzip.data import load_documents, token_batches  # noqa: E402
 from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
-from layerzip.pipeline import retrieval_eval  # noqa: E402
+from layerzip.jobs import retrieval_eval  # noqa: E402
 
 RESULTS = Path(os.environ.get("LAYERZIP_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
@@ -128,7 +128,7 @@ def tiny_model(kind: str) -> str:
     path = Path(tempfile.gettempdir()) / f"layerzip-bench-tiny-{kind}-l4"
     if (path / "config.json").is_file():
         return str(path)
-    tok = transformers.AutoTokenizer.from_pretrained(lz.models.builtin_path("minilm"))
+    tok = transformers.AutoTokenizer.from_pretrained(lz.io.builtin_path("minilm"))
     torch.manual_seed(0)
     if kind == "bert":
         cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=4,

@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import calib_texts, eval_texts, gemma_dir, retrieval_pairs  # noqa: E402
 
 from layerzip import compress_, config_from_dict  # noqa: E402
-from layerzip.analyze import block_similarity  # noqa: E402
-from layerzip.calibrate import token_batches  # noqa: E402
-from layerzip.depth import choose_blocks, drop_blocks_  # noqa: E402
+from layerzip.stats import block_similarity  # noqa: E402
+from layerzip.data import token_batches  # noqa: E402
+from layerzip.methods.drop_blocks import choose_blocks, drop_blocks_  # noqa: E402
 from layerzip.evaluate import embed, mean_cosine, perplexity  # noqa: E402
 from layerzip.heal import heal_  # noqa: E402
-from layerzip.models import count_params, load_model, select_targets  # noqa: E402
+from layerzip.io import load_model  # noqa: E402
+from layerzip.models import count_params, select_targets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

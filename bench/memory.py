@@ -39,19 +39,16 @@ def child(name: str, quick: bool, method: str) -> dict:
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
     stages["loaded"] = _rss()
     calib = b.calib(loaded)
-    cfg = common.config(method, 0.5).resolve(loaded.model, calib)     # resolved first: compress_ would copy it
-    stats_bytes = {}
-    orig = cfg.collect
+    cfg = common.config(method, 0.5)
+    stats_bytes = {"gram_mb": 0.0, "distinct_inputs": 0}
 
-    def collect(model, targets, calib_, progress):
-        stats = orig(model, targets, calib_, progress)
-        stages["calibrated"] = _rss()
-        uniq = distinct_stats(stats)
-        stats_bytes["gram_mb"] = sum(s.gram.numel() * 8 for s in uniq if hasattr(s, "gram")) / MB
-        stats_bytes["distinct_inputs"] = len(uniq)
-        return stats
-    cfg.collect = collect
-    rep = common.lz.compress_(loaded.model, cfg, calib=calib, progress=False)
+    def on_event(event):                        # the block driver's events: statistics of one block are ready
+        if event.kind == "stats_ready":
+            stages["calibrated"] = _rss()              # after the last block's: the statistics all held
+            uniq = distinct_stats(event.stats)
+            stats_bytes["gram_mb"] += sum(s.gram.numel() * 8 for s in uniq) / MB
+            stats_bytes["distinct_inputs"] += len(uniq)
+    rep = common.lz.compress_(loaded.model, cfg, calib=calib, progress=False, listeners=[on_event])
     stages["decomposed"] = _rss()
     with tempfile.TemporaryDirectory() as tmp:
         common.lz.save(loaded.model, f"{tmp}/m", tokenizer=loaded.tokenizer)

@@ -15,7 +15,7 @@ import time
 import torch
 
 import common
-from layerzip.calibrate import backbone
+from layerzip.models import backbone
 from layerzip.models import select_targets
 
 
@@ -55,11 +55,9 @@ def timed_compress(loaded, cfg, calib: list[dict], out_dir: str, lim: dict, cach
 
 
 def seconds(rep: dict) -> tuple[float, float]:
-    """(calibration, decomposition) seconds of a compress_ report; drop-blocks reports `seconds_drop` (its block
-    similarity forward + the removal) instead, counted here as calibration."""
-    if "seconds_calibration" in rep:
-        return rep["seconds_calibration"], rep["seconds_decomposition"]
-    return rep.get("seconds_drop", 0.0), 0.0
+    """(calibration, decomposition) seconds of a compress_ report (drop-blocks counts its block similarity
+    forward and the removal as calibration)."""
+    return rep["seconds_calibration"], rep["seconds_decomposition"]
 
 
 def split(calibration: float, decomposition: float, save: float, lim: dict, needs_stats: bool,

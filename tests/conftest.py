@@ -48,7 +48,7 @@ def tiny_model(arch: str, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from layerzip.models import builtin_path
+    from layerzip.io import builtin_path
     return transformers.AutoTokenizer.from_pretrained(builtin_path("minilm"))
 
 
@@ -68,7 +68,7 @@ def tiny_dirs(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory):
     """Real English text (standard-library docstrings) as a .txt calibration file."""
-    from layerzip.calibrate import builtin_documents
+    from layerzip.data import builtin_documents
     p = tmp_path_factory.mktemp("text") / "calib.txt"
     p.write_text("\n".join(builtin_documents("calib", limit=40)))
     return p

@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerzip.analyze import block_similarity, make_plan, rank_measures, span_distances
-from layerzip.calibrate import builtin_documents, token_batches
+from layerzip.analyze import make_plan, rank_measures, span_distances
+
+from layerzip.stats import block_similarity
+from layerzip.data import builtin_documents, token_batches
 from test_depth import cli, deep_tiny
 
 

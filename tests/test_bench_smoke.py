@@ -68,7 +68,7 @@ def test_cli_eval_retrieval_and_latency(bench, tmp_path, capsys):
 
 
 def test_builtin_pairs_are_held_out():
-    from layerzip.calibrate import builtin_documents, builtin_pairs
+    from layerzip.data import builtin_documents, builtin_pairs
     pairs = builtin_pairs(200)
     assert len(pairs) == 200 and all(p["query"].endswith(".") and len(p["doc"]) >= 80 for p in pairs)
     calib = set(builtin_documents("calib"))

@@ -169,7 +169,7 @@ def test_bad_regex(capsys, tiny_dirs, tmp_path):
 
 def test_lz_load_matches_cli_output(compressed):
     import layerzip as lz
-    from layerzip.layers import LowRankLinear
+    from layerzip.nn import LowRankLinear
     model = lz.load(compressed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
@@ -185,7 +185,7 @@ def test_pickled_weights_refused(capsys, tiny_dirs, tmp_path):
 
 
 def test_option_of_another_method_is_refused(tmp_path):
-    from layerzip.compress import config_from_dict
+    from layerzip import config_from_dict
     from layerzip.errors import LayerzipError
     import pytest as _pytest
     with _pytest.raises(LayerzipError, match="--fisher does not apply to method svd"):

@@ -4,10 +4,12 @@ import copy
 import pytest
 import torch
 
-from layerzip.calibrate import ModuleStats
-from layerzip.compress import SVD, SVDLLM, compress_
-from layerzip.correct import PairedStats, calibration_loss, refit_left
-from layerzip.methods import svd_factors, svdllm_factors
+from layerzip.stats import ModuleStats
+from layerzip import SVD, SVDLLM, compress_
+from layerzip.methods.correct import calibration_loss, refit_left
+from layerzip.stats import PairedStats
+from layerzip.methods.svd import svd_factors
+from layerzip.methods.svdllm import svdllm_factors
 
 from conftest import tiny_model
 
@@ -85,7 +87,7 @@ def test_svdllm_sequential_correct_runs_and_keeps_budget():
 
 @pytest.mark.parametrize("rank", [2, 8])
 def test_target_aware_beats_refit_and_matches_svdllm_without_shift(rank):
-    from layerzip.correct import target_aware_factors
+    from layerzip.methods.correct import target_aware_factors
     W, X, Xc = data(3)
     st = paired(X, Xc)
     A, B = target_aware_factors(W, st, rank)

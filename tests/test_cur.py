@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from layerzip.calibrate import ModuleStats
-from layerzip.compress import CUR, compress_
+from layerzip.stats import ModuleStats
+from layerzip import CUR, compress_
 from layerzip.methods.cur import cur_factors, deim
 
 from conftest import tiny_model

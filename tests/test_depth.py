@@ -7,7 +7,7 @@ import transformers
 
 from conftest import ARCHS, TINY
 from layerzip import load_model, save
-from layerzip.depth import DropBlocks, choose_blocks, drop_blocks_
+from layerzip.methods.drop_blocks import DropBlocks, choose_blocks, drop_blocks_
 from layerzip.errors import LayerzipError
 from layerzip.models import find_blocks
 
@@ -137,7 +137,7 @@ def test_cli_combined_plan_and_errors(tokenizer, calib_file, tmp_path, capsys):
     assert len(find_blocks(m)[1]) == 3 and m(input_ids=ids()).logits.isfinite().all()
 
     for bad, msg in [(["--method", "drop-blocks", "--blocks", 4], "--blocks 4 would remove every block"),
-                     (["--method", "svd-llm", "--blocks", 1], "--blocks and --select apply"),
+                     (["--method", "svd-llm", "--blocks", 1], "option --blocks does not apply to method svd-llm"),
                      (["--method", "drop-blocks", "--select", "middle"], "--select must be")]:
         code, out, err = cli(capsys, "compress", src, "--out", tmp_path / "bad", *bad, *common)
         assert code == 2 and msg in err and err.startswith("layerzip: error:"), err

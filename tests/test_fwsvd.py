@@ -1,9 +1,10 @@
 """FWSVD: Fisher row weights from real gradients; uniform weights give plain SVD; heavy rows are kept better."""
 import torch
 
-from layerzip.compress import FWSVD, compress_
-from layerzip.methods import fwsvd_factors, svd_factors
-from layerzip.methods.fwsvd import FisherStats, collect_fisher
+from layerzip import FWSVD, compress_
+from layerzip.methods.fwsvd import fwsvd_factors
+from layerzip.methods.svd import svd_factors
+from layerzip.stats import FisherStats, collect_fisher
 from layerzip.models import select_targets
 
 from conftest import tiny_model
@@ -63,7 +64,7 @@ def test_fwsvd_compress_llama():
 
 # ---- output Fisher (svd-llm --fisher): D W L whitened SVD, losses in one unit across modules -----------------
 def test_output_fisher_matches_autograd():
-    from layerzip.methods.fwsvd import collect_output_fisher
+    from layerzip.stats import collect_output_fisher
     model = tiny_model("llama")
     targets = select_targets(model)
     batch = _batches()[0]
@@ -87,7 +88,7 @@ def test_output_fisher_matches_autograd():
 
 
 def test_weighted_whitened_svd_is_exact_and_optimal():
-    from layerzip.calibrate import ModuleStats
+    from layerzip.stats import ModuleStats
     from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
     g = torch.Generator().manual_seed(3)
     W = torch.randn(24, 16, generator=g, dtype=torch.float64)
@@ -109,7 +110,7 @@ def test_weighted_whitened_svd_is_exact_and_optimal():
 
 
 def test_svdllm_fisher_compress_global_and_sequential():
-    from layerzip.compress import SVDLLM
+    from layerzip import SVDLLM
     for opts in (dict(alloc="global"), dict(alloc="global", sequential=True, correct=True)):
         model = tiny_model("llama")
         rep = compress_(model, SVDLLM(keep=0.6, fisher=True, **opts), calib=_batches(), progress=False)

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
-from layerzip.calibrate import ModuleStats
-from layerzip.methods import asvd_factors, svd_factors, svdllm_factors, whiten
+from layerzip.stats import ModuleStats
+from layerzip.methods.asvd import asvd_factors
+from layerzip.methods.svd import svd_factors
+from layerzip.methods.svdllm import svdllm_factors
+from layerzip.stats import whiten
 from layerzip.methods.svdllm import whitened_singular_values
 
 METHODS = {"svd": svd_factors, "asvd": asvd_factors, "svd-llm": svdllm_factors}
@@ -52,15 +55,14 @@ def test_svdllm_loss_is_sum_of_discarded_whitened_singular_values(rank):
 def test_svdllm_beats_svd_and_asvd_on_real_activations():
     """Real MiniLM activations on real text: whitening gives the smallest layer loss in every module."""
     import layerzip as lz
-    from layerzip.calibrate import collect_stats
-    from layerzip.layers import dense_weight_and_bias
-    from layerzip.models import linear_shape, select_targets
+    from layerzip.stats import collect_stats
+    from layerzip.nn import dense_weight_and_bias
+    from layerzip.models import select_targets
 
     loaded = lz.load_model("minilm")
     batches = lz.calibration_batches(loaded, "builtin", n_samples=32, seq_len=128)
     targets = dict(list(select_targets(loaded.model).items())[:6])     # block 0: q, k, v, o, up, down
-    stats = collect_stats(loaded.model, targets, {n: linear_shape(m)[1] for n, m in targets.items()}, batches,
-                          progress=False)
+    stats = collect_stats(loaded.model, targets, batches, progress=False)
     for name, mod in targets.items():
         W = dense_weight_and_bias(mod)[0].detach().double()
         rank = min(W.shape) // 4
@@ -72,14 +74,13 @@ def test_svdllm_beats_svd_and_asvd_on_real_activations():
 def test_shared_inputs_share_statistics():
     """q, k and v read the same tensor: one Gram, one whitening."""
     import layerzip as lz
-    from layerzip.calibrate import collect_stats
-    from layerzip.models import linear_shape, select_targets
+    from layerzip.stats import collect_stats
+    from layerzip.models import select_targets
 
     loaded = lz.load_model("minilm")
     batches = lz.calibration_batches(loaded, "builtin", n_samples=4, seq_len=32)
     targets = select_targets(loaded.model)
-    stats = collect_stats(loaded.model, targets, {n: linear_shape(m)[1] for n, m in targets.items()}, batches,
-                          progress=False)
+    stats = collect_stats(loaded.model, targets, batches, progress=False)
     q, k, v = (stats[f"encoder.layer.0.attention.self.{x}"] for x in ("query", "key", "value"))
     assert q is k is v
     assert stats["encoder.layer.0.attention.output.dense"] is not q
@@ -118,7 +119,7 @@ def test_whitening_never_crashes(case):
 
 def test_whiten_eigen_fallback_matches_gram():
     """The eigen square root L = QΛ^½ satisfies L Lᵀ = G, and right_solve inverts it."""
-    from layerzip.methods.svdllm import Whitening
+    from layerzip.stats import Whitening
     G = make_stats(correlated_inputs(200, 12)).gram
     lam, Q = torch.linalg.eigh(G)
     wt = Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()))

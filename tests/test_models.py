@@ -1,7 +1,9 @@
 """Model resolution: the class a config names, or the auto class for its model type."""
 import transformers
 
-from layerzip.models import find_blocks, model_class
+from layerzip.io import model_class
+
+from layerzip.models import find_blocks
 
 
 def test_model_class_without_architectures():

@@ -27,7 +27,7 @@ def rendered_images(page) -> tuple[int, int]:
 
 
 def analysis_of(source, out, calib, samples, seq_len):
-    from layerzip.analyze import analyze_model
+    from layerzip.jobs import analyze_model
     analyze_model(source, out, calib, samples, seq_len, keep=0.5, progress=False)
     return out / "analysis.json"
 

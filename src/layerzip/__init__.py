@@ -6,20 +6,25 @@
 >>> report = lz.compress_(loaded.model, lz.SVDLLM(keep=0.5), calib=batches)   # doctest: +SKIP
 >>> lz.save(loaded.model, "minilm-lz", tokenizer=loaded.tokenizer)     # doctest: +SKIP
 >>> model = lz.load("minilm-lz")                                       # doctest: +SKIP
-"""
-__version__ = "0.1.0"
+>>> lz.merge_(model)                                                   # doctest: +SKIP
 
-from .compress import (ASVD, CUR, FWSVD, METHODS, SVD, SVDLLM, CompressConfig, compress_, config_from_dict,
-                       register_method)
+Layers, each importing only those below it: nn -> models -> data, stats -> methods -> allocate -> driver ->
+compress -> heal, evaluate, analyze, report, training -> io -> jobs -> cli.
+"""
+from ._version import __version__
 from .errors import LayerzipError
-from .io import save
-from .layers import FactorizedLayer, LowRankLinear
-from .models import load_model
-from .pipeline import calibration_batches, compress_model, evaluate_model
-from . import structured  # noqa: F401  registers btt, monarch, ... as compress methods
-from .analyze import analyze_model
-from .depth import DropBlocks
-from .heal import heal_, heal_model
+from .registry import LAYERS, METHODS
+from .nn import FactorizedLayer, LowRankLinear
+from .methods import CONFIGS, CompressConfig, config_from_dict, register_method
+from .data import calibration_batches
+from .compress import compress_, merge_
+from .heal import heal_
+from .analyze import analyze
+from .training import Cuttlefish, Maestro, structurize
+from .io import load_model, save
+from .jobs import analyze_model, compress_model, evaluate_model, heal_model
+
+globals().update(CONFIGS)       # lz.SVD, lz.SVDLLM, lz.DropBlocks, ...: every registered method's config
 
 
 def load(source):
@@ -27,7 +32,7 @@ def load(source):
     return load_model(source).model
 
 
-__all__ = ["ASVD", "CUR", "FWSVD", "METHODS", "SVD", "SVDLLM", "CompressConfig", "DropBlocks", "FactorizedLayer",
-           "LayerzipError", "LowRankLinear", "analyze_model", "calibration_batches", "compress_", "compress_model",
-           "config_from_dict", "evaluate_model", "heal_", "heal_model", "load", "load_model", "register_method",
-           "save"]
+__all__ = ["CompressConfig", "Cuttlefish", "FactorizedLayer", "LAYERS", "LayerzipError", "LowRankLinear",
+           "METHODS", "Maestro", "__version__", "analyze", "analyze_model", "calibration_batches", "compress_",
+           "compress_model", "config_from_dict", "evaluate_model", "heal_", "heal_model", "load", "load_model",
+           "merge_", "register_method", "save", "structurize", *CONFIGS]

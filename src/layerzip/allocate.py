@@ -123,18 +123,3 @@ def _greedy_fill(opts, choice: dict[str, int], left: float) -> None:
         i = choice[best]
         left -= (opts[best][0][i + 1] - opts[best][0][i]).item()
         choice[best] = i + 1
-
-
-# ---------------------------------------------------------------------------------------- latency-aware option
-def keep_dense_if_slower(shapes: dict[str, tuple[int, int]], ranks: dict[str, int | None],
-                         min_flop_gain: float = 1.25) -> dict[str, int | None]:
-    """Ranks with None (stay dense) where the factorized layer would not be faster than the dense one.
-
-    A rank-r layer does r(m+n) multiply-adds per token instead of mn, in two skinny GEMMs instead of one. Measured on
-    CPU (bench/latency.py, BENCHMARKS.md: MiniLM and Gemma shapes, 1 thread), it is about as fast as dense or slower
-    while mn / r(m+n) < 1.25 (keep ≥ 0.8 under uniform allocation); below that it gains, though less than its FLOP
-    ratio at large token counts. Not applied by `compress_`:
-    `keep` is a parameter budget, and a dense layer would overshoot it; a latency-driven allocator can call this.
-    """
-    return {n: (r if r is not None and shapes[n][0] * shapes[n][1] / (r * sum(shapes[n])) >= min_flop_gain
-                else None) for n, r in ranks.items()}

@@ -18,20 +18,18 @@ Plots and HTML (report.py) are drawn from the saved analysis.json only.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocate
-from .calibrate import backbone, collect_stats
 from .errors import LayerzipError
-from .layers import dense_weight_and_bias
 from .models import find_blocks, linear_shape, select_targets
+from .nn import dense_weight_and_bias
+from .stats import block_similarity, collect_stats
 
 FORMAT = "layerzip-analysis"
 VERSION = 1
@@ -40,68 +38,6 @@ CURVE_POINTS = 48
 
 
 # ------------------------------------------------------------------------------------------------ residual stream
-def _block_input(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _block_output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def block_similarity(model: nn.Module, batches: list[dict], progress: bool = True) -> dict:
-    """Cosine and angular distance between the residual streams x^0 … x^L (L blocks), averaged over tokens.
-
-    Returns {"cosine": (L+1)×(L+1), "angular": (L+1)×(L+1), "influence": [BIℓ], "tokens": n} (plain lists)."""
-    found = find_blocks(model)
-    if found is None:
-        raise LayerzipError("the model has no repeated blocks (a ModuleList of ≥ 2 same-class layers) to measure")
-    blocks = found[1]
-    L = len(blocks)
-    states: list[torch.Tensor | None] = [None] * (L + 1)
-
-    def pre(i):
-        def hook(module, args, kwargs):
-            if i == 0:
-                states[0] = _block_input(args, kwargs)
-        return hook
-
-    def post(i):
-        def hook(module, args, kwargs, out):
-            states[i + 1] = _block_output(out)
-        return hook
-
-    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    cos_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    ang_sum = torch.zeros(L + 1, L + 1, dtype=torch.float64)
-    tokens = 0
-    device = next(model.parameters()).device
-    net = backbone(model)
-    try:
-        for batch in tqdm(batches, desc="residual stream", unit="batch", disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            states[:] = [None] * (L + 1)
-            net(**batch)
-            if any(s is None for s in states):
-                raise LayerzipError("a block was skipped in the forward pass; cannot measure its influence")
-            mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-            X = torch.stack([s[mask] if mask is not None else s.reshape(-1, s.shape[-1]) for s in states])
-            X = torch.nn.functional.normalize(X.double(), dim=-1)          # (L+1, tokens, d)
-            cos = torch.einsum("itd,jtd->ijt", X, X).clamp(-1, 1)           # per-token cosine of every pair
-            cos_sum += cos.sum(-1).cpu()
-            ang_sum += (torch.arccos(cos) / math.pi).sum(-1).cpu()
-            tokens += X.shape[1]
-    finally:
-        for h in handles:
-            h.remove()
-    if tokens == 0:
-        raise LayerzipError("no calibration tokens reached the blocks; give more calibration text")
-    cosine, angular = cos_sum / tokens, ang_sum / tokens
-    influence = [1 - cosine[i, i + 1].item() for i in range(L)]
-    return {"cosine": cosine.tolist(), "angular": angular.tolist(), "influence": influence, "tokens": tokens}
-
-
 def span_distances(angular: list[list[float]]) -> list[list[float | None]]:
     """d(ℓ, n) for n = 1 … L as rows ℓ = 0 … L−1 (None where ℓ + n > L): the heatmap of Gromov et al."""
     L = len(angular) - 1
@@ -205,7 +141,7 @@ def analyze(model: nn.Module, batches: list[dict], keep: float = 0.5, include: s
     if blocks is None:
         raise LayerzipError("the model has no repeated blocks to analyze")
     targets = select_targets(model, include, exclude)
-    stats = collect_stats(model, targets, {n: linear_shape(m)[1] for n, m in targets.items()}, batches, progress)
+    stats = collect_stats(model, targets, batches, progress)
     modules = module_spectra(model, targets, stats, progress)
     sim = block_similarity(model, batches, progress)
     plan = make_plan(modules, sim["influence"], sim["angular"], keep)
@@ -230,28 +166,3 @@ def summary(doc: dict) -> dict:
                                                  / max(len(doc["modules"]), 1)),
             "plan": {k: v for k, v in doc["plan"].items() if k != "candidates"},
             "seconds": doc["seconds"]}
-
-
-def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_samples: int = 64,
-                  seq_len: int = 512, keep: float = 0.5, include: str | None = None, exclude: str | None = None,
-                  force: bool = False, progress: bool = True) -> dict:
-    """`layerzip analyze`: analysis.json, PNG plots and report.html in `out`. Returns the summary."""
-    from .io import check_out_dir
-    from .models import load_model
-    from .pipeline import calibration_batches
-    from .report import write_report
-
-    if calib_samples < 1 or seq_len < 2:
-        raise LayerzipError("--calib-samples must be ≥ 1 and --seq-len ≥ 2")
-    loaded = load_model(source)
-    out = check_out_dir(out, force, loaded.path)
-    batches = calibration_batches(loaded, calib, calib_samples, seq_len)
-    doc = analyze(loaded.model, batches, keep, include, exclude, progress)
-    doc.update(model=str(source), causal=loaded.causal,
-               calibration={"source": str(calib), "samples": calib_samples, "seq_len": seq_len})
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "analysis.json"
-    path.write_text(json.dumps(doc))
-    files = write_report(path)
-    return {**summary(doc), "out": str(out), "analysis": str(path), "report": str(files["html"]),
-            "plots": [str(p) for p in files["plots"]]}

@@ -1,31 +1,22 @@
-"""`layerzip` command line: a thin shell over the Python API. Every command can print one JSON object (--json).
+"""`layerzip` command line: a thin shell over the jobs (jobs.py). Every command can print one JSON object (--json).
 
+`compress` offers every field of every registered method's config as an option (`--alpha`, `--energy`, ...),
+with the field's help; an option that does not apply to the chosen --method is refused by `config_from_dict`.
 Bad input exits with code 2 and one line on stderr saying what to do."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
 import time
-from typing import Annotated, Optional
+import typing
 
 import click
-import typer
 
+from ._version import __version__
 from .errors import LayerzipError
-
-# typer ≥ 0.20 vendors its own click: catch usage errors from both
-USAGE_ERRORS = tuple({click.ClickException, getattr(typer, "TyperException", click.ClickException)})
-
-# options shared by several commands
-ModelArg = Annotated[str, typer.Argument(help="HF model directory, .gguf file, layerzip directory, or 'minilm'")]
-CalibOpt = Annotated[str, typer.Option(help="calibration text: .txt (a document per line), .jsonl, or builtin")]
-CalibSamplesOpt = Annotated[int, typer.Option(help="documents (encoders) or windows (causal LMs) used")]
-SeqLenOpt = Annotated[int, typer.Option(help="tokens per calibration sequence")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Measure and decompose the layers of trained neural networks.")
+from .registry import METHODS
 
 
 def _emit(obj: dict, as_json: bool, table: str | None = None) -> None:
@@ -40,132 +31,154 @@ def _fmt_bytes(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+# options shared by several commands
+model_arg = click.argument("model")
+json_opt = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+force_opt = click.option("--force", is_flag=True, help="replace a non-empty --out")
+
+
+def calib_opts(f):
+    for opt in reversed([
+            click.option("--calib", default="builtin", show_default=True,
+                         help="calibration text: .txt (a document per line), .jsonl, or builtin"),
+            click.option("--calib-samples", default=64, show_default=True,
+                         help="documents (encoders) or windows (causal LMs) used"),
+            click.option("--seq-len", default=512, show_default=True, help="tokens per calibration sequence")]):
+        f = opt(f)
+    return f
+
+
+def _plain(tp):
+    """float / int / str / bool of an annotation such as `float | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def method_options(f):
+    """One option per config field of every registered method (first definition's help), default None: not given."""
+    seen: dict[str, click.Option] = {}
+    for cls in METHODS.values():
+        hints = typing.get_type_hints(cls)
+        for fld in dataclasses.fields(cls):
+            tp = _plain(hints[fld.name])
+            if fld.name in seen or tp not in (bool, int, float, str):
+                continue
+            flag = "--" + fld.name.replace("_", "-")
+            default = fld.default if fld.default is not dataclasses.MISSING else None
+            help_ = fld.metadata.get("help", "") + ("" if default in (None, False) else f"  [default: {default}]")
+            if tp is bool:
+                seen[fld.name] = click.option(f"{flag}/--no-{flag[2:]}", fld.name, default=None, help=help_)
+            else:
+                seen[fld.name] = click.option(flag, fld.name, type=tp, default=None, help=help_)
+    for opt in reversed(list(seen.values())):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, no_args_is_help=True)
+@click.version_option(__version__, "--version", prog_name="layerzip")
+def app():
+    """Measure and decompose the layers of trained neural networks."""
+
+
 @app.command()
-def compress(
-    model: ModelArg,
-    out: str = typer.Option(..., "--out", help="output directory (must be empty unless --force)"),
-    method: str = typer.Option("svd-llm", help="decomposition method"),
-    keep: float = typer.Option(0.5, help="fraction of the targeted modules' parameters kept, in (0, 1]"),
-    calib: CalibOpt = "builtin",
-    calib_samples: CalibSamplesOpt = 64,
-    seq_len: SeqLenOpt = 512,
-    include: Optional[str] = typer.Option(None, help="regex: compress only the linear layers whose name matches"),
-    exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers dense"),
-    alloc: Optional[str] = typer.Option(None, help="rank allocation: uniform | global (default: the method's best)"),
-    sequential: Optional[bool] = typer.Option(None, "--sequential/--no-sequential",
-                                              help="calibrate each block on the already compressed blocks' output"),
-    correct: Optional[bool] = typer.Option(None, "--correct/--no-correct",
-                                           help="refit each left factor by least squares toward the original outputs"),
-    fisher: Optional[bool] = typer.Option(None, "--fisher/--no-fisher",
-                                          help="svd-llm: weight each output by its loss gradient² (output Fisher)"),
-    blocks: Optional[int] = typer.Option(None, help="drop-blocks: number of whole blocks to remove "
-                                         "(default: from --keep)"),
-    select: str = typer.Option("span", help="drop-blocks: span (smallest angular distance) or influence "
-                               "(lowest Block Influence)"),
-    heal_steps: int = typer.Option(0, help="then distill towards MODEL on the --calib text for N steps"),
-    heal_lr: float = typer.Option(1e-5, help="learning rate of --heal-steps"),
-    seed: int = typer.Option(0, help="random seed"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    as_json: JsonOpt = False,
-):
+@model_arg
+@click.option("--out", required=True, help="output directory (must be empty unless --force)")
+@click.option("--method", default="svd-llm", show_default=True,
+              help=f"decomposition method: {', '.join(METHODS)} (drop-blocks+METHOD: both under one --keep)")
+@calib_opts
+@method_options
+@click.option("--heal-steps", default=0, show_default=True, help="then distill towards MODEL on the --calib text")
+@click.option("--heal-lr", default=1e-5, show_default=True, help="learning rate of --heal-steps")
+@click.option("--seed", default=0, show_default=True, help="random seed")
+@force_opt
+@json_opt
+def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, force, as_json,
+             **options):
     """Compress MODEL into a factorized model saved at --out.
 
     --method drop-blocks removes whole blocks; --method drop-blocks+svd-llm then applies low rank to the rest,
     both under one --keep."""
-    from .compress import config_from_dict
-    from .pipeline import compress_model
+    from .jobs import compress_model
+    from .methods import config_from_dict
 
-    depth = {}
-    if method == "drop-blocks" or method.startswith("drop-blocks+"):
-        depth = {"method": "drop-blocks", "blocks": blocks, "select": select, "then": method[12:] or None}
-    elif blocks is not None or select != "span":
-        raise LayerzipError("--blocks and --select apply to --method drop-blocks (or drop-blocks+svd-llm); "
-                            "drop them or change --method")
-    config = config_from_dict({"method": method, "keep": keep, "alloc": alloc, "sequential": sequential,
-                               "correct": correct, "fisher": fisher, "include": include,
-                               "exclude": exclude, **depth})
+    config = config_from_dict({"method": method, **options})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
                          heal_steps=heal_steps, heal_lr=heal_lr)
-    summary = {k: v for k, v in rep.items() if k not in ("modules", "config")}
-    _emit(summary, as_json)
+    _emit({k: v for k, v in rep.items() if k not in ("modules", "config")}, as_json)
 
 
 @app.command("eval")
-def eval_(
-    model: str = typer.Argument(..., help="model to measure"),
-    reference: Optional[str] = typer.Option(None, help="original model, for cosine of embeddings (encoders)"),
-    text: Optional[str] = typer.Option(None, help="held-out text (.txt / .jsonl); default: held-out docstrings"),
-    samples: int = typer.Option(128, help="documents (encoders) or 4×windows (causal LMs) evaluated"),
-    seq_len: int = typer.Option(512, help="tokens per window (causal LMs)"),
-    retrieval: Optional[str] = typer.Option(None, help=".jsonl of {query, doc} pairs, or builtin (docstring summary -> "
-                                     "rest): Recall@1 and MRR"),
-    latency: bool = typer.Option(False, "--latency", help="median forward ms at batch 1 and 16, FLOPs per token"),
-    latency_seq_len: int = typer.Option(128, help="tokens per sequence for --latency"),
-    threads: int = typer.Option(1, help="torch threads fixed for --latency"),
-    as_json: JsonOpt = False,
-):
+@model_arg
+@click.option("--reference", help="original model, for cosine of embeddings (encoders)")
+@click.option("--text", help="held-out text (.txt / .jsonl); default: held-out docstrings")
+@click.option("--samples", default=128, show_default=True, help="documents (encoders) or 4×windows (causal LMs)")
+@click.option("--seq-len", default=512, show_default=True, help="tokens per window (causal LMs)")
+@click.option("--retrieval", help=".jsonl of {query, doc} pairs, or builtin (docstring summary -> rest): "
+                                  "Recall@1 and MRR")
+@click.option("--latency", is_flag=True, help="median forward ms at batch 1 and 16, FLOPs per token")
+@click.option("--latency-seq-len", default=128, show_default=True, help="tokens per sequence for --latency")
+@click.option("--threads", default=1, show_default=True, help="torch threads fixed for --latency")
+@json_opt
+def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, as_json):
     """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
     retrieval quality (--retrieval) and speed (--latency)."""
-    from .pipeline import evaluate_model
+    from .jobs import evaluate_model
 
     _emit(evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
                          latency_seq_len=latency_seq_len, threads=threads), as_json)
 
 
 @app.command()
-def analyze(
-    model: ModelArg,
-    out: str = typer.Option(..., "--out", help="directory for analysis.json, PNG plots and report.html"),
-    calib: CalibOpt = "builtin",
-    calib_samples: CalibSamplesOpt = 64,
-    seq_len: SeqLenOpt = 512,
-    keep: float = typer.Option(0.5, help="budget of the recommended plan (fraction of block parameters kept)"),
-    include: Optional[str] = typer.Option(None, help="regex: analyze only the linear layers whose name matches"),
-    exclude: Optional[str] = typer.Option(None, help="regex: leave matching layers out"),
-    force: bool = typer.Option(False, "--force", help="write into a non-empty --out"),
-    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
-):
+@model_arg
+@click.option("--out", required=True, help="directory for analysis.json, PNG plots and report.html")
+@calib_opts
+@click.option("--keep", default=0.5, show_default=True,
+              help="budget of the recommended plan (fraction of block parameters kept)")
+@click.option("--include", help="regex: analyze only the linear layers whose name matches")
+@click.option("--exclude", help="regex: leave matching layers out")
+@click.option("--force", is_flag=True, help="write into a non-empty --out")
+@json_opt
+def analyze(model, out, calib, calib_samples, seq_len, keep, include, exclude, force, as_json):
     """Spectra, ranks, Block Influence, angular distances and a plan: analysis.json + plots + report.html."""
-    from .analyze import analyze_model
+    from .jobs import analyze_model
 
-    rep = analyze_model(model, out, calib, calib_samples, seq_len, keep, include, exclude, force,
-                        progress=not as_json)
-    _emit(rep, as_json)
+    _emit(analyze_model(model, out, calib, calib_samples, seq_len, keep, include, exclude, force,
+                        progress=not as_json), as_json)
 
 
 @app.command()
-def heal(
-    model: str = typer.Argument(..., help="the compressed model (a layerzip directory)"),
-    teacher: str = typer.Option(..., "--teacher", help="the original model to distill from"),
-    text: str = typer.Option(..., "--text", help="training text: .txt (a document per line), .jsonl, or builtin"),
-    out: str = typer.Option(..., "--out", help="output directory for the healed model"),
-    steps: int = typer.Option(100, help="optimizer steps"),
-    lr: float = typer.Option(1e-5, help="learning rate (AdamW, warm-up then cosine decay)"),
-    samples: int = typer.Option(64, help="documents (encoders) or windows (causal LMs) of --text used"),
-    seq_len: int = typer.Option(256, help="tokens per training sequence"),
-    batch_size: int = typer.Option(4, help="sequences per step"),
-    hints: float = typer.Option(0.0, help="weight of per-block hidden-state hints (FitNets); 0 = off"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out"),
-    as_json: JsonOpt = False,
-):
-    """Distill a compressed model towards --teacher on --text, training only its factor matrices."""
-    from .heal import heal_model
+@click.argument("model")
+@click.option("--teacher", required=True, help="the original model to distill from")
+@click.option("--text", required=True, help="training text: .txt (a document per line), .jsonl, or builtin")
+@click.option("--out", required=True, help="output directory for the healed model")
+@click.option("--steps", default=100, show_default=True, help="optimizer steps")
+@click.option("--lr", default=1e-5, show_default=True, help="learning rate (AdamW, warm-up then cosine decay)")
+@click.option("--samples", default=64, show_default=True, help="documents (encoders) or windows (causal LMs) used")
+@click.option("--seq-len", default=256, show_default=True, help="tokens per training sequence")
+@click.option("--batch-size", default=4, show_default=True, help="sequences per step")
+@click.option("--hints", default=0.0, show_default=True, help="weight of per-block hidden-state hints (FitNets)")
+@force_opt
+@json_opt
+def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hints, force, as_json):
+    """Distill a compressed MODEL towards --teacher on --text, training only its factor matrices."""
+    from .jobs import heal_model
 
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise LayerzipError("--samples and --batch-size must be ≥ 1 and --seq-len ≥ 2")
     if hints < 0:
         raise LayerzipError(f"--hints must be ≥ 0 (a loss weight), got {hints}")
-    rep = heal_model(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hints, force,
-                     progress=not as_json)
-    _emit(rep, as_json)
+    _emit(heal_model(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hints, force,
+                     progress=not as_json), as_json)
 
 
 @app.command()
-def demo(as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
+@json_opt
+def demo(as_json):
     """Compress the built-in MiniLM to half its block parameters (svd and svd-llm); before/after table."""
-    from .compress import SVD, SVDLLM
-    from .models import load_model
-    from .pipeline import compress_model, evaluate_model
+    from .io import load_model
+    from .jobs import compress_model, evaluate_model
+    from .methods import SVD, SVDLLM
 
     rows = []
     ref = load_model("minilm")
@@ -199,17 +212,18 @@ def demo(as_json: bool = typer.Option(False, "--json", help="print one JSON obje
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input -> one line on stderr, exit code 2."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="layerzip")
+        code = app.main(args=argv, standalone_mode=False, prog_name="layerzip")
     except LayerzipError as e:
         print(f"layerzip: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except USAGE_ERRORS as e:
-        msg = e.format_message() if hasattr(e, "format_message") else str(e)
-        print(f"layerzip: error: {' '.join(msg.split())} (see: layerzip --help)", file=sys.stderr)
+    except click.ClickException as e:
+        print(f"layerzip: error: {' '.join(e.format_message().split())} (see: layerzip --help)", file=sys.stderr)
         sys.exit(2)
-    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, KeyboardInterrupt):
         print("layerzip: interrupted", file=sys.stderr)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

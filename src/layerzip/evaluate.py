@@ -1,29 +1,16 @@
-"""Measure a model: parameters, size on disk, perplexity (causal LMs), embedding fidelity (encoders)."""
+"""Measure an in-memory model: perplexity (causal LMs), embeddings and their fidelity or retrieval quality (encoders),
+latency and FLOPs."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import backbone, token_batches
-from .models import fit_seq_len
-
-MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-
-
-def size_on_disk(path: Path | None) -> int | None:
-    """Bytes of weight files (a .gguf file, or the weight files in a directory)."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in MODEL_FILES)
-
+from .data import token_batches
+from .models import backbone, fit_seq_len, is_causal
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
@@ -87,7 +74,7 @@ def _dummy_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict:
 
 def _forward(model: nn.Module, inputs: dict):
     """Causal LMs: the full model, LM head included (what generation pays). Encoders: the backbone."""
-    if hasattr(model, "lm_head") or type(model).__name__.endswith("ForCausalLM"):
+    if is_causal(model):
         return model(**inputs, use_cache=False)
     return backbone(model)(**inputs)
 

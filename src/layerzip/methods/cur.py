@@ -9,7 +9,15 @@ CUR = C C⁺ W R⁺ R = W exactly (DEIM picks independent rows/columns).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+
+from .. import allocate
+from ..errors import LayerzipError
+from ..stats import positive_floor
+from .base import CompressConfig, option, register_method
 
 
 def deim(V: torch.Tensor) -> torch.Tensor:
@@ -30,9 +38,7 @@ def activation_scale(W: torch.Tensor, stats) -> torch.Tensor:
     """√E[x²] per input feature (ones without statistics); dead features get the smallest live scale."""
     if stats is None:
         return torch.ones(W.shape[1], dtype=W.dtype)
-    d = (stats.gram.diagonal().to(W) / max(stats.tokens, 1)).clamp_min(0).sqrt()
-    live = d[d > 0]
-    return torch.where(d > 0, d, live.min() if live.numel() else torch.ones((), dtype=W.dtype))
+    return positive_floor((stats.gram.diagonal().to(W) / max(stats.tokens, 1)).clamp_min(0).sqrt())
 
 
 @torch.no_grad()
@@ -49,3 +55,39 @@ def cur_factors(W: torch.Tensor, stats, rank: int):
 def score_singular_values(W: torch.Tensor, stats) -> torch.Tensor:
     """Singular values of the score matrix (rank from retained energy; spectrum for global allocation)."""
     return torch.linalg.svdvals(W * activation_scale(W, stats))
+
+
+@register_method("cur")
+@dataclass
+class CUR(CompressConfig):
+    """CURing: real rows and columns of W picked by DEIM on an activation-weighted score; U = C⁺ W R⁺.
+    `energy` (optional): rank per module = fewest components keeping that fraction of the score's energy
+    (then `keep` is not used)."""
+    energy: float | None = option(None, "cur: rank per module from this fraction of the score's energy "
+                                        "(instead of --keep)")
+    needs_stats: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise LayerzipError(f"CUR energy must be in (0, 1], got {self.energy}")
+
+    def factors(self, W, stats, rank):
+        return cur_factors(W, stats, rank)
+
+    def spectrum(self, W, stats):
+        return score_singular_values(W, stats)
+
+    @property
+    def needs_spectra(self):
+        return self.energy is not None or super().needs_spectra
+
+    def ranks(self, shapes, keep, spectrum_of=None):
+        if self.energy is None:
+            return super().ranks(shapes, keep, spectrum_of)
+        out = {}
+        for n, (m, k) in shapes.items():
+            e = spectrum_of(n).square().cumsum(0)
+            r = int((e < self.energy * e[-1]).sum()) + 1
+            out[n] = r if r <= allocate.max_useful_rank(m, k) else None
+        return out

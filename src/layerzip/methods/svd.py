@@ -1,13 +1,12 @@
 """Plain truncated SVD: W ≈ U_r Σ_r V_rᵀ, stored as A = U_r Σ_r^½, B = Σ_r^½ V_rᵀ (balanced factors)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-
-def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int):
-    """A = U_r Σ_r^½ (out×r), B = Σ_r^½ V_rᵀ (r×in)."""
-    s = S[:rank].clamp_min(0).sqrt()
-    return U[:, :rank] * s, s[:, None] * Vh[:rank]
+from ..nn import split_balanced
+from .base import CompressConfig, register_method
 
 
 @torch.no_grad()
@@ -15,3 +14,15 @@ def svd_factors(W: torch.Tensor, stats, rank: int):
     """(W out×in float64, stats unused, rank) -> (A, B) with ‖W − AB‖_F minimal (Eckart–Young)."""
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     return split_balanced(U, S, Vh, rank)
+
+
+@register_method("svd")
+@dataclass
+class SVD(CompressConfig):
+    """Truncated SVD of W (no calibration)."""
+
+    def factors(self, W, stats, rank):
+        return svd_factors(W, stats, rank)
+
+
+__all__ = ["SVD", "split_balanced", "svd_factors"]

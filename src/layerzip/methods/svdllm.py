@@ -1,55 +1,24 @@
 """SVD-LLM (Wang et al. 2024): truncation-aware whitening.
 
-With the input Gram G = XᵀX = L Lᵀ (Cholesky), take the SVD W L = U Σ Vᵀ and keep r components:
+With the input Gram G = XᵀX = L Lᵀ (Cholesky, stats.whiten), take the SVD W L = U Σ Vᵀ and keep r components:
 
     W' = U_r Σ_r V_rᵀ L⁻¹,    stored as  A = U_r Σ_r^½,  B = Σ_r^½ V_rᵀ L⁻¹  (a triangular solve, no inverse)
 
 Then the layer loss ‖(W − W')Xᵀ‖²_F = Σ_{i>r} σ_i², the smallest any rank-r matrix can reach.
-
-A Gram that is singular or numerically indefinite (dead features, fewer tokens than features, float error) gets the
-smallest diagonal jitter that makes Cholesky succeed; if none up to 1e-2·mean(diag) does, an eigendecomposition
-G = QΛQᵀ gives the square root L = QΛ^½ instead. `whiten` says which happened, never raises.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 
-from .svd import split_balanced
-
-
-@dataclass
-class Whitening:
-    L: torch.Tensor            # n×n with G(+jitter) = L Lᵀ
-    triangular: bool           # lower-triangular Cholesky factor, else the eigen square root Q Λ^½
-    jitter: float = 0.0        # added to the diagonal of G (absolute)
-    eig: tuple | None = None   # (Q, sqrt Λ) when not triangular
-
-    def right_solve(self, M: torch.Tensor) -> torch.Tensor:
-        """M L⁻¹ without forming the inverse."""
-        if self.triangular:
-            return torch.linalg.solve_triangular(self.L, M, upper=False, left=False)
-        Q, sqrt_lam = self.eig
-        return (M / sqrt_lam) @ Q.T      # (Q Λ^½)⁻¹ = Λ^-½ Qᵀ
-
-
-@torch.no_grad()
-def whiten(G: torch.Tensor) -> Whitening:
-    """A square-root factor of the Gram, robust to singular / indefinite G (see module doc)."""
-    G = (G + G.T) / 2
-    n = G.shape[0]
-    scale = G.diagonal().abs().mean().item()
-    if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
-        return Whitening(torch.eye(n, dtype=G.dtype), True, 1.0)
-    eye = torch.eye(n, dtype=G.dtype)
-    for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
-        L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
-        if info.item() == 0 and torch.isfinite(L).all():
-            return Whitening(L, True, jitter)
-    lam, Q = torch.linalg.eigh(G)
-    lam = lam.clamp_min(lam.max() * n * torch.finfo(G.dtype).eps)
-    return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()))
+from ..models import is_causal
+from ..nn import split_balanced
+from ..stats import Whitening, collect_output_fisher, whiten
+from .base import CompressConfig, option, register_method
+from .correct import target_aware_factors
+from .fwsvd import row_weights
 
 
 @torch.no_grad()
@@ -69,3 +38,49 @@ def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | Non
 def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows: torch.Tensor | None = None) -> torch.Tensor:
     """σ(D W L): σ_{r+1..}² summed is the exact (row-weighted) layer loss of rank r (for allocation and analysis)."""
     return torch.linalg.svdvals((W if rows is None else rows.to(W)[:, None] * W) @ whitening.L)
+
+
+@register_method("svd-llm")
+@dataclass
+class SVDLLM(CompressConfig):
+    """Truncation-aware whitening (Cholesky of XᵀX), optimal layer loss at every rank.
+
+    Defaults, the best setting measured (bench/BEAT_SVDLLM.md): `alloc="global"` — all ranks chosen together from
+    the whitened spectra — with `fisher` — each output feature's error weighted by its diagonal output Fisher
+    (stats.collect_output_fisher), so the whitened SVD is exact for that weighted loss and every module's loss is in
+    one unit (≈ the model's loss increase), which is what global allocation compares. Causal LMs always (the Fisher
+    comes from their own LM loss, every token a sample). Encoders only with at least
+    `ENCODER_FISHER_MIN_SEQUENCES` calibration sequences: their Fisher comes from random projections of the pooled
+    embedding, one per sequence, and with the default 64 it was too noisy to beat uniform ranks (which they get).
+    `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
+    (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
+    alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
+    fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
+    needs_stats: ClassVar[bool] = True
+    ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
+
+    def resolve(self, model, calib=None):
+        if self.alloc is not None and self.fisher is not None:
+            return self                     # nothing left to decide (and the caller's instance is kept)
+        sequences = sum(len(b["input_ids"]) for b in calib or [])
+        best = is_causal(model) or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
+        return replace(self, alloc=self.alloc or ("global" if best else "uniform"),
+                       fisher=best if self.fisher is None else self.fisher)
+
+    @property
+    def loss_units(self):
+        return bool(self.fisher)
+
+    def _rows(self, stats):
+        return row_weights(stats.fisher_rows) if self.fisher else None
+
+    def factors(self, W, stats, rank):
+        if self.correct and hasattr(stats, "cross"):
+            return target_aware_factors(W, stats, rank, rows=self._rows(stats))
+        return svdllm_factors(W, stats, rank, whitening=stats.whitening, rows=self._rows(stats))
+
+    def spectrum(self, W, stats):
+        return whitened_singular_values(W, stats.whitening, rows=self._rows(stats))
+
+    def gradient_stats(self, model, targets, calib, progress):
+        return collect_output_fisher(model, targets, calib, is_causal(model), progress) if self.fisher else None

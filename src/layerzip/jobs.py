@@ -1,27 +1,33 @@
-"""End-to-end jobs behind the CLI commands: MODEL path in, directory / report out."""
+"""The path-in / path-out jobs behind the CLI commands: MODEL in, directory or report out.
+
+    compress_model   load -> calibration batches -> compress_ -> (heal) -> save
+    evaluate_model   load -> perplexity | cosine to a reference | retrieval | latency
+    analyze_model    load -> analyze -> analysis.json, plots, report.html
+    heal_model       load both -> heal_ -> save
+"""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from .calibrate import load_documents, token_batches
-from .compress import CompressConfig, compress_
-from . import depth  # noqa: F401  (registers the "drop-blocks" method)
+from .analyze import analyze, summary
+from .compress import compress_
+from .data import builtin_pairs, calibration_batches, load_documents
 from .errors import LayerzipError
-from .evaluate import embed, flops, latency, mean_cosine, perplexity, retrieval_metrics, size_on_disk
-from .io import check_out_dir, save
-from .models import Loaded, count_params, fit_seq_len, load_model
+from .evaluate import embed, flops, latency, mean_cosine, perplexity, retrieval_metrics
+from .heal import heal_
+from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk
+from .methods import CompressConfig
+from .models import Loaded, count_params
+from .report import write_report
 
 
-def calibration_batches(loaded: Loaded, source: str = "builtin", n_samples: int = 64, seq_len: int = 512,
-                        batch_size: int = 8) -> list[dict]:
-    """Token batches for calibration (see `calibrate.token_batches`)."""
-    # a causal window needs ~seq_len tokens; documents average ~60 tokens, so read enough of them
-    docs = load_documents(source, limit=None if loaded.causal else n_samples)
-    seq_len = fit_seq_len(loaded.model, seq_len)
-    return token_batches(loaded.tokenizer, docs, loaded.causal, n_samples, seq_len, batch_size)
+def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> None:
+    if samples < 1 or seq_len < 2:
+        raise LayerzipError(f"{what} must be ≥ 1 and --seq-len ≥ 2")
 
 
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
@@ -31,8 +37,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    if calib_samples < 1 or seq_len < 2:
-        raise LayerzipError("--calib-samples must be ≥ 1 and --seq-len ≥ 2")
+    _check_sizes(calib_samples, seq_len)
     if heal_steps < 0:
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
     loaded = load_model(source)
@@ -41,7 +46,6 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     t_load = time.perf_counter()
     report = compress_(loaded.model, config, calib=batches, progress=progress)
     if heal_steps:
-        from .heal import heal_after_compress
         report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
                                              progress)
     t_comp = time.perf_counter()
@@ -97,7 +101,6 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
 
 def read_pairs(path: str | Path) -> list[dict]:
     """{"query", "doc"} rows of a .jsonl file."""
-    import json
     path = Path(path)
     if not path.is_file():
         raise LayerzipError(f"retrieval file {path} not found; give a .jsonl file of {{\"query\", \"doc\"}} rows")
@@ -117,7 +120,6 @@ def read_pairs(path: str | Path) -> list[dict]:
 def retrieval_eval(loaded: Loaded, pairs: str | Path | list[dict], progress: bool = True, limit: int = 500) -> dict:
     """Recall@1 and MRR of `pairs` (a .jsonl path, "builtin" — summary sentence -> rest of held-out standard-library
     docstrings, `limit` pairs — or rows) with the model's mean-pooled embeddings."""
-    from .calibrate import builtin_pairs
     if str(pairs) == "builtin":
         rows = builtin_pairs(limit)
     else:
@@ -132,3 +134,57 @@ def latency_eval(model, seq_len: int = 128, threads: int = 1, repeats: int = 5) 
     return {"latency_ms_batch1": latency(model, 1, seq_len, repeats, threads=threads),
             "latency_ms_batch16": latency(model, 16, seq_len, max(3, repeats // 2), threads=threads),
             "latency_seq_len": seq_len, "latency_threads": threads, **flops(model, seq_len)}
+
+
+def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_samples: int = 64,
+                  seq_len: int = 512, keep: float = 0.5, include: str | None = None, exclude: str | None = None,
+                  force: bool = False, progress: bool = True) -> dict:
+    """`layerzip analyze`: analysis.json, PNG plots and report.html in `out`. Returns the summary."""
+    _check_sizes(calib_samples, seq_len)
+    loaded = load_model(source)
+    out = check_out_dir(out, force, loaded.path)
+    batches = calibration_batches(loaded, calib, calib_samples, seq_len)
+    doc = analyze(loaded.model, batches, keep, include, exclude, progress)
+    doc.update(model=str(source), causal=loaded.causal,
+               calibration={"source": str(calib), "samples": calib_samples, "seq_len": seq_len})
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "analysis.json"
+    path.write_text(json.dumps(doc))
+    files = write_report(path)
+    return {**summary(doc), "out": str(out), "analysis": str(path), "report": str(files["html"]),
+            "plots": [str(p) for p in files["plots"]]}
+
+
+def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps: int = 100, lr: float = 1e-5,
+               samples: int = 64, seq_len: int = 256, batch_size: int = 4, hints: float = 0.0,
+               force: bool = False, progress: bool = True) -> dict:
+    """`layerzip heal`: load both models, distill, save the healed model to `out` (never into COMPRESSED)."""
+    if steps < 1 or not lr > 0:
+        raise LayerzipError(f"--steps must be ≥ 1 and --lr > 0, got {steps} and {lr}")
+    student = load_model(compressed)
+    out = check_out_dir(out, force, student.path)
+    ref = load_model(teacher)
+    if student.causal != ref.causal:
+        raise LayerzipError("--teacher must be the same kind of model (causal LM or encoder) as COMPRESSED")
+    if student.tokenizer is None:
+        raise LayerzipError(f"{compressed} has no tokenizer files; re-save it with its tokenizer")
+    meta = read_meta(student.path) if student.path and (Path(student.path) / META).is_file() else {}
+    block_map = (meta.get("report") or {}).get("kept_blocks")
+    batches = calibration_batches(student, text, samples, seq_len, batch_size)
+    rep = heal_(student.model, ref.model, batches, steps, lr, student.causal, hints, block_map, progress=progress)
+    keep = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
+                                                        "dtype", "modules")}
+    summary = {k: v for k, v in rep.items() if k != "losses"}
+    keep["heal"] = {**summary, "teacher": str(teacher), "text": str(text), "seq_len": seq_len, "samples": samples}
+    save(student.model, out, tokenizer=student.tokenizer, meta=keep)
+    return {**summary, "out": str(out), "teacher": str(teacher)}
+
+
+def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: int, steps: int, lr: float,
+                        progress: bool = True) -> dict:
+    """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`."""
+    teacher = load_model(source)
+    batches = calibration_batches(loaded, calib, samples, seq_len, 4 if loaded.causal else 16)
+    rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
+    del teacher
+    return {k: v for k, v in rep.items() if k != "losses"}

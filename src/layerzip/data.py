@@ -1,9 +1,9 @@
-"""Calibration: text in, per-module activation statistics out.
+"""Text in, token batches out — for calibration, healing and evaluation alike.
 
-    documents (builtin | .txt | .jsonl) -> token batches -> forward with hooks -> {module name: ModuleStats}
+    documents (builtin | .txt | .jsonl) -> token batches (`token_batches`, `calibration_batches`)
 
-Statistics are streamed: each hook adds its batch to a float64 Gram XᵀX and a per-feature sum of |x|. Modules that
-read the very same input tensor (q/k/v, gate/up) share one ModuleStats, so each Gram is built once.
+`builtin` is real English text every Python install has: the docstrings of the standard library, read with `ast`
+(nothing imported, nothing downloaded), split by file into a calibration and a held-out part.
 """
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ import json
 import random
 import sysconfig
 import zlib
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import LayerzipError
+from .models import fit_seq_len
 
 MIN_DOC_CHARS = 80
 
@@ -152,93 +149,11 @@ def token_batches(tokenizer, docs: list[str], causal: bool, n_samples: int = 64,
     return batches
 
 
-# ---------------------------------------------------------------------------------------------------- statistics
-@dataclass
-class ModuleStats:
-    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count."""
-    n: int
-    gram: torch.Tensor = field(init=False)
-    abs_sum: torch.Tensor = field(init=False)
-    tokens: int = 0
-
-    def __post_init__(self):
-        self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
-        self.abs_sum = torch.zeros(self.n, dtype=torch.float64)
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, self.n).to(torch.float64)
-        self.gram.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(0)
-        self.tokens += x.shape[0]
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        return self.abs_sum / max(self.tokens, 1)
-
-    @cached_property
-    def whitening(self):
-        """Square-root factor of the Gram, computed once and shared by every module that reads this input."""
-        from .methods.svdllm import whiten
-        return whiten(self.gram)
-
-
-class StatsCollector:
-    """Forward pre-hooks on the target modules. Use as a context manager around forward passes."""
-
-    def __init__(self, targets: dict[str, nn.Module], in_features: dict[str, int]):
-        self.targets, self.in_features = targets, in_features
-        self.stats: dict[str, ModuleStats] = {}
-        self.token_mask: torch.Tensor | None = None   # (batch, seq) bool: rows to count (padding excluded)
-        self._last: tuple[torch.Tensor, ModuleStats] | None = None
-        self._handles = []
-
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0]
-            if self._last is not None and self._last[0] is x:      # same tensor as the previous target: share
-                self.stats.setdefault(name, self._last[1])
-                return
-            st = self.stats.get(name)
-            if st is None:
-                st = self.stats[name] = ModuleStats(self.in_features[name])
-            if self.token_mask is not None and x.dim() == 3 and x.shape[:2] == self.token_mask.shape:
-                st.add(x[self.token_mask])
-            else:
-                st.add(x)
-            self._last = (x, st)   # holding x also keeps its id from being reused within this pass
-        return hook
-
-    def __enter__(self):
-        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.targets.items()]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._last = None
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The model without its LM head: calibration needs the blocks' inputs, not 100k-wide logits."""
-    base = getattr(model, "base_model", model)
-    return base if isinstance(base, nn.Module) else model
-
-
-@torch.no_grad()
-def collect_stats(model: nn.Module, targets: dict[str, nn.Module], in_features: dict[str, int],
-                  batches: list[dict], progress: bool = True) -> dict[str, ModuleStats]:
-    """One forward pass over `batches`, streaming statistics of every target's input."""
-    device = next(model.parameters()).device
-    net = backbone(model)
-    with StatsCollector(targets, in_features) as col:
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            col.token_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-            net(**batch)
-            col._last = None
-    missing = [n for n in targets if n not in col.stats]
-    if missing:
-        raise LayerzipError(f"calibration never reached {missing[0]} (and {len(missing) - 1} more); "
-                            "exclude it with --exclude or check the model's forward")
-    return col.stats
+def calibration_batches(loaded, source: str = "builtin", n_samples: int = 64, seq_len: int = 512,
+                        batch_size: int = 8) -> list[dict]:
+    """Token batches of `source` for a loaded model (anything with .model, .tokenizer, .causal): causal LMs get
+    `n_samples` packed windows, encoders `n_samples` documents; `seq_len` is capped at the model's positions."""
+    # a causal window needs ~seq_len tokens; documents average ~60 tokens, so read enough of them
+    docs = load_documents(source, limit=None if loaded.causal else n_samples)
+    seq_len = fit_seq_len(loaded.model, seq_len)
+    return token_batches(loaded.tokenizer, docs, loaded.causal, n_samples, seq_len, batch_size)

@@ -1,6 +1,6 @@
 """Depth decomposition: remove whole blocks that barely change the residual stream.
 
-    calibration -> residual-stream similarity (analyze.block_similarity) -> choose n blocks -> remove them
+    calibration -> residual-stream similarity (stats.block_similarity) -> choose n blocks -> remove them
 
 Two rules pick the blocks:
   span       the contiguous blocks ℓ*..ℓ*+n−1 with the smallest angular distance d(x^ℓ*, x^{ℓ*+n})  (Gromov et al.)
@@ -10,21 +10,22 @@ Removal shrinks the blocks' ModuleList and rewrites the config (layer count, per
 `layer_types`) and the `layer_idx` of attention modules (their key into the KV cache), so the saved directory
 reloads with `lz.load` and with plain `transformers` `from_pretrained`.
 
-`DropBlocks` runs it through `compress_`; `DropBlocks(then="svd-llm")` (CLI: `--method drop-blocks+svd-llm`) then
-applies low rank to the remaining blocks so that both together meet one `--keep`.
+`DropBlocks` is a method whose `restructure_` removes the blocks; `DropBlocks(then="svd-llm")` (CLI:
+`--method drop-blocks+svd-llm`) then has `compress_` apply low rank to the remaining blocks so that both together
+meet one `--keep`.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from .compress import CompressConfig, config_from_dict, register_method
-from .errors import LayerzipError
-from .models import count_params, find_blocks, select_targets, set_module
+from ..errors import LayerzipError
+from ..models import find_blocks, set_module
+from ..stats import block_similarity
+from .base import CompressConfig, config_from_dict, option, register_method
 
 SELECT = ("span", "influence")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -90,10 +91,12 @@ class DropBlocks(CompressConfig):
 
     `then`: a low-rank method applied afterwards to the remaining blocks; `keep` then covers both steps, and
     `blocks` defaults to half of the removed fraction."""
-    blocks: int | None = None
-    select: str = "span"
-    then: str | None = None
-    alloc: str | None = None               # passed on to `then` when given; else `then` uses its own default
+    blocks: int | None = option(None, "drop-blocks: number of whole blocks to remove (default: from --keep)")
+    select: str = option("span", "drop-blocks: span (smallest angular distance) or influence (lowest Block "
+                                 "Influence)")
+    then: str | None = option(None, "drop-blocks: low-rank method for the remaining blocks (or --method "
+                                    "drop-blocks+METHOD)")
+    alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     needs_stats: ClassVar[bool] = True
 
     def __post_init__(self):
@@ -109,6 +112,10 @@ class DropBlocks(CompressConfig):
         if self.then:
             config_from_dict({"method": self.then, "keep": 0.5})      # validates the name
 
+    @property
+    def label(self):
+        return self.name + (f"+{self.then}" if self.then else "")
+
     def n_blocks(self, L: int) -> int:
         if self.blocks is not None:
             return self.blocks
@@ -119,12 +126,8 @@ class DropBlocks(CompressConfig):
                                 "or pass --blocks N")
         return n
 
-    def apply(self, model: nn.Module, calib: list[dict] | None, progress: bool = True) -> dict:
-        """Called by `compress_`: choose, remove, then (optionally) low rank on the rest."""
-        from .analyze import block_similarity
-        from .compress import compress_
-
-        t0 = time.perf_counter()
+    def restructure_(self, model: nn.Module, calib: list[dict] | None, progress: bool = True) -> dict:
+        """Choose the blocks from the residual-stream similarity and remove them."""
         found = find_blocks(model)
         if found is None:
             raise LayerzipError("the model has no repeated blocks to drop")
@@ -132,39 +135,19 @@ class DropBlocks(CompressConfig):
         n = self.n_blocks(L)
         if n >= L:
             raise LayerzipError(f"--blocks {n} would remove every block (the model has {L}); give at most {L - 1}")
-        if not calib:
-            raise LayerzipError("drop-blocks needs calibration text to choose blocks; pass --calib FILE or builtin")
-        targets = select_targets(model, self.include, self.exclude)
-        target_before = sum(p.numel() for m in targets.values() for p in m.parameters())
-        params_before = count_params(model)
         sim = block_similarity(model, calib, progress)
         drop = choose_blocks(sim, n, self.select)
-        report = drop_blocks_(model, drop)
-        t_drop = time.perf_counter()
-        left = select_targets(model, self.include, self.exclude)
-        left_params = sum(p.numel() for m in left.values() for p in m.parameters())
-        inner = None
-        if self.then:
-            k2 = self.keep * target_before / left_params
-            if k2 >= 1:
-                raise LayerzipError(f"dropping {n} blocks already keeps {left_params / target_before:.3f} ≤ --keep "
-                                    f"{self.keep}; use --method drop-blocks alone or drop fewer blocks")
-            mine = {"blocks", "select", "then"}
-            cfg = config_from_dict({**{k: v for k, v in self.to_dict().items() if k not in mine and v is not None},
-                                    "method": self.then, "keep": k2})
-            inner = compress_(model, cfg, calib=calib, progress=progress)
-        target_after = sum(p.numel() for n_ in left for p in model.get_submodule(n_).parameters())
-        report.update({
-            "method": self.name + (f"+{self.then}" if self.then else ""), "config": self.to_dict(),
-            "select": self.select, "params_before": params_before, "params_after": count_params(model),
-            "target_params_before": target_before, "target_params_after": target_after, "keep": self.keep,
-            "keep_achieved": target_after / target_before,
-            "block_influence": sim["influence"],
-            "dropped_angular_distance": sim["angular"][drop[0]][drop[-1] + 1] if self.select == "span" else None,
-            "seconds_drop": t_drop - t0,
-            "modules": inner["modules"] if inner else {},
-            "lowrank": {k: v for k, v in inner.items() if k not in ("modules",)} if inner else None,
-        })
-        if inner and "calibration" in inner:
-            report["calibration"] = inner["calibration"]
-        return report
+        return {**drop_blocks_(model, drop), "select": self.select, "block_influence": sim["influence"],
+                "dropped_angular_distance": sim["angular"][drop[0]][drop[-1] + 1] if self.select == "span" else None}
+
+    def module_config(self, left_params: int, target_params: int) -> CompressConfig | None:
+        """`then` at the keep that leaves `keep` of the original targets once the blocks are gone."""
+        if not self.then:
+            return None
+        k2 = self.keep * target_params / left_params
+        if k2 >= 1:
+            raise LayerzipError(f"dropping blocks already keeps {left_params / target_params:.3f} ≤ --keep "
+                                f"{self.keep}; use --method drop-blocks alone or drop fewer blocks")
+        mine = {"blocks", "select", "then"}
+        return config_from_dict({**{k: v for k, v in self.to_dict().items() if k not in mine and v is not None},
+                                 "method": self.then, "keep": k2})

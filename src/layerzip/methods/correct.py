@@ -5,50 +5,21 @@ Keep B, refit the left factor by least squares:
 
     A* = argmin_A ‖A B X'ᵀ − W Xᵀ‖²_F = W C Bᵀ (B G' Bᵀ)⁻¹,     G' = X'ᵀX',  C = XᵀX'
 
-so each module absorbs the error its compressed inputs already carry. Only Grams are needed (`PairedStats`).
+so each module absorbs the error its compressed inputs already carry. Only Grams are needed (stats.PairedStats).
 Without a separate compressed stream (X' = X) it is the activation-aware refit of A for a fixed B: a no-op for
 SVD-LLM (already optimal), an improvement for svd / asvd / cur.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
-from .calibrate import ModuleStats
-
-
-@dataclass
-class PairedStats(ModuleStats):
-    """ModuleStats of the compressed stream X' (`.gram` = X'ᵀX'), plus the cross Gram C = XᵀX' with the original
-    stream X and the original Gram XᵀX, accumulated from the same tokens."""
-    cross: torch.Tensor = field(init=False)
-    gram_ref: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.cross = torch.zeros(self.n, self.n, dtype=torch.float64)
-        self.gram_ref = torch.zeros(self.n, self.n, dtype=torch.float64)
-
-    @torch.no_grad()
-    def add_pair(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
-        x_ref = x_ref.reshape(-1, self.n).to(torch.float64)
-        x = x.reshape(-1, self.n).to(torch.float64)
-        assert x_ref.shape == x.shape, (x_ref.shape, x.shape)
-        self.add(x)
-        self.cross.addmm_(x_ref.T, x)
-        self.gram_ref.addmm_(x_ref.T, x_ref)
-
-
-def _grams(stats):
-    """(G', C, G_ref); a plain ModuleStats means X' = X."""
-    G = stats.gram
-    return G, getattr(stats, "cross", G), getattr(stats, "gram_ref", G)
+from ..nn import split_balanced
+from ..stats import grams
 
 
 def calibration_loss(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, stats) -> float:
     """‖A B X'ᵀ − W Xᵀ‖²_F = tr(AB G' BᵀAᵀ) − 2 tr(AB Cᵀ Wᵀ) + tr(W G Wᵀ), from the Grams alone."""
-    G, C, G_ref = (t.to(W) for t in _grams(stats))
+    G, C, G_ref = (t.to(W) for t in grams(stats))
     AB = A @ B
     return ((AB @ G) * AB).sum().item() - 2 * ((AB @ C.T) * W).sum().item() + ((W @ G_ref) * W).sum().item()
 
@@ -56,7 +27,7 @@ def calibration_loss(A: torch.Tensor, B: torch.Tensor, W: torch.Tensor, stats) -
 @torch.no_grad()
 def refit_left(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats) -> torch.Tensor:
     """A* = W C Bᵀ (B G' Bᵀ)⁻¹ (float64). Returns the old A if the solve does not lower the loss (ill-conditioned)."""
-    G, C, _ = (t.to(W) for t in _grams(stats))
+    G, C, _ = (t.to(W) for t in grams(stats))
     M = B @ G @ B.T                                   # r×r, symmetric PSD
     rhs = W @ C @ B.T                                 # m×r
     M = (M + M.T) / 2
@@ -82,10 +53,8 @@ def target_aware_factors(W: torch.Tensor, stats, rank: int, rows: torch.Tensor |
     (X' = Q Lᵀ, so W' X'ᵀ = W' L Qᵀ and the target's projection onto span(Q) is W C L⁻ᵀ Qᵀ.) With X' = X it is
     exactly SVD-LLM; refit_left cannot improve it further. `rows`: output weights D as in svdllm_factors (the
     loss ‖D(W' X'ᵀ − W Xᵀ)‖², solved by the SVD of D W C L⁻ᵀ)."""
-    from .methods.svd import split_balanced
-
     wt = stats.whitening                                  # of G' = stats.gram, cached and shared
-    _, C, _ = _grams(stats)
+    _, C, _ = grams(stats)
     WC = W @ C.to(W)
     if rows is not None:
         WC = rows.to(W)[:, None] * WC

@@ -1,0 +1,136 @@
+"""What every method is: a config dataclass (torchao style) that knows its statistics, its spectrum and its math.
+
+    CompressConfig          options every method shares (keep, alloc, include, exclude, sequential, correct)
+      .gradient_stats(...)  whole-model gradient statistics gathered before anything changes (or None)
+      .factors(W, stats, r) (A, B) of one module: the pure math
+      .spectrum(W, stats)   singular values whose squared tail is the method's layer loss at each rank (--alloc global)
+      .ranks(shapes, ...)   one rank per module (None: stays dense) under `keep`
+      .restructure_(...)    a whole-model change before the modules are decomposed (drop-blocks), with its report
+      .module_config(...)   the config that decomposes the modules afterwards (itself; drop-blocks: its `then`)
+
+Validated in `__post_init__`; JSON round trip via `to_dict` / `config_from_dict`; registered by name with
+`@register_method("name")` (a name registered twice raises). Each field's `metadata["help"]` is its command-line
+help: the CLI offers every field of every registered method as `--field-name`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .. import allocate
+from ..errors import LayerzipError
+from ..nn import LowRankLinear
+from ..registry import METHODS
+from .correct import refit_left
+
+ALLOCATORS = ("uniform", "global")
+register_method = METHODS.register
+
+
+def option(default, help: str):
+    """A config field with its command-line help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class CompressConfig:
+    """Common options. `keep`: fraction of the targeted modules' parameters kept, in (0, 1]."""
+    keep: float = option(0.5, "fraction of the targeted modules' parameters kept, in (0, 1]")
+    alloc: str = option("uniform", "rank allocation: uniform | global (default: the method's best)")
+    include: str | None = option(None, "regex: compress only the linear layers whose name matches")
+    exclude: str | None = option(None, "regex: leave matching layers dense")
+    sequential: bool = option(False, "calibrate each block on the already compressed blocks' output")
+    correct: bool = option(False, "refit each left factor by least squares toward the original outputs")
+
+    name: ClassVar[str] = "?"
+    needs_stats: ClassVar[bool] = False
+    sequential_ok: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise LayerzipError(f"--keep must be in (0, 1] (the fraction of parameters kept), got {self.keep}")
+        if self.alloc is not None and self.alloc not in ALLOCATORS:
+            raise LayerzipError(f"--alloc must be one of {', '.join(ALLOCATORS)}, got {self.alloc!r}")
+        if (self.sequential or self.correct) and not self.needs_stats:
+            raise LayerzipError(f"--sequential and --correct need calibration statistics, which method {self.name} "
+                                "does not use; pick svd-llm, asvd or cur, or drop those flags")
+        if self.sequential and not self.sequential_ok:
+            raise LayerzipError(f"method {self.name} cannot run --sequential; drop that flag")
+
+    # ---------------------------------------------------------------------------------------- what it computes
+    def factors(self, W: torch.Tensor, stats, rank: int):
+        raise NotImplementedError
+
+    def build_layer(self, W: torch.Tensor, bias, stats, rank: int) -> nn.Module:
+        """W: float64 out×in. Returns the replacement module (float64; the caller casts)."""
+        A, B = self.factors(W, stats, rank)
+        if self.correct:                 # A = W C Bᵀ (B G' Bᵀ)⁻¹: least squares toward the original outputs
+            A = refit_left(W, A, B, stats)
+        return LowRankLinear.from_factors(A, B, None if bias is None else bias.detach().double())
+
+    def spectrum(self, W: torch.Tensor, stats) -> torch.Tensor:
+        """Singular values whose squared tail is this method's layer loss at each rank (for --alloc global)."""
+        return torch.linalg.svdvals(W)
+
+    def gradient_stats(self, model: nn.Module, targets: dict[str, nn.Module], calib: list[dict],
+                       progress: bool) -> dict[str, torch.Tensor] | None:
+        """Per-module gradient statistics of the original model (Fisher rows), or None."""
+        return None
+
+    # ---------------------------------------------------------------------------------------------- its budget
+    @property
+    def needs_spectra(self) -> bool:
+        """Whether `ranks` reads the modules' spectra."""
+        return self.alloc == "global"
+
+    @property
+    def loss_units(self) -> bool:
+        """Whether `spectrum` is already in comparable units across modules (else global allocation normalizes it)."""
+        return False
+
+    def ranks(self, shapes: dict[str, tuple[int, int]], keep: float, spectrum_of=None) -> dict[str, int | None]:
+        """Ranks at `keep` of the weights; `spectrum_of(name)` -> that module's spectrum (when `needs_spectra`)."""
+        if self.alloc == "global":
+            spectra = {n: spectrum_of(n) for n in shapes}
+            return allocate.global_ranks(shapes, spectra, keep, normalize=not self.loss_units)
+        return allocate.uniform_ranks(shapes, keep)
+
+    # ----------------------------------------------------------------------------------------- its whole-model part
+    def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":
+        """The config with model- and data-dependent defaults filled in (see SVDLLM); the report records this one."""
+        return self
+
+    def restructure_(self, model: nn.Module, calib: list[dict] | None, progress: bool) -> dict:
+        """A whole-model change made before the modules are decomposed; returns its report entries."""
+        return {}
+
+    def module_config(self, left_params: int, target_params: int) -> "CompressConfig | None":
+        """The config that decomposes the remaining targets (`left_params` of the original `target_params`)."""
+        return self
+
+    @property
+    def label(self) -> str:
+        """The method as the report names it."""
+        return self.name
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, **asdict(self)}
+
+
+def config_from_dict(d: dict) -> CompressConfig:
+    """The config named by d["method"] with d's other entries as options (None / False: not given). A method
+    "a+b" is method a with then=b (drop-blocks+svd-llm)."""
+    d = dict(d)
+    name, plus, then = str(d.pop("method", None)).partition("+")
+    if plus:
+        d["then"] = then
+    cls = METHODS[name]
+    known = {f.name for f in fields(cls)}
+    stray = sorted(k for k, v in d.items() if k not in known and v is not None and v is not False)
+    if stray:
+        raise LayerzipError(f"option {', '.join('--' + k.replace('_', '-') for k in stray)} does not apply to "
+                            f"method {name}; drop it or change --method")
+    return cls(**{k: v for k, v in d.items() if k in known and v is not None})

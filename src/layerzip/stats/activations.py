@@ -1,0 +1,156 @@
+"""Activation statistics of module inputs, streamed: a float64 Gram XᵀX, Σ|x| per feature, the token count.
+
+Modules that read the very same input tensor (q/k/v, gate/up) share one ModuleStats, so each Gram is built once,
+and its square-root factor (`whitening`) is computed once for all of them.
+
+Whitening: with G = XᵀX, a factor L with G = L Lᵀ (Cholesky). A Gram that is singular or numerically indefinite
+(dead features, fewer tokens than features, float error) gets the smallest diagonal jitter that makes Cholesky
+succeed; if none up to 1e-2·mean(diag) does, an eigendecomposition G = QΛQᵀ gives L = QΛ^½ instead. `whiten` says
+which happened, never raises.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LayerzipError
+from ..models import backbone, linear_shape, token_rows
+
+
+def positive_floor(v: torch.Tensor) -> torch.Tensor:
+    """v with every entry ≤ 0 replaced by the smallest positive entry (1 if there is none): scales of dead features
+    or rows that must stay invertible.
+
+    >>> positive_floor(torch.tensor([0.0, 2.0, 0.5])).tolist()
+    [0.5, 2.0, 0.5]
+    """
+    live = v[v > 0]
+    return torch.where(v > 0, v, live.min() if live.numel() else torch.ones((), dtype=v.dtype))
+
+
+@dataclass
+class Whitening:
+    L: torch.Tensor            # n×n with G(+jitter) = L Lᵀ
+    triangular: bool           # lower-triangular Cholesky factor, else the eigen square root Q Λ^½
+    jitter: float = 0.0        # added to the diagonal of G (absolute)
+    eig: tuple | None = None   # (Q, sqrt Λ) when not triangular
+
+    def right_solve(self, M: torch.Tensor) -> torch.Tensor:
+        """M L⁻¹ without forming the inverse."""
+        if self.triangular:
+            return torch.linalg.solve_triangular(self.L, M, upper=False, left=False)
+        Q, sqrt_lam = self.eig
+        return (M / sqrt_lam) @ Q.T      # (Q Λ^½)⁻¹ = Λ^-½ Qᵀ
+
+
+@torch.no_grad()
+def whiten(G: torch.Tensor) -> Whitening:
+    """A square-root factor of the Gram, robust to singular / indefinite G (see module doc)."""
+    G = (G + G.T) / 2
+    n = G.shape[0]
+    scale = G.diagonal().abs().mean().item()
+    if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
+        return Whitening(torch.eye(n, dtype=G.dtype), True, 1.0)
+    eye = torch.eye(n, dtype=G.dtype)
+    for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
+        L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
+        if info.item() == 0 and torch.isfinite(L).all():
+            return Whitening(L, True, jitter)
+    lam, Q = torch.linalg.eigh(G)
+    lam = lam.clamp_min(lam.max() * n * torch.finfo(G.dtype).eps)
+    return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()))
+
+
+@dataclass
+class ModuleStats:
+    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count."""
+    n: int
+    gram: torch.Tensor = field(init=False)
+    abs_sum: torch.Tensor = field(init=False)
+    tokens: int = 0
+
+    def __post_init__(self):
+        self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        self.abs_sum = torch.zeros(self.n, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.n).to(torch.float64)
+        self.gram.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
+        self.tokens += x.shape[0]
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.tokens, 1)
+
+    @cached_property
+    def whitening(self) -> Whitening:
+        """Square-root factor of the Gram, computed once and shared by every module that reads this input."""
+        return whiten(self.gram)
+
+
+class StatsCollector:
+    """Forward pre-hooks on the target modules. Use as a context manager around forward passes; set `token_mask`
+    (batch, seq) before each pass so that padding is left out."""
+
+    def __init__(self, targets: dict[str, nn.Module], in_features: dict[str, int]):
+        self.targets, self.in_features = targets, in_features
+        self.stats: dict[str, ModuleStats] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, ModuleStats] | None = None
+        self._handles = []
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            if self._last is not None and self._last[0] is x:      # same tensor as the previous target: share
+                self.stats.setdefault(name, self._last[1])
+                return
+            st = self.stats.get(name)
+            if st is None:
+                st = self.stats[name] = ModuleStats(self.in_features[name])
+            st.add(token_rows(x, self.token_mask))
+            self._last = (x, st)   # holding x also keeps its id from being reused within this pass
+        return hook
+
+    def next_pass(self, mask: torch.Tensor | None) -> None:
+        self.token_mask, self._last = mask, None
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.targets.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._last = None
+
+    def check_complete(self) -> None:
+        missing = [n for n in self.targets if n not in self.stats]
+        if missing:
+            raise LayerzipError(f"calibration never reached {missing[0]} (and {len(missing) - 1} more); "
+                                "exclude it with --exclude or check the model's forward")
+
+
+def batch_mask(batch: dict) -> torch.Tensor | None:
+    return batch["attention_mask"].bool() if "attention_mask" in batch else None
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
+                  progress: bool = True) -> dict[str, ModuleStats]:
+    """One forward pass of the whole model over `batches`, streaming statistics of every target's input (the block
+    driver does the same block by block; this is for targets outside the blocks and for checks)."""
+    device = next(model.parameters()).device
+    net = backbone(model)
+    with StatsCollector(targets, {n: linear_shape(m)[1] for n, m in targets.items()}) as col:
+        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+            col.next_pass(batch_mask(batch))
+            net(**{k: v.to(device) for k, v in batch.items()})
+    col.check_complete()
+    return col.stats
