@@ -169,7 +169,7 @@ def test_bad_regex(capsys, tiny_dirs, tmp_path):
 
 def test_lz_load_matches_cli_output(compressed):
     import layerzip as lz
-    from layerzip.layers import LowRankLinear
+    from layerzip.nn import LowRankLinear
     model = lz.load(compressed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     out = model(input_ids=torch.tensor([[1, 2, 3]])).logits

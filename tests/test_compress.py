@@ -4,7 +4,7 @@ import torch
 import transformers
 
 import layerzip as lz
-from layerzip.layers import LowRankLinear
+from layerzip.nn import LowRankLinear
 from layerzip.models import select_targets
 
 from conftest import ARCHS

@@ -9,7 +9,7 @@ from layerzip.calibrate import builtin_documents, token_batches
 from layerzip.depth import drop_blocks_
 from layerzip.errors import LayerzipError
 from layerzip.heal import check_head, distill_loss, heal_
-from layerzip.layers import FactorizedLayer
+from layerzip.nn import FactorizedLayer
 from test_depth import cli, deep_tiny
 
 

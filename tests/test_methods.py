@@ -53,7 +53,7 @@ def test_svdllm_beats_svd_and_asvd_on_real_activations():
     """Real MiniLM activations on real text: whitening gives the smallest layer loss in every module."""
     import layerzip as lz
     from layerzip.calibrate import collect_stats
-    from layerzip.layers import dense_weight_and_bias
+    from layerzip.nn import dense_weight_and_bias
     from layerzip.models import linear_shape, select_targets
 
     loaded = lz.load_model("minilm")

@@ -13,7 +13,7 @@ from .compress import (ASVD, CUR, FWSVD, METHODS, SVD, SVDLLM, CompressConfig, c
                        register_method)
 from .errors import LayerzipError
 from .io import save
-from .layers import FactorizedLayer, LowRankLinear
+from .nn import FactorizedLayer, LowRankLinear
 from .models import load_model
 from .pipeline import calibration_batches, compress_model, evaluate_model
 from . import structured  # noqa: F401  registers btt, monarch, ... as compress methods

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import allocate
 from .calibrate import backbone, collect_stats
 from .errors import LayerzipError
-from .layers import dense_weight_and_bias
+from .nn import dense_weight_and_bias
 from .models import find_blocks, linear_shape, select_targets
 
 FORMAT = "layerzip-analysis"

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import allocate
 from .calibrate import collect_stats
 from .errors import LayerzipError
-from .layers import LowRankLinear, dense_weight_and_bias
+from .nn import LowRankLinear, dense_weight_and_bias
 from .correct import refit_left, target_aware_factors
 from .methods import asvd_factors, cur_factors, fwsvd_factors, svd_factors, svdllm_factors
 from .methods.cur import score_singular_values

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import backbone
 from .errors import LayerzipError
-from .layers import FactorizedLayer
+from .nn import FactorizedLayer
 from .models import find_blocks, select_targets
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .errors import LayerzipError
-from .layers import FactorizedLayer, layer_from_spec
+from .nn import FactorizedLayer, layer_from_spec
 
 FORMAT_VERSION = 1
 META = "layerzip.json"

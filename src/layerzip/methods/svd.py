@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import torch
 
-
-def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int):
-    """A = U_r Σ_r^½ (out×r), B = Σ_r^½ V_rᵀ (r×in)."""
-    s = S[:rank].clamp_min(0).sqrt()
-    return U[:, :rank] * s, s[:, None] * Vh[:rank]
+from ..nn import split_balanced
 
 
 @torch.no_grad()
