@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerzip.nn as lnn
-from layerzip.nn.structurize import build_layer, choose_shape
+from layerzip.registry import LAYERS
+from layerzip.training import Cuttlefish, Maestro
 
 OUT = Path(__file__).parent / "results"
 MAX_FLOPS = 4.0         # runs whose forward costs more than 4× dense are recorded as skipped (CPU time budget)
@@ -45,7 +46,7 @@ def load_mnist():
 def make_linear(structure: str | None, n: int, m: int, device=None) -> nn.Module:
     if structure is None:
         return nn.Linear(n, m, device=device)
-    return build_layer(structure, None, n, m, True, choose_shape(structure, n, m, KEEP), device=device)
+    return LAYERS[structure](n, m, device=device, **lnn.choose_shape(structure, n, m, KEEP))
 
 
 class MLP(nn.Module):
@@ -156,9 +157,9 @@ def run_model(kind: str, args):
         model = cls(width, structure)
         cb = None
         if cb_name == "cuttlefish":
-            cb = lnn.Cuttlefish(model, check_every=100, tol=0.1, include=[r"^fc"])
+            cb = Cuttlefish(model, check_every=100, tol=0.1, include=[r"^fc"])
         elif cb_name == "maestro":
-            cb = lnn.Maestro(model, lasso=2e-4, shrink_every=100, tol=0.05, include=[r"^fc"])
+            cb = Maestro(model, lasso=2e-4, shrink_every=100, tol=0.05, include=[r"^fc"])
         res = train(model, data, steps, batch, lr, args.seed, cb)
         row = dict(model=kind, structure=structure or "dense", match=match, width=width, flops=model.flops(),
                    steps=steps, batch=batch, lr=lr, seed=args.seed, **res)

@@ -68,10 +68,10 @@ def _fingerprint(t: torch.Tensor) -> tuple:
 
 
 class ProjectionMemo:
-    """While active, reuse (1) the ALS projections of the structures in `STRUCTURES` for the same matrix and shape —
-    Hadamard's rank is capped (R² ≤ min(in, out)), so every keep above ≈ 0.15 projects onto the same shape — and
-    (2) drop-blocks' block similarity, which depends on the model and the calibration batches only. `clear()`
-    between methods bounds the memory."""
+    """While active, reuse (1) the ALS projections (the classes' `from_dense`) of the structures in `STRUCTURES` for
+    the same matrix and shape — Hadamard's rank is capped (R² ≤ min(in, out)), so every keep above ≈ 0.15 projects
+    onto the same shape — and (2) drop-blocks' block similarity, which depends on the model and the calibration
+    batches only. `clear()` between methods bounds the memory."""
     STRUCTURES = ("hadamard", "blast")
 
     def __init__(self):
@@ -79,21 +79,23 @@ class ProjectionMemo:
 
     def __enter__(self):
         import importlib
+        from layerzip.registry import LAYERS
         analyze = importlib.import_module("layerzip.analyze")
-        structurize = importlib.import_module("layerzip.nn.structurize")   # (layerzip.nn.structurize is a function)
-        self._mods = (structurize, analyze)
-        self._build, self._sim = build0, sim0 = structurize.build_layer, analyze.block_similarity
+        self._analyze, self._sim = analyze, analyze.block_similarity
+        sim0 = self._sim
+        # the classes' own `from_dense` (None: inherited), restored on exit
+        self._own = {LAYERS[n]: vars(LAYERS[n]).get("from_dense") for n in self.STRUCTURES}
 
-        def build_layer(name, W, in_features, out_features, bias, shape_args, dtype=None, device=None):
-            if W is None or name not in self.STRUCTURES:
-                return build0(name, W, in_features, out_features, bias, shape_args, dtype, device)
-            key = (name, _fingerprint(W), None if bias is None else _fingerprint(bias),
-                   tuple(sorted((k, str(v)) for k, v in shape_args.items())))
-            if key in self.layers:
-                self.hits += 1
-            else:
-                self.layers[key] = build0(name, W, in_features, out_features, bias, shape_args, dtype, device)
-            return copy.deepcopy(self.layers[key])
+        def memoized(name, project):
+            def from_dense(cls, W, bias=None, **shape):
+                key = (name, _fingerprint(W), None if bias is None else _fingerprint(bias),
+                       tuple(sorted((k, str(v)) for k, v in shape.items())))
+                if key in self.layers:
+                    self.hits += 1
+                else:
+                    self.layers[key] = project(W, bias, **shape)
+                return copy.deepcopy(self.layers[key])
+            return classmethod(from_dense)
 
         def block_similarity(model, batches, progress=True):
             first = next(model.parameters())
@@ -103,12 +105,18 @@ class ProjectionMemo:
             else:
                 self.sims[key] = sim0(model, batches, progress)
             return self.sims[key]
-        structurize.build_layer, analyze.block_similarity = build_layer, block_similarity
+        for cls in self._own:
+            cls.from_dense = memoized(cls.layer_type, cls.from_dense)
+        analyze.block_similarity = block_similarity
         return self
 
     def __exit__(self, *exc):
-        structurize, analyze = self._mods
-        structurize.build_layer, analyze.block_similarity = self._build, self._sim
+        for cls, own in self._own.items():
+            if own is None:
+                del cls.from_dense
+            else:
+                cls.from_dense = own
+        self._analyze.block_similarity = self._sim
 
     def clear(self):
         self.layers.clear()

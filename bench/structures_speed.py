@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import layerzip.nn as lnn
-from layerzip.nn.structurize import build_layer, choose_shape
+from layerzip.registry import LAYERS
 
 OUT = Path(__file__).parent / "results"
 
@@ -58,8 +58,7 @@ def main():
     rows = []
     for d in args.sizes:
         dense = torch.nn.Linear(d, d)
-        layers = {name: build_layer(name, None, d, d, True, choose_shape(name, d, d, args.keep))
-                  for name in lnn.STRUCTURES}
+        layers = {name: LAYERS[name](d, d, **lnn.choose_shape(name, d, d, args.keep)) for name in lnn.STRUCTURES}
         for B in args.batches:
             x = torch.randn(B, d)
             with torch.inference_mode():

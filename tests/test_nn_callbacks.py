@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import layerzip.nn as lnn
-from layerzip.nn.callbacks import OrderedLowRankLinear, stable_rank
+from layerzip.training import Cuttlefish, Maestro, OrderedLowRankLinear, stable_rank
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ def test_cuttlefish_switches_to_low_rank_and_training_continues():
     x, y = _data()
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    cb = lnn.Cuttlefish(model, opt, check_every=10, tol=0.2, exclude=[r"^4$"])
+    cb = Cuttlefish(model, opt, check_every=10, tol=0.2, exclude=[r"^4$"])
     losses = _train(model, cb, opt, 80, x, y)
     assert cb.switch_step is not None and len(cb.history) >= 2
     assert isinstance(model[2], lnn.LowRankLinear) and 1 <= cb.ranks["2"] < 32   # saves parameters
@@ -68,7 +68,7 @@ def test_maestro_ordered_dropout_and_progressive_shrinking():
     x, y = _data()
     model = _mlp()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    cb = lnn.Maestro(model, opt, lasso=3e-3, shrink_every=20, tol=0.1, exclude=[r"^4$"])
+    cb = Maestro(model, opt, lasso=3e-3, shrink_every=20, tol=0.1, exclude=[r"^4$"])
     assert isinstance(model[0], OrderedLowRankLinear) and cb.ranks == {"0": 32, "2": 64}
     ref_x = x[:8]
     model.eval()

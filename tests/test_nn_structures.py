@@ -1,4 +1,5 @@
-"""layerzip.nn structures: forward = dense weight, round trips, parameter formulas, exact projections, structurize."""
+"""layerzip.nn structures: forward = dense weight, round trips, parameter formulas, exact projections, shape
+candidates, the registry, structurize."""
 import json
 
 import pytest
@@ -6,7 +7,10 @@ import torch
 from torch import nn
 
 import layerzip.nn as lnn
-from layerzip.layers import layer_from_spec
+from layerzip.errors import LayerzipError
+from layerzip.nn import layer_from_spec, register_layer
+from layerzip.registry import LAYERS
+from layerzip.training import structurize
 
 D = torch.float64
 # (class, shape args, formula(in, out) for the weight parameters) on divisible shapes 48 -> 64 (no padding)
@@ -31,9 +35,7 @@ def test_forward_matches_dense_weight_and_param_formula(cls, kw, formula):
     assert torch.allclose(layer(x), x @ layer.dense_weight().T + layer.bias, atol=1e-12)
     n_weights = sum(p.numel() for p in layer.parameters()) - 64
     assert n_weights == formula(48, 64)
-    static = {lnn.BTTLinear: lambda: cls.num_params(kw["in_shape"], kw["out_shape"], kw["rank"]),
-              lnn.TTLinear: lambda: cls.num_params(kw["in_shape"], kw["out_shape"], kw["rank"])}
-    assert n_weights == static.get(cls, lambda: cls.num_params(48, 64, *kw.values()))()
+    assert n_weights == cls.num_params(48, 64, **kw)
     dense = layer.to_dense()
     assert torch.allclose(dense(x), layer(x), atol=1e-12)
 
@@ -133,28 +135,72 @@ def test_blast_and_hadamard_optimizers_beat_their_starts():
     assert (h.dense_weight() - W).norm() < S[3:].norm()                  # beats its rank-R SVD start
 
 
-def test_structure_factory_respects_keep():
+def test_lowrank_num_params_and_full_rank_from_dense_is_exact():
+    torch.manual_seed(10)
+    W, b = torch.randn(64, 48, dtype=D), torch.randn(64, dtype=D)
+    full = lnn.LowRankLinear.from_dense(W, b)
+    assert full.rank == 48 and full.A.dtype == D
+    assert torch.allclose(full.dense_weight(), W, atol=1e-12) and torch.equal(full.bias, b)
+    low = lnn.LowRankLinear.from_dense(W.float(), rank=3)
+    assert low.A.dtype == torch.float32 and low.bias is None
+    assert low.num_parameters() == lnn.LowRankLinear.num_params(48, 64, rank=3) == 3 * (48 + 64)
+    lin = nn.Linear(48, 64)
+    assert torch.allclose(lnn.LowRankLinear.from_linear(lin).to_dense().weight, lin.weight, atol=1e-5)
+
+
+ALL = [lnn.LowRankLinear] + [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_candidates_construct_and_num_params_counts_them(cls):
+    n, m = 24, 40
+    shapes = list(cls.candidates(n, m, budget=0.5 * n * m))
+    assert shapes
+    for shape in shapes:
+        layer = cls(n, m, bias=False, device="meta", **shape)
+        assert sum(p.numel() for p in layer.parameters()) == cls.num_params(n, m, **shape), shape
+
+
+def test_register_layer_refuses_a_second_class_under_a_taken_name():
+    class Other(lnn.LowRankLinear):
+        pass
+    with pytest.raises(ValueError, match="registered twice"):
+        register_layer("lowrank")(Other)
+    assert LAYERS["lowrank"] is lnn.LowRankLinear and register_layer("lowrank")(lnn.LowRankLinear)
+    with pytest.raises(LayerzipError, match="upgrade"):
+        layer_from_spec({"type": "nope", "in": 4, "out": 4, "bias": False})
+
+
+def test_choose_shape_respects_keep():
     torch.manual_seed(6)
     W = torch.randn(96, 128, dtype=D)
     for name in lnn.STRUCTURES:
-        make = lnn.structure_factory(name)
+        cls = LAYERS[name]
         for keep in (0.2, 0.5):
-            layer = make(W, torch.zeros(96, dtype=D), keep)
+            shape = lnn.choose_shape(name, 128, 96, keep)
+            assert shape == lnn.choose_shape(cls, 128, 96, keep)                 # by name or by class
+            layer = cls.from_dense(W, torch.zeros(96, dtype=D), **shape)
             n = sum(p.numel() for p in layer.parameters()) - 96
             assert n <= keep * W.numel(), (name, keep, n)
             assert n >= 0.5 * keep * W.numel(), (name, keep, n)
             assert (layer.dense_weight() - W).norm() < W.norm()             # a projection, not noise
-    with pytest.raises(ValueError):
-        lnn.structure_factory("nope")
+    with pytest.raises(LayerzipError):
+        lnn.choose_shape("nope", 128, 96, 0.5)
+    with pytest.raises(ValueError, match="no shape fits"):
+        lnn.choose_shape("hadamard", 128, 96, 1e-4)
 
 
-def test_configs_validate_and_round_trip():
-    cfg = lnn.BTTConfig(rank=4)
-    assert lnn.StructureConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+def test_structurize_validates():
+    model = nn.Sequential(nn.Linear(8, 8))
     with pytest.raises(ValueError):
-        lnn.BTTConfig(rank=0)
+        structurize(model, "btt", rank=0)
     with pytest.raises(ValueError):
-        lnn.MonarchConfig(keep=1.5)
+        structurize(model, lnn.MonarchLinear, keep=1.5)
+    with pytest.raises(ValueError):
+        structurize(model, "tt", keep=0.5, rank=2)
+    with pytest.raises(ValueError):
+        structurize(model, "tt", in_shape=(2, 0, 4))
+    assert isinstance(model[0], nn.Linear)
 
 
 def test_structurize_mlp_include_exclude_and_fresh_init():
@@ -162,19 +208,16 @@ def test_structurize_mlp_include_exclude_and_fresh_init():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(8, 64)
     ref = model(x)
-    lnn.structurize(model, lnn.TTConfig(rank=10 ** 4), exclude=[r"^4$"])          # lossless rank: same outputs
+    structurize(model, "tt", rank=10 ** 4, exclude=[r"^4$"])          # lossless rank: same outputs
     assert isinstance(model[0], lnn.TTLinear) and isinstance(model[4], nn.Linear)
     assert torch.allclose(model(x), ref, atol=1e-4)
     fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-    lnn.structurize(fresh, lnn.MonarchConfig(nblocks=8), include=[r"^0$"], from_dense=False)
+    structurize(fresh, lnn.MonarchLinear, nblocks=8, include=[r"^0$"], from_dense=False)
     assert isinstance(fresh[0], lnn.MonarchLinear) and isinstance(fresh[2], nn.Linear)
 
 
-@pytest.mark.parametrize("config", [lnn.BTTConfig(keep=0.3), lnn.MonarchConfig(keep=0.3),
-                                    lnn.KroneckerConfig(keep=0.3), lnn.HadamardConfig(keep=0.3),
-                                    lnn.BlastConfig(keep=0.3), lnn.TTConfig(keep=0.3), lnn.LowRankConfig(keep=0.3)],
-                         ids=lambda c: c.name)
-def test_structurize_transformers_bert_stays_runnable(config):
+@pytest.mark.parametrize("name", lnn.STRUCTURES)
+def test_structurize_transformers_bert_stays_runnable(name):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(8)
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -182,7 +225,7 @@ def test_structurize_transformers_bert_stays_runnable(config):
     model = transformers.BertModel(cfg).eval()
     ids = torch.randint(0, 100, (2, 7))
     dense_params = sum(p.numel() for p in model.parameters())
-    lnn.structurize(model, config, include=[r"encoder\."])
+    structurize(model, name, keep=0.3, include=[r"encoder\."])
     n_struct = sum(isinstance(m, lnn.StructuredLinear) or type(m).__name__ == "LowRankLinear"
                    for m in model.modules())
     assert n_struct == 2 * 6                                                # q, k, v, o, up, down per layer
@@ -199,6 +242,6 @@ def test_structurize_gpt2_conv1d():
     model = transformers.GPT2LMHeadModel(cfg).eval()
     ids = torch.randint(0, 50, (1, 6))
     ref = model(input_ids=ids).logits
-    lnn.structurize(model, lnn.KroneckerConfig(n=4, terms=16), include=[r"\.h\."])   # n² terms: lossless
+    structurize(model, "kronecker", n=4, terms=16, include=[r"\.h\."])   # n² terms: lossless
     assert isinstance(model.transformer.h[0].attn.c_attn, lnn.KroneckerLinear)
     assert torch.allclose(model(input_ids=ids).logits, ref, atol=1e-4)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import layerzip as lz
-from layerzip.nn.structurize import STRUCTURES
+from layerzip.nn import STRUCTURES
 
 
 @pytest.mark.parametrize("name", [s for s in STRUCTURES if s != "lowrank"])

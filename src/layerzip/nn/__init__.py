@@ -10,24 +10,26 @@
 | BlastLinear | blocks Uᵢ diag(sᵢⱼ) Vⱼᵀ | r(b·p + b·q + b²) |
 | TTLinear | tensor-train matrix | Σ r_{k−1} m_k n_k r_k |
 
-Each has `from_dense(W, bias, **shape)`, `to_dense()`, `spec()`/`from_spec()`, a static `num_params(...)` and
-`flops()`. Importing this package registers the layer types so saved models with them can be loaded.
+Each has `from_dense(W, bias, **shape)`, `from_linear(module, **shape)`, `to_dense()`, `spec()`/`from_spec()`,
+`flops()`, a static `num_params(in, out, **shape)` and a classmethod `candidates(in, out, budget)` (the shapes
+`choose_shape` picks from). Importing this package registers the layer types (`layerzip.registry.LAYERS`) so saved
+models with them can be loaded. This package imports nothing of layerzip but `registry` and `errors`.
 """
-from ..layers.lowrank import LowRankLinear
 from ._common import StructuredLinear, balanced_factors, layer_flops
+from .base import FactorizedLayer, dense_weight_and_bias, is_conv1d, is_linear_like, layer_from_spec, register_layer
 from .blast import BlastLinear
 from .btt import BTTLinear
-from .callbacks import Cuttlefish, Maestro, stable_rank
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
+from .lowrank import LowRankLinear, split_balanced
 from .monarch import MonarchLinear
-from .structurize import (CONFIGS, STRUCTURES, BlastConfig, BTTConfig, HadamardConfig, KroneckerConfig,
-                          LowRankConfig, MonarchConfig, StructureConfig, TTConfig, choose_shape, structure_factory,
-                          structurize)
+from .shapes import choose_shape
 from .tt import TTLinear
 
-__all__ = ["BTTLinear", "BlastLinear", "BlastConfig", "BTTConfig", "CONFIGS", "Cuttlefish", "HadamardConfig",
-           "KroneckerConfig", "KroneckerLinear", "LowRankConfig", "LowRankHadamardLinear", "LowRankLinear", "Maestro",
-           "MonarchConfig", "MonarchLinear", "STRUCTURES", "StructureConfig", "StructuredLinear", "TTConfig",
-           "TTLinear", "balanced_factors", "choose_shape", "layer_flops", "stable_rank", "structure_factory",
-           "structurize"]
+STRUCTURES = [c.layer_type for c in (LowRankLinear, BTTLinear, MonarchLinear, KroneckerLinear, LowRankHadamardLinear,
+                                     BlastLinear, TTLinear)]
+
+__all__ = ["BTTLinear", "BlastLinear", "FactorizedLayer", "KroneckerLinear", "LowRankHadamardLinear", "LowRankLinear",
+           "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear", "balanced_factors", "choose_shape",
+           "dense_weight_and_bias", "is_conv1d", "is_linear_like", "layer_flops", "layer_from_spec", "register_layer",
+           "split_balanced"]

@@ -1,4 +1,5 @@
-"""Shared plumbing for the structured layers: shape factoring, padding, the generic spec / from_dense / from_spec.
+"""Shared plumbing for the structured layers: shape factoring, padding, the generic spec / from_dense / from_spec,
+and `layer_flops`.
 
 Every structure reshapes x (…, in) into a grid such as (n1, n2); when `in` has no balanced factorization the grid is
 padded (x gets zero columns, y is cut back to `out`). Padded weights are real parameters, counted in `num_params`.
@@ -10,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..layers.base import FactorizedLayer, dense_weight_and_bias
+from .base import FactorizedLayer, dense_weight_and_bias
 
 
 def _balanced_exact(n: int, d: int) -> tuple[int, ...]:
@@ -46,15 +47,12 @@ class StructuredLinear(FactorizedLayer):
 
     Subclasses define `__init__(in_features, out_features, *, <shape args>, bias, device, dtype)`, `_shape_args()`
     (the JSON-able shape arguments), `forward`, `dense_weight`, `project_(W64)` (set the factors from a dense
-    float64 matrix, exactly or by a documented optimizer) and `flops()` (multiply-add ×2 per input row)."""
+    float64 matrix, exactly or by a documented optimizer), `flops()`, `num_params` and `candidates`."""
 
     def _shape_args(self) -> dict:
         raise NotImplementedError
 
     def project_(self, W: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def flops(self) -> int:
         raise NotImplementedError
 
     def _init_bias(self, bias: bool, kw: dict) -> None:
@@ -78,12 +76,6 @@ class StructuredLinear(FactorizedLayer):
             layer.bias.copy_(bias)
         return layer
 
-    @classmethod
-    def from_linear(cls, module: torch.nn.Module, **shape_args) -> "StructuredLinear":
-        """From an `nn.Linear`, a GPT-2 `Conv1D` or any factorized layer."""
-        W, b = dense_weight_and_bias(module)
-        return cls.from_dense(W, None if b is None else b.detach(), **shape_args)
-
     def spec(self) -> dict:
         return {"type": self.layer_type, "in": self.in_features, "out": self.out_features,
                 "bias": self.bias is not None, **self._shape_args()}
@@ -101,9 +93,7 @@ class StructuredLinear(FactorizedLayer):
 
 def layer_flops(layer: torch.nn.Module) -> int:
     """Forward FLOPs (2 × multiply-adds) per input row of a linear-like layer."""
-    if isinstance(layer, StructuredLinear):
+    if isinstance(layer, FactorizedLayer):
         return layer.flops()
-    if hasattr(layer, "rank") and hasattr(layer, "A"):  # LowRankLinear
-        return 2 * layer.rank * (layer.in_features + layer.out_features)
     W, _ = dense_weight_and_bias(layer)
     return 2 * W.numel()

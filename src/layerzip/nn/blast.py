@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers.base import register_layer
+from .base import register_layer
 from ._common import StructuredLinear, pad_last, pad_matrix
 
 
@@ -62,12 +62,21 @@ class BlastLinear(StructuredLinear):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_features: int, out_features: int, nblocks: int, rank: int) -> int:
+    def num_params(in_features: int, out_features: int, nblocks: int = 4, rank: int = 8) -> int:
         b = nblocks
         return rank * (b * math.ceil(out_features / b) + b * math.ceil(in_features / b) + b * b)
 
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        """b ∈ {16, 8, 4, 2} dividing gcd(in, out) with b² ≤ min(in, out), most blocks first, then b = 1; every rank
+        up to the smaller block side."""
+        g, small = math.gcd(out_features, in_features), min(out_features, in_features)
+        for b in [k for k in (16, 8, 4, 2) if g % k == 0 and k * k <= small] + [1]:
+            for r in range(1, min(math.ceil(out_features / b), math.ceil(in_features / b)) + 1):
+                yield {"nblocks": b, "rank": r}
+
     def flops(self) -> int:
-        return 2 * self.num_params(self.in_features, self.out_features, self.nblocks, self.rank)
+        return 2 * self.num_params(self.in_features, self.out_features, **self._shape_args())
 
     def _shape_args(self) -> dict:
         return {"nblocks": self.nblocks, "rank": self.rank}

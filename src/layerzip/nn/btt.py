@@ -16,8 +16,12 @@ import math
 import torch
 from torch import nn
 
-from ..layers.base import register_layer
+from .base import register_layer
 from ._common import StructuredLinear, balanced_factors, pad_last, pad_matrix
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
 
 
 @register_layer("btt")
@@ -33,8 +37,7 @@ class BTTLinear(StructuredLinear):
     def __init__(self, in_features: int, out_features: int, rank: int = 1, in_shape=None, out_shape=None,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
-        n1, n2 = in_shape or balanced_factors(in_features, 2)
-        m1, m2 = out_shape or balanced_factors(out_features, 2)
+        (n1, n2), (m1, m2) = self._grid(in_features, out_features, in_shape, out_shape)
         if n1 * n2 < in_features or m1 * m2 < out_features or rank < 1:
             raise ValueError(f"bad BTT shape: in {in_features} -> {(n1, n2)}, out {out_features} -> {(m1, m2)}, "
                              f"rank {rank}")
@@ -54,12 +57,29 @@ class BTTLinear(StructuredLinear):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_shape, out_shape, rank: int) -> int:
-        (n1, n2), (m1, m2) = in_shape, out_shape
+    def _grid(in_features: int, out_features: int, in_shape, out_shape) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(n1, n2), (m1, m2): the given grids, else balanced factors of in and out."""
+        return (tuple(in_shape or balanced_factors(in_features, 2)),
+                tuple(out_shape or balanced_factors(out_features, 2)))
+
+    @staticmethod
+    def num_params(in_features: int, out_features: int, rank: int = 1, in_shape=None, out_shape=None) -> int:
+        (n1, n2), (m1, m2) = BTTLinear._grid(in_features, out_features, in_shape, out_shape)
         return rank * (n1 * n2 * m1 + m1 * n1 * m2)
 
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        """Exact grids, balanced first (ties keep the first); every rank up to the smaller block side. Smaller
+        n1, m1 give fewer parameters (n1 = m1 = 1 is low rank)."""
+        n, m = in_features, out_features
+        grids = sorted(((a, n // a), (c, m // c)) for a in _divisors(n) for c in _divisors(m))
+        grids.sort(key=lambda g: abs(math.log(g[0][0] / g[0][1])) + abs(math.log(g[1][0] / g[1][1])))
+        for si, so in grids:
+            for r in range(1, min(si[1], so[1]) + 1):
+                yield {"rank": r, "in_shape": si, "out_shape": so}
+
     def flops(self) -> int:
-        return 2 * self.num_params(self.in_shape, self.out_shape, self.rank)
+        return 2 * self.num_params(self.in_features, self.out_features, **self._shape_args())
 
     def _shape_args(self) -> dict:
         return {"rank": self.rank, "in_shape": self.in_shape, "out_shape": self.out_shape}

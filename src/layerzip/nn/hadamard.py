@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.base import register_layer
+from .base import register_layer
 from ._common import StructuredLinear
 
 
@@ -58,8 +58,14 @@ class LowRankHadamardLinear(StructuredLinear):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_features: int, out_features: int, rank: int) -> int:
+    def num_params(in_features: int, out_features: int, rank: int = 4) -> int:
         return 2 * rank * (in_features + out_features)
+
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        """R up to √min(in, out): beyond it R² exceeds the rank a plain matrix can have."""
+        for r in range(1, math.isqrt(min(in_features, out_features)) + 1):
+            yield {"rank": r}
 
     def flops(self) -> int:
         return 2 * self.rank ** 2 * (self.in_features + self.out_features)

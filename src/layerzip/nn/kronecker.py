@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers.base import register_layer
+from .base import register_layer
 from ._common import StructuredLinear, pad_last, pad_matrix
 
 
@@ -23,7 +23,7 @@ class KroneckerLinear(StructuredLinear):
     """
     >>> import torch
     >>> k = KroneckerLinear(64, 32, n=4)               # PHM: 4 terms of (4×4) ⊗ (8×16)
-    >>> k.num_parameters() == KroneckerLinear.num_params(64, 32, 4, 4) + 32
+    >>> k.num_parameters() == KroneckerLinear.num_params(64, 32, n=4, terms=4) + 32
     True
     """
 
@@ -48,9 +48,21 @@ class KroneckerLinear(StructuredLinear):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_features: int, out_features: int, n: int, terms: int | None = None) -> int:
+    def num_params(in_features: int, out_features: int, n: int = 4, terms: int | None = None) -> int:
         terms = terms or n
         return terms * (n * n + math.ceil(out_features / n) * math.ceil(in_features / n))
+
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        """n: the divisors ≥ 2 of gcd(in, out) up to 64 (else 2…16, padded); parameters grow linearly in t, so per
+        n only the largest t within `budget` (and ≤ min(n², p·q), where it is lossless)."""
+        g, small = math.gcd(out_features, in_features), min(out_features, in_features)
+        ns = [k for k in range(2, min(g, 64) + 1) if g % k == 0] or list(range(2, min(small, 16) + 1))
+        for k in ns:
+            pq = math.ceil(out_features / k) * math.ceil(in_features / k)
+            t = min(k * k, pq, int(budget // (k * k + pq)))
+            if t >= 1:
+                yield {"n": k, "terms": t}
 
     def flops(self) -> int:
         t, n, p, q = self.terms, self.n, self.p, self.q

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ..layers.base import register_layer
+from .base import register_layer
 from .btt import BTTLinear
 
 
@@ -26,7 +26,7 @@ class MonarchLinear(BTTLinear):
 
     def __init__(self, in_features: int, out_features: int, nblocks: int | None = None, bias: bool = True,
                  device=None, dtype=None):
-        b = nblocks or max(1, round(math.sqrt(min(in_features, out_features))))
+        b = self._nblocks(in_features, out_features, nblocks)
         if not 1 <= b <= min(in_features, out_features):
             raise ValueError(f"nblocks must be in [1, {min(in_features, out_features)}], got {b}")
         self.nblocks = b
@@ -34,12 +34,19 @@ class MonarchLinear(BTTLinear):
                          out_shape=(b, math.ceil(out_features / b)), bias=bias, device=device, dtype=dtype)
 
     @staticmethod
-    def num_params(in_features: int, out_features: int, nblocks: int) -> int:
-        b = nblocks
+    def _nblocks(in_features: int, out_features: int, nblocks: int | None) -> int:
+        """`nblocks`, else ≈ √min(in, out)."""
+        return nblocks or max(1, round(math.sqrt(min(in_features, out_features))))
+
+    @staticmethod
+    def num_params(in_features: int, out_features: int, nblocks: int | None = None) -> int:
+        b = MonarchLinear._nblocks(in_features, out_features, nblocks)
         return b * b * (math.ceil(in_features / b) + math.ceil(out_features / b))
 
-    def flops(self) -> int:
-        return 2 * self.num_params(self.in_features, self.out_features, self.nblocks)
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        for b in range(1, min(in_features, out_features) + 1):
+            yield {"nblocks": b}
 
     def _shape_args(self) -> dict:
         return {"nblocks": self.nblocks}

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers.base import register_layer
+from .base import register_layer
 from ._common import StructuredLinear, balanced_factors, pad_last, pad_matrix
 
 
@@ -32,15 +32,14 @@ class TTLinear(StructuredLinear):
     """
     >>> import torch
     >>> t = TTLinear(64, 64, rank=4, in_shape=(4, 4, 4), out_shape=(4, 4, 4))
-    >>> t.num_parameters() - 64 == TTLinear.num_params((4, 4, 4), (4, 4, 4), 4)
+    >>> t.num_parameters() - 64 == TTLinear.num_params(64, 64, rank=4, in_shape=(4, 4, 4), out_shape=(4, 4, 4))
     True
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, in_shape=None, out_shape=None,
                  ncores: int = 3, bias: bool = True, device=None, dtype=None):
         super().__init__()
-        in_shape = tuple(in_shape or balanced_factors(in_features, ncores))
-        out_shape = tuple(out_shape or balanced_factors(out_features, len(in_shape)))
+        in_shape, out_shape = self._grid(in_features, out_features, in_shape, out_shape, ncores)
         if (len(in_shape) != len(out_shape) or math.prod(in_shape) < in_features
                 or math.prod(out_shape) < out_features or rank < 1):
             raise ValueError(f"bad TT shape: in {in_features} -> {in_shape}, out {out_features} -> {out_shape}")
@@ -61,9 +60,24 @@ class TTLinear(StructuredLinear):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_shape, out_shape, rank: int) -> int:
+    def _grid(in_features: int, out_features: int, in_shape, out_shape, ncores: int) -> tuple[tuple, tuple]:
+        """(n₁…n_d), (m₁…m_d): the given ones, else balanced factors (d = ncores, or len(in_shape))."""
+        in_shape = tuple(in_shape or balanced_factors(in_features, ncores))
+        return in_shape, tuple(out_shape or balanced_factors(out_features, len(in_shape)))
+
+    @staticmethod
+    def num_params(in_features: int, out_features: int, rank: int = 8, in_shape=None, out_shape=None,
+                   ncores: int = 3) -> int:
+        in_shape, out_shape = TTLinear._grid(in_features, out_features, in_shape, out_shape, ncores)
         r = tt_ranks(in_shape, out_shape, rank)
         return sum(r[k] * m * n * r[k + 1] for k, (m, n) in enumerate(zip(out_shape, in_shape)))
+
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        """Three balanced cores, rank 1…256."""
+        si, so = balanced_factors(in_features, 3), balanced_factors(out_features, 3)
+        for r in range(1, 257):
+            yield {"rank": r, "in_shape": si, "out_shape": so}
 
     def flops(self) -> int:
         # right-to-left: core k costs 2·(Π_{<k} n)·(n_k r_k)·(r_{k−1} m_k)·(Π_{>k} m)

@@ -1,6 +1,8 @@
 """LowRankLinear: y = (x Bᵀ) Aᵀ + b, with A (out×r) and B (r×in).
 
 Stores r·(in+out) weights instead of in·out. Two skinny GEMMs, so the forward costs what its FLOPs say.
+Projection: truncated SVD W ≈ U_r Σ_r V_rᵀ (Frobenius-optimal, Eckart–Young), split evenly as A = U_r Σ_r^½,
+B = Σ_r^½ V_rᵀ; exact at r = min(in, out).
 """
 from __future__ import annotations
 
@@ -10,23 +12,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import FactorizedLayer, register_layer, dense_weight_and_bias
+from .base import FactorizedLayer, register_layer
+
+
+def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int):
+    """A = U_r Σ_r^½ (out×r), B = Σ_r^½ V_rᵀ (r×in) from an SVD U diag(S) Vh."""
+    s = S[:rank].clamp_min(0).sqrt()
+    return U[:, :rank] * s, s[:, None] * Vh[:rank]
 
 
 @register_layer("lowrank")
 class LowRankLinear(FactorizedLayer):
-    """A rank-r linear layer.
+    """A rank-r linear layer (r = min(in, out) when not given).
 
     >>> import torch
     >>> lin = torch.nn.Linear(64, 32)
-    >>> lr = LowRankLinear.from_linear(lin, rank=32)        # full rank: exact
+    >>> lr = LowRankLinear.from_linear(lin)                 # full rank: exact
     >>> bool(torch.allclose(lr.to_dense().weight, lin.weight, atol=1e-5))
+    True
+    >>> LowRankLinear.num_params(64, 32, rank=4) == LowRankLinear.from_linear(lin, rank=4).num_parameters() - 32
     True
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True,
                  device=None, dtype=None):
         super().__init__()
+        rank = rank or min(in_features, out_features)
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         kw = dict(device=device, dtype=dtype)
@@ -44,8 +55,16 @@ class LowRankLinear(FactorizedLayer):
             nn.init.zeros_(self.bias)
 
     @staticmethod
-    def num_params(in_features: int, out_features: int, rank: int, bias: bool = False) -> int:
-        return rank * (in_features + out_features) + (out_features if bias else 0)
+    def num_params(in_features: int, out_features: int, rank: int | None = None) -> int:
+        return (rank or min(in_features, out_features)) * (in_features + out_features)
+
+    @classmethod
+    def candidates(cls, in_features: int, out_features: int, budget: float):
+        for r in range(1, min(in_features, out_features) + 1):
+            yield {"rank": r}
+
+    def flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.B), self.A, self.bias)
@@ -69,13 +88,15 @@ class LowRankLinear(FactorizedLayer):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, rank: int) -> "LowRankLinear":
-        """Truncated SVD of a `nn.Linear` (or GPT-2 `Conv1D`); exact at rank = min(in, out)."""
-        from ..methods.svd import svd_factors
-
-        W, b = dense_weight_and_bias(linear)
-        A, B = svd_factors(W.double(), None, rank)
-        return cls.from_factors(A, B, b, dtype=W.dtype, device=W.device)
+    @torch.no_grad()
+    def from_dense(cls, W: torch.Tensor, bias: torch.Tensor | None = None, rank: int | None = None) -> "LowRankLinear":
+        """Rank-r truncated SVD of W (out×in), computed in float64, factors cast to W's dtype."""
+        rank = rank or min(W.shape)
+        if not 0 < rank <= min(W.shape):
+            raise ValueError(f"rank must be in [1, {min(W.shape)}], got {rank}")
+        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+        A, B = split_balanced(U, S, Vh, rank)
+        return cls.from_factors(A, B, bias, dtype=W.dtype, device=W.device)
 
     # --- serialization: the shape facts needed to rebuild an empty layer before loading tensors
     def spec(self) -> dict:

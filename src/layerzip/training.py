@@ -1,4 +1,14 @@
-"""Rank learned during training, as callbacks for any plain PyTorch loop (and Lightning-style hooks).
+"""Training-time structure: `structurize` swaps a model's linear layers for one layer type; `Cuttlefish` and
+`Maestro` learn ranks during training, as callbacks for any plain PyTorch loop (and Lightning-style hooks).
+
+>>> import torch
+>>> from layerzip.training import structurize
+>>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+>>> _ = structurize(model, "monarch", nblocks=8, exclude=r"^2$")     # keep the head dense
+>>> type(model[0]).__name__, type(model[2]).__name__
+('MonarchLinear', 'Linear')
+
+Rank callbacks:
 
     cb = Cuttlefish(model, optimizer, check_every=100)        # or Maestro(model, optimizer, ...)
     for step, (x, y) in enumerate(loader):
@@ -16,6 +26,7 @@
   the components with ‖A[:, b]‖·‖B[b]‖ < tol · max are cut off the tail (progressive shrinking).
 When a layer's parameters are replaced, the optimizer's param groups are edited in place (new tensors start with
 fresh optimizer state; shared tensors such as the bias keep theirs).
+Modules are chosen by `layerzip.models.select_modules` (include / exclude: a regex, a list of them or a callable).
 """
 from __future__ import annotations
 
@@ -26,9 +37,44 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.base import dense_weight_and_bias, is_linear_like
-from ..layers.lowrank import LowRankLinear
-from ..methods.svd import svd_factors
+from .models import select_modules, set_module
+from .nn import FactorizedLayer, LowRankLinear, choose_shape, dense_weight_and_bias
+from .registry import LAYERS
+
+
+def _check_shape(keep: float | None, shape: dict) -> None:
+    if keep is not None and shape:
+        raise ValueError(f"give keep or shape arguments, not both (got keep={keep} and {shape})")
+    if keep is not None and not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    for k, v in shape.items():
+        ints = v if isinstance(v, (tuple, list)) else [v]
+        if any(isinstance(i, int) and not isinstance(i, bool) and i < 1 for i in ints):
+            raise ValueError(f"{k} must be positive integers, got {v}")
+
+
+def structurize(model: nn.Module, layer: type[FactorizedLayer] | str, *, keep: float | None = None, include=None,
+                exclude=None, from_dense: bool = True, **shape) -> nn.Module:
+    """Replace (in place) every linear-like module selected by `include` / `exclude` (see
+    `layerzip.models.select_modules`) by `layer` (a class or its registered name). Its shape is `shape` (e.g.
+    `nblocks=8`) or, with `keep`, per module `choose_shape(layer, in, out, keep)` (≤ keep·in·out weights).
+    `from_dense=True` projects the trained weights (`layer.from_dense`); False gives the layer's fresh init (bias
+    kept as is). Returns the model."""
+    cls = LAYERS[layer] if isinstance(layer, str) else layer
+    _check_shape(keep, shape)
+    for name, module in select_modules(model, include, exclude).items():
+        W, b = dense_weight_and_bias(module)
+        m, n = W.shape
+        args = choose_shape(cls, n, m, keep) if keep is not None else shape
+        if from_dense:
+            new = cls.from_dense(W.detach(), None if b is None else b.detach(), **args)
+        else:
+            new = cls(n, m, bias=b is not None, dtype=W.dtype, device=W.device, **args)
+            if b is not None:
+                with torch.no_grad():
+                    new.bias.copy_(b)
+        set_module(model, name, new)
+    return model
 
 
 @torch.no_grad()
@@ -55,18 +101,6 @@ def _swap_params(optimizer, old: nn.Module, new: nn.Module) -> None:
         optimizer.state.pop(p, None)
 
 
-def _set_module(model: nn.Module, qual: str, new: nn.Module) -> None:
-    parent, _, child = qual.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _targets(model, include, exclude):
-    import re
-    return [n for n, m in model.named_modules() if is_linear_like(m)
-            and (include is None or any(re.search(p, n) for p in include))
-            and not (exclude and any(re.search(p, n) for p in exclude))]
-
-
 class _Hooks:
     """No-op defaults and Lightning-style adapters (`on_train_batch_start/end(trainer, pl_module, ...)`)."""
 
@@ -87,7 +121,7 @@ class Cuttlefish(_Hooks):
     def __init__(self, model: nn.Module, optimizer=None, check_every: int = 100, tol: float = 0.1,
                  include=None, exclude=None):
         self.model, self.optimizer, self.check_every, self.tol = model, optimizer, check_every, tol
-        self.names = _targets(model, include, exclude)
+        self.names = list(select_modules(model, include, exclude))
         self.sr0 = {n: stable_rank(dense_weight_and_bias(model.get_submodule(n))[0]) for n in self.names}
         self.history: list[dict] = []   # {"step", name: stable rank}
         self.ranks: dict[str, int | None] = {}   # chosen rank per layer (None: kept dense)
@@ -118,11 +152,10 @@ class Cuttlefish(_Hooks):
             if r * (m + k) >= m * k:            # low rank would not be smaller: stay dense
                 self.ranks[n] = None
                 continue
-            A, B = svd_factors(W.double(), None, r)
-            new = LowRankLinear.from_factors(A, B, None, dtype=W.dtype, device=W.device)
+            new = LowRankLinear.from_dense(W, None, rank=r)
             new.bias = b if isinstance(b, nn.Parameter) else (None if b is None else nn.Parameter(b.detach().clone()))
             _swap_params(optimizer, old, new)
-            _set_module(self.model, n, new)
+            set_module(self.model, n, new)
             self.ranks[n] = r
 
 
@@ -158,16 +191,15 @@ class Maestro(_Hooks):
                  shrink_every: int = 100, tol: float = 0.05, include=None, exclude=None, seed: int = 0):
         self.model, self.optimizer, self.p_min, self.lasso = model, optimizer, p_min, lasso
         self.shrink_every, self.tol, self.rng = shrink_every, tol, random.Random(seed)
-        self.names = _targets(model, include, exclude)
+        self.names = list(select_modules(model, include, exclude))
         with torch.no_grad():
             for n in self.names:
                 old = model.get_submodule(n)
                 W, b = dense_weight_and_bias(old)
-                A, B = svd_factors(W.double(), None, min(W.shape))
-                new = OrderedLowRankLinear.from_factors(A, B, None, dtype=W.dtype, device=W.device)
+                new = OrderedLowRankLinear.from_dense(W, None)
                 new.bias = b if isinstance(b, nn.Parameter) else (None if b is None else nn.Parameter(b.clone()))
                 _swap_params(optimizer, old, new)
-                _set_module(model, n, new)
+                set_module(model, n, new)
         self.history: list[dict] = [{"step": 0, **self.ranks}]
 
     @property
@@ -195,7 +227,7 @@ class Maestro(_Hooks):
             if k < layer.rank:
                 new = layer.truncated(k)
                 _swap_params(optimizer or self.optimizer, layer, new)
-                _set_module(self.model, n, new)
+                set_module(self.model, n, new)
                 changed = True
         for n in self.names:
             self.model.get_submodule(n).active = None
