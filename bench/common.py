@@ -149,7 +149,6 @@ def tiny_model(kind: str) -> str:
 
 def methods() -> list[str]:
     """Every registered method, whatever is registered when the benchmark runs (later methods appear here)."""
-    import layerzip.pipeline  # noqa: F401  (modules that register methods on import)
     return list(lz.METHODS)
 
 
@@ -157,20 +156,21 @@ def config(method: str, keep: float):
     return lz.config_from_dict({"method": method, "keep": keep})
 
 
-def cache_collect(cfg, cache: dict):
-    """Statistics depend on the model and the calibration batches, not on `keep`: collect them once per method
-    family (the `collect` function) and reuse them across keeps. Only used by the quality curves; speed.py times a
-    fresh calibration."""
-    fn = type(cfg).collect
-    orig = cfg.collect
+def stats_key(cfg, calib, model) -> tuple:
+    """Statistics depend on the model, the calibration batches and the method's gradient statistics, not on `keep`:
+    one key per method family, so the quality curves collect them once and reuse them across keeps."""
+    targets = tuple(lz.models.select_targets(model, cfg.include, cfg.exclude))
+    return type(cfg).gradient_stats, getattr(cfg, "fisher", None), id(calib), targets
 
-    def collect(model, targets, calib, progress):
-        key = (fn, id(calib), tuple(targets))
-        if key not in cache:
-            cache[key] = orig(model, targets, calib, progress)
-        return cache[key]
-    cfg.collect = collect
-    return cfg
+
+def cached_stats(cfg, calib, model, cache: dict) -> dict | None:
+    """`lz.calibrate`'s statistics for cfg, collected once per `stats_key` (None for methods without statistics)."""
+    if not cfg.needs_stats or cfg.sequential:
+        return None
+    key = stats_key(cfg, calib, model)
+    if key not in cache:
+        cache[key] = lz.calibrate(model, cfg, calib, progress=False)
+    return cache[key]
 
 
 def env() -> dict:

@@ -132,12 +132,10 @@ def merge_for_eval(model) -> int:
     slow at the shapes `choose_shape` picks (Monarch with ~120–230 blocks, TT of rank 30–100: up to 50× a dense
     layer, > 5 min per MiniLM evaluation), and quality does not depend on how the product is computed.
     Returns the number of layers merged."""
-    from layerzip.models import set_module
-    from layerzip.nn._common import StructuredLinear
-    names = [n for n, m in model.named_modules() if isinstance(m, StructuredLinear)]
-    for n in names:
-        set_module(model, n, model.get_submodule(n).to_dense())
-    return len(names)
+    from layerzip.nn import StructuredLinear
+    n = sum(isinstance(m, StructuredLinear) for m in model.modules())
+    common.lz.merge_(model, kind=StructuredLinear)
+    return n
 
 
 def done_pairs(prev: dict | None) -> set:
@@ -187,8 +185,8 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
                             rep, timing = speed.timed_compress(m, cfg, calib, tmp, limit, cache)
                         row["timing"] = timing
                     else:
-                        rep = common.lz.compress_(m.model, common.cache_collect(cfg, cache), calib=calib,
-                                                  progress=False)
+                        rep = common.lz.compress_(m.model, cfg, calib=calib, progress=False,
+                                                  stats=common.cached_stats(cfg, calib, m.model, cache))
                     row.update(keep_achieved=rep["keep_achieved"], params=rep["params_after"],
                                target_params=rep["target_params_after"], seconds_compress=sum(speed.seconds(rep)))
                     if "dropped_blocks" in rep:

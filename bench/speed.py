@@ -36,17 +36,16 @@ def limit(loaded, calib: list[dict]) -> dict:
 
 
 def timed_compress(loaded, cfg, calib: list[dict], out_dir: str, lim: dict, cache: dict | None = None):
-    """Fresh compress_ + save, split into stages. Stores the collected statistics in `cache` (see
-    common.cache_collect) so the other keeps of the curve reuse them."""
-    if cache is not None:
-        orig = cfg.collect
-
-        def collect(model, targets, calib_, progress):
-            stats = orig(model, targets, calib_, progress)
-            cache[(type(cfg).collect, id(calib_), tuple(targets))] = stats
-            return stats
-        cfg.collect = collect
-    rep = common.lz.compress_(loaded.model, cfg, calib=calib if cfg.needs_stats else None, progress=False)
+    """Fresh compress_ + save, split into stages. With `cache`, the statistics are collected by `lz.calibrate` (timed
+    as the calibration stage) and stored there (see common.cached_stats) so the other keeps of the curve reuse them."""
+    stats, t_stats = None, 0.0
+    if cache is not None and cfg.needs_stats and not cfg.sequential:
+        t = time.perf_counter()
+        stats = common.cached_stats(cfg, calib, loaded.model, cache)
+        t_stats = time.perf_counter() - t
+    rep = common.lz.compress_(loaded.model, cfg, calib=calib if cfg.needs_stats else None, progress=False,
+                              stats=stats)
+    rep["seconds_calibration"] += t_stats
     t = time.perf_counter()
     common.lz.save(loaded.model, f"{out_dir}/model", tokenizer=loaded.tokenizer)
     save = time.perf_counter() - t

@@ -17,7 +17,7 @@ from .registry import LAYERS, METHODS
 from .nn import FactorizedLayer, LowRankLinear
 from .methods import CONFIGS, CompressConfig, config_from_dict, register_method
 from .data import calibration_batches
-from .compress import compress_, merge_
+from .compress import calibrate, compress_, merge_
 from .heal import heal_
 from .analyze import analyze
 from .training import Cuttlefish, Maestro, structurize
@@ -33,6 +33,6 @@ def load(source):
 
 
 __all__ = ["CompressConfig", "Cuttlefish", "FactorizedLayer", "LAYERS", "LayerzipError", "LowRankLinear",
-           "METHODS", "Maestro", "__version__", "analyze", "analyze_model", "calibration_batches", "compress_",
+           "METHODS", "Maestro", "__version__", "analyze", "analyze_model", "calibrate", "calibration_batches", "compress_",
            "compress_model", "config_from_dict", "evaluate_model", "heal_", "heal_model", "load", "load_model",
            "merge_", "register_method", "save", "structurize", *CONFIGS]

@@ -26,9 +26,10 @@ from .stats import with_fisher
 
 @torch.no_grad()
 def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None = None, progress: bool = True,
-              listeners=()) -> dict:
+              listeners=(), stats: dict | None = None) -> dict:
     """Replace the target Linear layers of `model` by factorized ones, in place. Returns a report (JSON-able).
-    `listeners`: callables receiving the block driver's events (driver.BlockEvent).
+    `listeners`: callables receiving the block driver's events (driver.BlockEvent). `stats`: statistics of the
+    original model from `calibrate` (to decompose at several keeps from one calibration); not with --sequential.
 
     >>> import layerzip as lz
     >>> m = lz.load("minilm")                                         # doctest: +SKIP
@@ -51,7 +52,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
         inner = inner.resolve(model, calib)
-        modules, ranks, calibration, t_calib = _decompose(model, targets, inner, calib, progress, listeners)
+        modules, ranks, calibration, t_calib = _decompose(model, targets, inner, calib, progress, listeners, stats)
     else:
         modules, ranks, calibration, t_calib = {}, {}, None, t_restructure
     t_dec = time.perf_counter()
@@ -79,17 +80,31 @@ def _weight_keep(config: CompressConfig, shapes: dict, target_params: int) -> fl
     return min(max((config.keep * target_params - n_bias) / (target_params - n_bias), 1e-9), 1.0)
 
 
-def _decompose(model, targets, config, calib, progress, listeners):
+def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progress: bool = True,
+              targets: dict[str, nn.Module] | None = None, listeners=()) -> dict:
+    """{name: statistics} of the original model that `config` decomposes from (activations through the block
+    driver, gradient statistics attached), for every target; the model is left unchanged."""
+    config = config.resolve(model, calib)
+    targets = targets or select_targets(model, config.include, config.exclude)
+    grads = config.gradient_stats(model, targets, calib, progress)
+    stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
+    return with_fisher(stats, grads) if grads is not None else stats
+
+
+def _decompose(model, targets, config, calib, progress, listeners, given=None):
     """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, time stats were done)."""
+    if given is not None and config.sequential:
+        raise LayerzipError("precollected statistics cannot be used with --sequential (it recollects them)")
     shapes = {n: linear_shape(m) for n, m in targets.items()}
     keep = _weight_keep(config, shapes, module_params(targets.values()))
-    grads = config.gradient_stats(model, targets, calib, progress) if config.needs_stats else None
+    collect = config.needs_stats and given is None
+    grads = config.gradient_stats(model, targets, calib, progress) if collect else None
     attach = (lambda st: with_fisher(st, grads)) if grads is not None else (lambda st: st)
     driver = BlockDriver(model, calib or [], progress, desc=config.name, listeners=list(listeners))
     log = _StatsLog()
-    stats: dict = {}
+    stats: dict = dict(given or {})
     if config.needs_spectra:
-        if config.needs_stats:
+        if collect:
             stats = attach(driver.collect(targets))
 
         def spectrum_of(name):
@@ -107,7 +122,7 @@ def _decompose(model, targets, config, calib, progress, listeners):
         log.add(st)
 
     t_calib = time.perf_counter()
-    if config.needs_stats and (config.sequential or not stats):
+    if collect and (config.sequential or not stats):
         stats = {}                             # the walk recollects (sequential) or collects as it goes
         driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
                     paired=config.sequential and config.correct)
@@ -158,8 +173,9 @@ def replace_module(model: nn.Module, name: str, mod: nn.Module, config: Compress
 
 
 @torch.no_grad()
-def merge_(model: nn.Module) -> nn.Module:
-    """Every factorized layer back to a plain `nn.Linear` (same outputs up to rounding), in place. Returns model.
+def merge_(model: nn.Module, kind: type = FactorizedLayer) -> nn.Module:
+    """Every factorized layer (every instance of `kind`) back to a plain `nn.Linear` (same outputs up to rounding),
+    in place. Returns model.
 
     >>> from layerzip.nn import LowRankLinear
     >>> m = nn.Sequential(LowRankLinear(8, 4, rank=2))
@@ -167,6 +183,6 @@ def merge_(model: nn.Module) -> nn.Module:
     'Linear'
     """
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, FactorizedLayer):
+        if isinstance(mod, kind):
             set_module(model, name, mod.to_dense())
     return model
