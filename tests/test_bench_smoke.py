@@ -54,6 +54,26 @@ def test_retrieval_metrics_and_flops():
     assert m["recall_at_1"] == pytest.approx(1 / 3) and m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
 
 
+def test_flops_count_every_matmul():
+    """Tiny Llama (hidden 48, 4 heads of 12, 2 KV heads, FFN 96, 2 blocks): linear, attention and head FLOPs per
+    token as their formulas give them; a rank-4 layer then costs 2·4·(48 + 48) instead of 2·48·48."""
+    from conftest import VOCAB, tiny_model
+    from layerzip.evaluate import flops
+    from layerzip.models import set_module
+    from layerzip.nn import LowRankLinear
+    model, t = tiny_model("llama"), 8
+    f = flops(model, seq_len=t)
+    per_block = 2 * (48 * 48 + 2 * 48 * 24 + 48 * 48 + 3 * 48 * 96)        # q, k, v, o, gate, up, down
+    assert f["flops_per_token_linear"] == 2 * per_block
+    assert f["flops_per_token_lm_head"] == 2 * 48 * VOCAB
+    assert f["flops_per_token_attention"] == 2 * 4 * 4 * 12 * (t + 1) / 2    # QKᵀ and AV over the causal context
+    q = "model.layers.0.self_attn.q_proj"
+    set_module(model, q, LowRankLinear.from_linear(model.get_submodule(q), rank=4))
+    g = flops(model, seq_len=t)
+    assert g["flops_per_token_factorized"] == 2 * 4 * (48 + 48)
+    assert g["flops_per_token_linear"] == f["flops_per_token_linear"] - 2 * 48 * 48
+
+
 def test_cli_eval_retrieval_and_latency(bench, tmp_path, capsys):
     from layerzip.cli import main
     tiny = bench.tiny_model("bert")

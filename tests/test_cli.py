@@ -167,13 +167,27 @@ def test_bad_regex(capsys, tiny_dirs, tmp_path):
                "--include", "(", match="regular expression")
 
 
-def test_lz_load_matches_cli_output(compressed):
+def test_lz_load_matches_cli_output(compressed, tiny_dirs, calib_file, capsys):
+    """The CLI's directory holds exactly what the Python API computes with the same settings, and `eval --json`
+    prints the perplexity of that model."""
     import layerzip as lz
+    from layerzip.evaluate import perplexity
     from layerzip.nn import LowRankLinear
     model = lz.load(compressed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
-    out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
-    assert torch.isfinite(out).all()
+    loaded = lz.load_model(tiny_dirs["llama"])
+    batches = lz.calibration_batches(loaded, str(calib_file), n_samples=8, seq_len=32)
+    rep = lz.compress_(loaded.model, lz.SVDLLM(keep=0.5), calib=batches, progress=False)
+    meta = json.loads((compressed / "layerzip.json").read_text())
+    assert rep["ranks"] == meta["report"]["ranks"] and rep["config"] == meta["config"]
+    ids = torch.tensor([[1, 2, 3, 400, 5000]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    code, out, _ = run(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
+    texts = lz.data.load_documents(str(calib_file))
+    assert json.loads(out)["perplexity"] == pytest.approx(perplexity(model, loaded.tokenizer, texts, 32, 32, False),
+                                                          rel=1e-5)
 
 
 def test_pickled_weights_refused(capsys, tiny_dirs, tmp_path):

@@ -55,23 +55,24 @@ def _plain(tp):
 
 
 def method_options(f):
-    """One option per config field of every registered method (first definition's help), default None: not given."""
-    seen: dict[str, click.Option] = {}
+    """One option per config field of every registered method (the first definition's help), default None: not
+    given, so each method's own default applies (shown where all methods share it)."""
+    fields: dict[str, tuple] = {}
     for cls in METHODS.values():
         hints = typing.get_type_hints(cls)
         for fld in dataclasses.fields(cls):
             tp = _plain(hints[fld.name])
-            if fld.name in seen or tp not in (bool, int, float, str):
-                continue
-            flag = "--" + fld.name.replace("_", "-")
-            default = fld.default if fld.default is not dataclasses.MISSING else None
-            help_ = fld.metadata.get("help", "") + ("" if default in (None, False) else f"  [default: {default}]")
-            if tp is bool:
-                seen[fld.name] = click.option(f"{flag}/--no-{flag[2:]}", fld.name, default=None, help=help_)
-            else:
-                seen[fld.name] = click.option(flag, fld.name, type=tp, default=None, help=help_)
-    for opt in reversed(list(seen.values())):
-        f = opt(f)
+            if tp in (bool, int, float, str):
+                fields.setdefault(fld.name, (fld.metadata.get("help", ""), tp, set()))[2].add(fld.default)
+    for name, (help_, tp, defaults) in reversed(fields.items()):
+        flag = "--" + name.replace("_", "-")
+        default = next(iter(defaults)) if len(defaults) == 1 else None
+        if default not in (None, False):
+            help_ += f"  [default: {default}]"
+        if tp is bool:
+            f = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_)(f)
+        else:
+            f = click.option(flag, name, type=tp, default=None, help=help_)(f)
     return f
 
 

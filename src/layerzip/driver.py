@@ -60,9 +60,12 @@ class Progress:
 class BlockDriver:
     """Walks `model`'s repeated blocks over the calibration `batches` (see the module doc).
 
-    >>> driver = BlockDriver(model, batches)                             # doctest: +SKIP
-    >>> stats = driver.collect(targets)                # statistics of the original model, nothing changed
-    >>> driver.walk(targets, decompose, sequential=True)   # decompose(names, stats) called per input group
+    >>> driver = BlockDriver(model, batches)               # doctest: +SKIP
+    >>> stats = driver.collect(targets)                    # doctest: +SKIP
+    >>> driver.walk(targets, decompose, sequential=True)   # doctest: +SKIP
+
+`collect`: statistics of the original model, nothing changed; `walk`: `decompose(names, stats)` called per block
+(per input group with `sequential`).
     """
 
     def __init__(self, model: nn.Module, batches: list[dict], progress: bool = True, desc: str = "blocks",

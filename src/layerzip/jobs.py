@@ -49,7 +49,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
                                              progress)
     t_comp = time.perf_counter()
-    meta = {"method": config.name, "keep": config.keep, "config": config.to_dict(),
+    meta = {"method": config.name, "keep": config.keep, "config": report["config"], "requested": config.to_dict(),
             "source": {"model": str(source), "path": str(loaded.path) if loaded.path else None},
             "calibration": {"source": calib, "samples": calib_samples, "seq_len": seq_len,
                             **(report.get("calibration") or {})},

@@ -34,7 +34,7 @@ def asvd_factors(W: torch.Tensor, stats, rank: int, alpha: float = 0.5):
 class ASVD(CompressConfig):
     """Activation-aware SVD: input channels scaled by (mean |x|)^alpha."""
     alpha: float = option(0.5, "asvd: exponent of the activation scaling (mean |x|)^alpha")
-    needs_stats: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return asvd_factors(W, stats, rank, self.alpha)

@@ -46,19 +46,27 @@ class CompressConfig:
     correct: bool = option(False, "refit each left factor by least squares toward the original outputs")
 
     name: ClassVar[str] = "?"
-    needs_stats: ClassVar[bool] = False
+    uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
     sequential_ok: ClassVar[bool] = True
+    correct_ok: ClassVar[bool] = True
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
             raise LayerzipError(f"--keep must be in (0, 1] (the fraction of parameters kept), got {self.keep}")
         if self.alloc is not None and self.alloc not in ALLOCATORS:
             raise LayerzipError(f"--alloc must be one of {', '.join(ALLOCATORS)}, got {self.alloc!r}")
-        if (self.sequential or self.correct) and not self.needs_stats:
-            raise LayerzipError(f"--sequential and --correct need calibration statistics, which method {self.name} "
-                                "does not use; pick svd-llm, asvd or cur, or drop those flags")
+        if self.correct and not self.correct_ok:
+            raise LayerzipError(f"method {self.name} cannot run --correct; drop that flag")
         if self.sequential and not self.sequential_ok:
             raise LayerzipError(f"method {self.name} cannot run --sequential; drop that flag")
+        if self.sequential and not self.needs_stats:
+            raise LayerzipError(f"--sequential changes the statistics, which method {self.name} does not use; add "
+                                "--correct (refit toward the original outputs) or pick svd-llm, asvd or cur")
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether calibration statistics are collected: for the method's math, or for --correct's refit."""
+        return self.uses_stats or self.correct
 
     # ---------------------------------------------------------------------------------------- what it computes
     def factors(self, W: torch.Tensor, stats, rank: int):

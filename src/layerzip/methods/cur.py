@@ -65,7 +65,7 @@ class CUR(CompressConfig):
     (then `keep` is not used)."""
     energy: float | None = option(None, "cur: rank per module from this fraction of the score's energy "
                                         "(instead of --keep)")
-    needs_stats: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

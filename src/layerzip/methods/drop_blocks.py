@@ -97,7 +97,7 @@ class DropBlocks(CompressConfig):
     then: str | None = option(None, "drop-blocks: low-rank method for the remaining blocks (or --method "
                                     "drop-blocks+METHOD)")
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
-    needs_stats: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -37,7 +37,7 @@ def fwsvd_factors(W: torch.Tensor, stats, rank: int):
 @dataclass
 class FWSVD(CompressConfig):
     """Fisher-weighted SVD: rows weighted by √(Σ squared gradients of the loss)."""
-    needs_stats: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = True
     sequential_ok: ClassVar[bool] = False
 
     def factors(self, W, stats, rank):

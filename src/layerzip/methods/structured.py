@@ -20,6 +20,7 @@ from .base import CompressConfig, register_method
 class StructuredConfig(CompressConfig):
     """Projection of every target onto the structure `layer` at ≈ keep of its parameters."""
     layer: ClassVar[type] = None
+    correct_ok: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -56,7 +56,7 @@ class SVDLLM(CompressConfig):
     (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
-    needs_stats: ClassVar[bool] = True
+    uses_stats: ClassVar[bool] = True
     ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
 
     def resolve(self, model, calib=None):
