@@ -52,11 +52,8 @@ def test_retrieval_metrics_and_flops():
     d = torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 1.0]])      # right docs ranked 2nd, 3rd, 1st
     m = retrieval_metrics(q, d)
     assert m["recall_at_1"] == pytest.approx(1 / 3) and m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
-
-
-def test_flops_count_every_matmul():
-    """Tiny Llama (hidden 48, 4 heads of 12, 2 KV heads, FFN 96, 2 blocks): linear, attention and head FLOPs per
-    token as their formulas give them; a rank-4 layer then costs 2·4·(48 + 48) instead of 2·48·48."""
+    # FLOPs of a tiny Llama (hidden 48, 4 heads of 12, 2 KV heads, FFN 96, 2 blocks): linear, attention and head
+    # per token as their formulas give them; a rank-4 layer then costs 2·4·(48 + 48) instead of 2·48·48
     from conftest import VOCAB, tiny_model
     from layerzip.evaluate import flops
     from layerzip.models import set_module

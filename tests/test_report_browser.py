@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from layerzip.report import PLOTS, write_report
+from layerzip.io import write_report
+from layerzip.report import PLOTS
 
 BROWSER = next((b for b in ("chromium", "chromium-browser", "google-chrome", "chrome") if shutil.which(b)), None)
 pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium installed (apt-get install -y chromium)")

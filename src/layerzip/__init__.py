@@ -8,7 +8,7 @@
 >>> model = lz.load("minilm-lz")                                       # doctest: +SKIP
 >>> lz.merge_(model)                                                   # doctest: +SKIP
 
-Layers, each importing only those below it: nn -> models -> data, stats -> methods -> allocate -> driver ->
+Layers, each importing only those before it: nn -> models -> data, stats -> allocate -> methods -> driver ->
 compress -> heal, evaluate, analyze, report, training -> io -> jobs -> cli.
 """
 from ._version import __version__

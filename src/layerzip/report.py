@@ -1,14 +1,15 @@
-"""Plots and a self-contained HTML report, drawn from a saved analysis.json only (never from a live model).
+"""Plots and a self-contained HTML report, drawn from an analysis document only (never from a live model).
 
-    analysis.json -> spectra.png, whitened_spectra.png, ranks.png, loss_vs_rank.png, influence.png, angular.png,
-                     plan.png -> report.html (every image inlined as base64: opens offline, in any browser)
+    analysis.json's document -> spectra.png, whitened_spectra.png, ranks.png, loss_vs_rank.png, influence.png,
+                     angular.png, plan.png -> report.html (every image inlined as base64: opens offline, anywhere)
+
+`render(doc)` returns {file name: bytes}; nothing here touches the disk (io.write_report writes the files).
 """
 from __future__ import annotations
 
 import base64
 import html
-import json
-from pathlib import Path
+import io
 
 from .errors import LayerzipError
 
@@ -29,10 +30,11 @@ def _kinds(doc: dict) -> list[str]:
     return sorted({m["kind"] for m in doc["modules"].values()})
 
 
-def _save(fig, path: Path) -> Path:
+def _png(fig) -> bytes:
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return buf.getvalue()
 
 
 def _grid(n: int):
@@ -44,7 +46,7 @@ def _grid(n: int):
     return fig, list(axes.flat)
 
 
-def plot_spectra(doc: dict, key: str, title: str, path: Path) -> Path:
+def plot_spectra(doc: dict, key: str, title: str) -> bytes:
     """σ_i / σ_1 per module kind, one line per block (colour = depth)."""
     kinds, L = _kinds(doc), doc["num_blocks"]
     fig, axes = _grid(len(kinds))
@@ -59,10 +61,10 @@ def plot_spectra(doc: dict, key: str, title: str, path: Path) -> Path:
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("σᵢ / σ₁", fontsize=8)
     fig.suptitle(f"{title} (colour: block 0 → {L - 1})", fontsize=10)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_ranks(doc: dict, path: Path) -> Path:
+def plot_ranks(doc: dict) -> bytes:
     """Effective, stable and utilized (95 % whitened energy) rank per block, as a fraction of full rank."""
     fig, axes = _figure(1, 3, figsize=(13, 3.2))
     axes = list(axes.flat)
@@ -77,10 +79,10 @@ def plot_ranks(doc: dict, path: Path) -> Path:
         ax.set_ylim(0, 1.05)
     axes[0].set_ylabel("fraction of full rank", fontsize=8)
     axes[-1].legend(fontsize=6, loc="best")
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_loss_curves(doc: dict, path: Path) -> Path:
+def plot_loss_curves(doc: dict) -> bytes:
     """Relative layer loss of the best rank-r approximation vs the fraction of the module's parameters kept."""
     fig, ax = _figure(figsize=(7, 4))
     kinds = _kinds(doc)
@@ -97,10 +99,10 @@ def plot_loss_curves(doc: dict, path: Path) -> Path:
     ax.set_xlabel("parameters kept, r(m+n)/(mn)")
     ax.set_ylabel("relative layer loss ‖(W−W_r)Xᵀ‖²/‖WXᵀ‖²")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_influence(doc: dict, path: Path) -> Path:
+def plot_influence(doc: dict) -> bytes:
     bi = doc["blocks"]["influence"]
     fig, ax = _figure(figsize=(7, 3))
     drop = set(doc["plan"]["drop_blocks"])
@@ -108,10 +110,10 @@ def plot_influence(doc: dict, path: Path) -> Path:
     ax.set_xlabel("block")
     ax.set_ylabel("Block Influence 1 − cos(in, out)")
     ax.set_title("Block Influence (red: dropped by the plan)", fontsize=9)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_angular(doc: dict, path: Path) -> Path:
+def plot_angular(doc: dict) -> bytes:
     """Heatmap of d(x^ℓ, x^{ℓ+n}) over start block ℓ and span n (Gromov et al., Fig. 1 style)."""
     import numpy as np
     D = np.array([[np.nan if x is None else x for x in row] for row in doc["blocks"]["span_distance"]], float)
@@ -122,22 +124,22 @@ def plot_angular(doc: dict, path: Path) -> Path:
     ax.set_xlabel("blocks spanned n")
     ax.set_ylabel("first block ℓ")
     ax.set_title("d(x^ℓ, x^(ℓ+n))", fontsize=9)
-    return _save(fig, path)
+    return _png(fig)
 
 
-def plot_plan(doc: dict, path: Path) -> Path:
+def plot_plan(doc: dict) -> bytes:
     c = doc["plan"]["candidates"]
     fig, ax = _figure(figsize=(6, 3))
     ax.plot([len(x["drop_blocks"]) for x in c], [x["damage"] for x in c], marker="o")
     ax.set_xlabel("blocks dropped (rest: low rank)")
     ax.set_ylabel("estimated damage")
     ax.set_title(f"plans at keep {doc['plan']['keep']}", fontsize=9)
-    return _save(fig, path)
+    return _png(fig)
 
 
-PLOTS = {"spectra.png": lambda d, p: plot_spectra(d, "spectrum", "singular values of W", p),
-         "whitened_spectra.png": lambda d, p: plot_spectra(d, "whitened_spectrum", "singular values of W·L "
-                                                           "(whitened by the input Gram)", p),
+PLOTS = {"spectra.png": lambda d: plot_spectra(d, "spectrum", "singular values of W"),
+         "whitened_spectra.png": lambda d: plot_spectra(d, "whitened_spectrum", "singular values of W·L "
+                                                        "(whitened by the input Gram)"),
          "ranks.png": plot_ranks, "loss_vs_rank.png": plot_loss_curves, "influence.png": plot_influence,
          "angular.png": plot_angular, "plan.png": plot_plan}
 
@@ -158,12 +160,12 @@ def _table(rows: list[list], head: list[str]) -> str:
             + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
 
 
-def render_html(doc: dict, images: dict[str, Path]) -> str:
+def render_html(doc: dict, images: dict[str, bytes]) -> str:
     esc = html.escape
     plan = doc["plan"]
     imgs = "".join(f'<figure><img alt="{esc(n)}" src="data:image/png;base64,'
-                   f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{esc(n)}</figcaption></figure>'
-                   for n, p in images.items())
+                   f'{base64.b64encode(png).decode()}"><figcaption>{esc(n)}</figcaption></figure>'
+                   for n, png in images.items())
     blocks = _table([[i, f"{b:.4g}", f"{doc['blocks']['angular'][i][i + 1]:.4g}"]
                      for i, b in enumerate(doc["blocks"]["influence"])],
                     ["block", "Block Influence", "angular step d(ℓ, 1)"])
@@ -193,18 +195,9 @@ calibration: {esc(str(cal.get('source')))}, {doc['tokens']} tokens. <span id="im
 </body></html>"""
 
 
-def write_report(analysis: str | Path, out: str | Path | None = None) -> dict:
-    """PNG plots and report.html next to `analysis` (or in `out`). Returns {"html": path, "plots": [paths]}."""
-    analysis = Path(analysis)
-    try:
-        doc = json.loads(analysis.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LayerzipError(f"cannot read {analysis} ({e}); re-run layerzip analyze") from None
+def render(doc: dict) -> dict[str, bytes]:
+    """{file name: content} of every plot and of report.html, for an analysis document."""
     if doc.get("format") != "layerzip-analysis":
-        raise LayerzipError(f"{analysis} is not a layerzip analysis.json; re-run layerzip analyze")
-    out = Path(out) if out else analysis.parent
-    out.mkdir(parents=True, exist_ok=True)
-    images = {name: draw(doc, out / name) for name, draw in PLOTS.items()}
-    page = out / "report.html"
-    page.write_text(render_html(doc, images), encoding="utf-8")
-    return {"html": page, "plots": list(images.values())}
+        raise LayerzipError("not a layerzip analysis document; re-run layerzip analyze")
+    images = {name: draw(doc) for name, draw in PLOTS.items()}
+    return {**images, "report.html": render_html(doc, images).encode("utf-8")}
