@@ -52,16 +52,17 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
         inner = inner.resolve(model, calib)
-        modules, ranks, calibration, t_calib = _decompose(model, targets, inner, calib, progress, listeners, stats)
+        modules, ranks, calibration, t_decompose = _decompose(model, targets, inner, calib, progress, listeners,
+                                                              stats)
     else:
-        modules, ranks, calibration, t_calib = {}, {}, None, t_restructure
-    t_dec = time.perf_counter()
+        modules, ranks, calibration, t_decompose = {}, {}, None, 0.0
+    t_end = time.perf_counter()
     target_after = module_params(model.get_submodule(n) for n in targets)
     report.update(extra)
     report.update({
         "params_after": count_params(model), "target_params_after": target_after, "keep": config.keep,
         "keep_achieved": target_after / target_before, "targets": len(targets), "factorized": len(modules),
-        "modules": modules, "seconds_calibration": t_calib - t0, "seconds_decomposition": t_dec - t_calib})
+        "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose})
     if extra:
         report["seconds_restructure"] = t_restructure - t0
     if inner is not None and inner is not config:
@@ -92,7 +93,8 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
 
 
 def _decompose(model, targets, config, calib, progress, listeners, given=None):
-    """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, time stats were done)."""
+    """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, seconds spent
+    decomposing: the rest is calibration, with which a walk interleaves it)."""
     if given is not None and config.sequential:
         raise LayerzipError("precollected statistics cannot be used with --sequential (it recollects them)")
     shapes = {n: linear_shape(m) for n, m in targets.items()}
@@ -103,25 +105,25 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     driver = BlockDriver(model, calib or [], progress, desc=config.name, listeners=list(listeners))
     log = _StatsLog()
     stats: dict = dict(given or {})
-    if config.needs_spectra:
-        if collect:
-            stats = attach(driver.collect(targets))
+    if config.needs_spectra and collect:
+        stats = attach(driver.collect(targets))
+    t = time.perf_counter()                    # allocation (the spectra's SVDs) counts as decomposition
 
-        def spectrum_of(name):
-            W, _ = dense_weight_and_bias(targets[name])
-            return config.spectrum(W.detach().to("cpu", torch.float64), stats.get(name))
-        ranks = config.ranks(shapes, keep, spectrum_of)
-    else:
-        ranks = config.ranks(shapes, keep)
+    def spectrum_of(name):
+        W, _ = dense_weight_and_bias(targets[name])
+        return config.spectrum(W.detach().to("cpu", torch.float64), stats.get(name))
+    ranks = config.ranks(shapes, keep, spectrum_of if config.needs_spectra else None)
     chosen = {n: m for n, m in targets.items() if ranks[n] is not None}
     modules: dict[str, dict] = {}
+    seconds = [time.perf_counter() - t]
 
     def decompose(names, st):
+        t = time.perf_counter()
         for name in names:
             modules[name] = replace_module(model, name, chosen[name], config, st.get(name), ranks[name])
         log.add(st)
+        seconds[0] += time.perf_counter() - t
 
-    t_calib = time.perf_counter()
     if collect and (config.sequential or not stats):
         stats = {}                             # the walk recollects (sequential) or collects as it goes
         driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
@@ -129,7 +131,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     else:
         for name in tqdm(chosen, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
             decompose([name], {name: stats[name]} if name in stats else {})
-    return modules, ranks, log.summary() if config.needs_stats else None, t_calib
+    return modules, ranks, log.summary() if config.needs_stats else None, seconds[0]
 
 
 class _StatsLog:
