@@ -1,6 +1,7 @@
 """The block driver: one loop over the model's repeated blocks, in order, for every calibrated method.
 
-    capture block 0's inputs (one forward of the original model; every block's keyword arguments too)
+    capture block 0's inputs and every block's keyword arguments (a forward of the original model whose blocks run
+    on the first batch only)
     for block l:   block started
                    default:      run block l on the original stream with hooks on its targets -> statistics
                                  (and the original stream's next state, taken before anything changes)
@@ -28,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LayerzipError
-from .models import (backbone, block_hidden, capture_input, capture_inputs, find_blocks,
+from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, find_blocks,
                      input_groups, linear_shape, run_block, token_rows, with_hidden)
 from .stats import ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats
 
@@ -117,24 +118,52 @@ class BlockDriver:
 
     def _capture(self, blocks: nn.ModuleList) -> list[list[tuple]]:
         """calls[l][b] = (args, kwargs) of block l on batch b in the original model; the hidden state is kept for
-        block 0 only (block l > 0 gets it from the walk). Checks on batch 0 that block 0's output is block 1's
-        input, which the walk relies on."""
+        block 0 only (block l > 0 gets it from the walk).
+
+        Only the first batch runs the blocks: it checks that every block's output is the next block's input (which
+        the walk relies on) and shows what each block returns. For the other batches the blocks pass their input
+        through in that form, so the forward only computes what the blocks' arguments need (masks, positions)."""
         device = next(self.model.parameters()).device
         calls: list[list] = [[] for _ in blocks]
-        second: list = []
+        first = [True]                    # the first batch is running
+        templates: dict[int, object] = {}
+        last: list = []                   # the previous block's output on the first batch
+        broken: list[int] = []
 
-        def hook_for(l):
+        def pre(l):
             def hook(module, args, kwargs):
                 args, kwargs = tuple(args), dict(kwargs)
-                if l == 1 and not second:
-                    second.append(block_hidden(args, kwargs))
+                if first[0] and last:
+                    h, y = block_hidden(args, kwargs), last.pop()
+                    if h.shape != y.shape or not torch.allclose(h, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item())):
+                        broken.append(l)
                 calls[l].append(with_hidden(args, kwargs, None) if l > 0 else (args, kwargs))
             return hook
 
-        handles = [b.register_forward_pre_hook(hook_for(l), with_kwargs=True) for l, b in enumerate(blocks)]
+        def post(l):
+            def hook(module, args, kwargs, out):
+                if first[0]:          # what the block returns: a tensor, or a tuple whose first entry is it
+                    templates[l] = (None if isinstance(out, torch.Tensor) else
+                                    (type(out), tuple(out[1:])) if isinstance(out, (tuple, list)) else "other")
+                    last[:] = [block_output(out)]
+            return hook
+
+        def passthrough(l):
+            def forward(*args, **kwargs):
+                h, t = block_hidden(args, kwargs), templates[l]
+                return h if t is None else t[0]((h, *t[1]))
+            return forward
+
+        handles = [b.register_forward_pre_hook(pre(l), with_kwargs=True) for l, b in enumerate(blocks)]
+        handles += [b.register_forward_hook(post(l), with_kwargs=True) for l, b in enumerate(blocks)]
         net = backbone(self.model)
         try:
-            for batch in self.batches:
+            for i, batch in enumerate(self.batches):
+                if i == 1:
+                    first[0] = False
+                    if "other" not in templates.values():
+                        for l, b in enumerate(blocks):
+                            b.forward = passthrough(l)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 try:
                     net(**batch, use_cache=False)
@@ -143,13 +172,14 @@ class BlockDriver:
         finally:
             for h in handles:
                 h.remove()
+            for b in blocks:
+                b.__dict__.pop("forward", None)
         if any(len(c) != len(self.batches) for c in calls):
             raise LayerzipError("not every block ran once per calibration batch; this model's blocks cannot be "
                                 "calibrated one by one")
-        y = run_block(blocks[0], calls[0][0], block_hidden(*calls[0][0]))
-        if second and not torch.allclose(y, second[0], rtol=1e-4, atol=1e-5 * max(1.0, second[0].abs().max().item())):
-            raise LayerzipError("this model changes the hidden state between its blocks, so they cannot be "
-                                "calibrated one by one; leave the blocks' modules out with --exclude")
+        if broken:
+            raise LayerzipError(f"this model changes the hidden state between its blocks (before block {broken[0]}), "
+                                "so they cannot be calibrated one by one; leave the blocks' modules out with --exclude")
         return calls
 
     def _blocks(self, found, inside: dict, on_stats: OnStats, sequential: bool, paired: bool) -> None:
