@@ -20,6 +20,8 @@ from .registry import METHODS
 
 
 def _emit(obj: dict, as_json: bool, table: str | None = None) -> None:
+    for w in obj.get("warnings") or []:
+        print(f"layerzip: warning: {w}", file=sys.stderr)
     if as_json:
         print(json.dumps(obj, default=str))
     else:

@@ -116,8 +116,17 @@ def load_documents(source: str | Path, limit: int | None = None) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------------------- batches
+class Batches(list):
+    """Token batches ({"input_ids", "attention_mask"} dicts) and what was used to make them:
+    `used` = {"documents", "windows", "tokens", "seq_len"} (windows: packed windows or encoder sequences)."""
+
+    def __init__(self, batches, **used):
+        super().__init__(batches)
+        self.used = used
+
+
 def token_batches(tokenizer, docs: list[str], causal: bool, n_samples: int = 64, seq_len: int = 512,
-                  batch_size: int = 8, min_tokens: int = 16) -> list[dict]:
+                  batch_size: int = 8, min_tokens: int = 16) -> Batches:
     """Causal LMs: documents packed into windows of `seq_len` tokens, each starting with BOS where the tokenizer has
     one (some models, e.g. Gemma, degrade badly without it). Encoders: one document per sequence, truncated."""
     if causal:
@@ -125,8 +134,10 @@ def token_batches(tokenizer, docs: list[str], causal: bool, n_samples: int = 64,
         sep = tokenizer.eos_token_id
         body = seq_len - (bos is not None)
         ids: list[int] = []
+        read = 0
         for d in docs:
             ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+            read += 1
             if sep is not None:
                 ids.append(sep)
             if len(ids) >= body * n_samples:
@@ -137,23 +148,38 @@ def token_batches(tokenizer, docs: list[str], causal: bool, n_samples: int = 64,
                                 "give more text or a smaller --seq-len")
         wins = [([bos] if bos is not None else []) + ids[i * body:(i + 1) * body] for i in range(n_win)]
         t = torch.tensor(wins)
-        return [{"input_ids": t[i:i + batch_size], "attention_mask": torch.ones_like(t[i:i + batch_size])}
-                for i in range(0, n_win, batch_size)]
+        return Batches([{"input_ids": t[i:i + batch_size], "attention_mask": torch.ones_like(t[i:i + batch_size])}
+                        for i in range(0, n_win, batch_size)],
+                       documents=read, windows=n_win, tokens=t.numel(), seq_len=seq_len)
     docs = docs[:n_samples]
     enc = [tokenizer(d, truncation=True, max_length=seq_len) for d in docs]
-    if sum(len(e["input_ids"]) for e in enc) < min_tokens:
+    tokens = sum(len(e["input_ids"]) for e in enc)
+    if tokens < min_tokens:
         raise LayerzipError(f"calibration text too short (< {min_tokens} tokens); give more text")
-    batches = []
-    for i in range(0, len(docs), batch_size):
-        batches.append(dict(tokenizer.pad(enc[i:i + batch_size], return_tensors="pt")))
-    return batches
+    return Batches([dict(tokenizer.pad(enc[i:i + batch_size], return_tensors="pt"))
+                    for i in range(0, len(docs), batch_size)],
+                   documents=len(docs), windows=len(docs), tokens=tokens, seq_len=seq_len)
+
+
+def check_token_ids(model, batches: list[dict]) -> None:
+    """Every token id must have a row in the model's input embedding (a tokenizer of another model does not)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    top = max((int(b["input_ids"].max()) for b in batches if b["input_ids"].numel()), default=-1)
+    if rows is not None and top >= rows:
+        raise LayerzipError(f"the tokenizer gives token id {top}, but the model's input embedding has only {rows} "
+                            "rows: the tokenizer does not match the model; put the model's own tokenizer files in "
+                            "its directory")
 
 
 def calibration_batches(loaded, source: str = "builtin", n_samples: int = 64, seq_len: int = 512,
-                        batch_size: int = 8) -> list[dict]:
+                        batch_size: int = 8) -> Batches:
     """Token batches of `source` for a loaded model (anything with .model, .tokenizer, .causal): causal LMs get
-    `n_samples` packed windows, encoders `n_samples` documents; `seq_len` is capped at the model's positions."""
+    `n_samples` packed windows, encoders `n_samples` documents; `seq_len` is capped at the model's positions; every
+    token id is checked against the model's vocabulary."""
     # a causal window needs ~seq_len tokens; documents average ~60 tokens, so read enough of them
     docs = load_documents(source, limit=None if loaded.causal else n_samples)
-    seq_len = fit_seq_len(loaded.model, seq_len)
-    return token_batches(loaded.tokenizer, docs, loaded.causal, n_samples, seq_len, batch_size)
+    batches = token_batches(loaded.tokenizer, docs, loaded.causal, n_samples, fit_seq_len(loaded.model, seq_len),
+                            batch_size)
+    check_token_ids(loaded.model, batches)
+    return batches

@@ -9,15 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import token_batches
+from .data import check_token_ids, token_batches
 from .models import backbone, fit_seq_len, is_causal
 
+
 @torch.no_grad()
-def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
-               progress: bool = True) -> float:
-    """exp(mean next-token NLL) over packed windows of `seq_len`, each starting with BOS (as in calibration)."""
+def perplexity_scored(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
+                      progress: bool = True) -> dict:
+    """{"perplexity": exp(mean next-token NLL), "windows", "tokens" scored} over packed windows of `seq_len`, each
+    starting with BOS (as in calibration)."""
     seq_len = fit_seq_len(model, seq_len)
     batches = token_batches(tokenizer, texts, causal=True, n_samples=max_windows, seq_len=seq_len, batch_size=4)
+    check_token_ids(model, batches)
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for b in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
@@ -26,7 +29,13 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512
         tgt = ids[:, 1:]
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
         count += tgt.numel()
-    return math.exp(nll / count)
+    return {"perplexity": math.exp(nll / count), "windows": batches.used["windows"], "tokens": count}
+
+
+def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
+               progress: bool = True) -> float:
+    """exp(mean next-token NLL) over packed windows (see perplexity_scored)."""
+    return perplexity_scored(model, tokenizer, texts, seq_len, max_windows, progress)["perplexity"]
 
 
 @torch.no_grad()
@@ -40,6 +49,7 @@ def embed(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, bat
     for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
         enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
                         return_tensors="pt").to(device)
+        check_token_ids(model, [enc])
         h = net(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()
         out.append((h * mask).sum(1) / mask.sum(1).clamp_min(1))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,13 @@ def builtin_path(name: str) -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def source_path(source: str | Path) -> Path | None:
+    """Where MODEL lives on disk (None for a name that is neither built in nor a path)."""
+    if str(source) in BUILTIN:
+        return builtin_path(str(source))
+    return Path(source) if Path(source).exists() else None
+
+
 def model_class(config):
     """The class its config names (`architectures[0]`), else AutoModelForCausalLM for decoders, else AutoModel."""
     import transformers
@@ -71,10 +79,30 @@ def model_class(config):
     return transformers.AutoModel
 
 
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_no_custom_code(path: Path) -> None:
+    """Refuse a directory whose config or tokenizer config asks for its own code (`auto_map`): nothing in a model
+    directory is ever imported or run."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LayerzipError(f"{f} is not valid JSON ({_first_line(e)}); repair or replace it") from None
+        if isinstance(doc, dict) and "auto_map" in doc:
+            raise LayerzipError(f"{f} asks for custom code (auto_map), and layerzip never runs code from a model "
+                                "directory; use a model whose architecture transformers ships")
+
+
 def _from_pretrained(path: Path, gguf_file: str | None = None):
     import transformers
     from safetensors import SafetensorError
     kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}   # never unpickle *.bin weights
+    if not gguf_file:
+        check_no_custom_code(path)
     if not gguf_file and not list(path.glob("*.safetensors")) and list(path.glob("*.bin")):
         raise LayerzipError(f"{path} holds only pickled *.bin weights, which layerzip never loads; convert them to "
                             "safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))")
@@ -87,9 +115,8 @@ def _from_pretrained(path: Path, gguf_file: str | None = None):
                 del model.config.quantization_config
         tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayerzipError(f"cannot load a model from {path}{'/' + gguf_file if gguf_file else ''} ({first}); "
-                            "check that the files are complete") from None
+        raise LayerzipError(f"cannot load a model from {path}{'/' + gguf_file if gguf_file else ''} "
+                            f"({_first_line(e)}); check that the files are complete") from None
     return model.eval(), tok
 
 
@@ -182,19 +209,53 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+
+
+def _replace_named(model: nn.Module, name: str, new: nn.Module) -> None:
+    """set_module for a name read from a file: every part must name an existing submodule (no attribute outside
+    the module tree, such as `config` or `__class__`, is ever set)."""
+    parts = name.split(".") if isinstance(name, str) else [None]
+    mod = model
+    for p in parts:
+        if not isinstance(p, str) or not MODULE_NAME.fullmatch(p) or p not in mod._modules:
+            raise LayerzipError(f"layerzip.json names module {name!r}, which is not a module of the "
+                                f"{type(model).__name__} architecture; the directory is damaged or not layerzip's")
+        mod = mod._modules[p]
+    set_module(model, name, new)
+
+
 def build_skeleton(path: Path, meta: dict) -> nn.Module:
     """The architecture from config.json (random init, nothing fetched), factorized modules put in place."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, meta.get("architecture", ""), None) or model_class(config)
-    dtype = getattr(torch, meta.get("dtype", "float32"))
-    if hasattr(cls, "_from_config"):
-        model = cls._from_config(config, dtype=dtype)
-    else:
-        model = cls.from_config(config, dtype=dtype)
-    for name, spec in meta.get("modules", {}).items():
-        set_module(model, name, layer_from_spec(spec, dtype=dtype))
+    check_no_custom_code(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise LayerzipError(f"{path / 'config.json'} is unreadable ({_first_line(e)}); re-run layerzip compress") \
+            from None
+    arch = meta.get("architecture")
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if arch is None:
+        cls = model_class(config)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise LayerzipError(f"layerzip.json names architecture {arch!r}, which is not a transformers model class; "
+                            "the directory is damaged or not layerzip's")
+    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise LayerzipError(f"layerzip.json names dtype {meta.get('dtype')!r}; the directory is damaged")
+    model = cls._from_config(config, dtype=dtype)
+    modules = meta.get("modules", {})
+    if not isinstance(modules, dict):
+        raise LayerzipError("layerzip.json's modules is not a mapping; the directory is damaged")
+    for name, spec in modules.items():
+        try:
+            layer = layer_from_spec(spec, dtype=dtype)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise LayerzipError(f"layerzip.json describes module {name!r} wrongly ({_first_line(e)}); the directory "
+                                "is damaged") from None
+        _replace_named(model, name, layer)
     return model
 
 
@@ -212,8 +273,7 @@ def load_compressed(path: str | Path):
     try:
         missing, unexpected = load_safetensors(model, str(path / WEIGHTS), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayerzipError(f"{path / WEIGHTS} is corrupt or does not match layerzip.json ({first}); "
+        raise LayerzipError(f"{path / WEIGHTS} is corrupt or does not match layerzip.json ({_first_line(e)}); "
                             "re-run layerzip compress") from None
     if missing or unexpected:
         raise LayerzipError(f"{path / WEIGHTS} does not match layerzip.json ({len(missing)} missing, "

@@ -17,9 +17,9 @@ from .analyze import analyze, summary
 from .compress import compress_
 from .data import builtin_pairs, calibration_batches, load_documents
 from .errors import LayerzipError
-from .evaluate import embed, flops, latency, mean_cosine, perplexity, retrieval_metrics
+from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
-from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, write_analysis
+from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, write_analysis
 from .methods import CompressConfig
 from .models import Loaded, count_params
 
@@ -39,19 +39,22 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     _check_sizes(calib_samples, seq_len)
     if heal_steps < 0:
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
+    out = check_out_dir(out, force, source_path(source))          # before the (slow) load
     loaded = load_model(source)
-    out = check_out_dir(out, force, loaded.path)
     batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
     t_load = time.perf_counter()
     report = compress_(loaded.model, config, calib=batches, progress=progress)
+    used = batches.used if batches is not None else {}
+    report["warnings"] = _fewer_than_asked(used, calib_samples, loaded.causal, "calibration")
     if heal_steps:
         report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
                                              progress)
     t_comp = time.perf_counter()
     meta = {"method": config.name, "keep": config.keep, "config": report["config"], "requested": config.to_dict(),
             "source": {"model": str(source), "path": str(loaded.path) if loaded.path else None},
-            "calibration": {"source": calib, "samples": calib_samples, "seq_len": seq_len,
-                            **(report.get("calibration") or {})},
+            "calibration": {"source": calib, **(report.get("calibration") or {}), **used,
+                            "samples": used.get("windows"), "samples_requested": calib_samples,
+                            "seq_len_requested": seq_len} if batches is not None else None,
             "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
     save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta)
     t_save = time.perf_counter()
@@ -59,6 +62,15 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                   size_on_disk_before=size_on_disk(loaded.path),
                   size_on_disk_after=size_on_disk(out))
     return report
+
+
+def _fewer_than_asked(used: dict, asked: int, causal: bool, what: str) -> list[str]:
+    """A warning line when the text gave fewer windows (documents) than asked for."""
+    got = used.get("windows", asked)
+    if got >= asked:
+        return []
+    unit = f"windows of {used['seq_len']} tokens" if causal else "documents"
+    return [f"the {what} text gave only {got} {unit} of the {asked} asked for; give more text or lower the count"]
 
 
 def heldout_texts(text: str | None, n: int) -> list[str]:
@@ -71,15 +83,16 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
                    latency: bool = False, latency_seq_len: int = 128, threads: int = 1) -> dict:
     """Parameters, size on disk; perplexity on `text` (causal LMs) or cosine of embeddings to `reference`.
 
-    `retrieval`: a .jsonl file of {"query", "doc"} pairs -> `recall_at_1`, `mrr` (query i's answer is doc i, ranked
+    Causal LMs also report the `windows` and `tokens` scored. `retrieval`: a .jsonl file of {"query", "doc"} pairs -> `recall_at_1`, `mrr` (query i's answer is doc i, ranked
     by cosine of mean-pooled embeddings among all docs). `latency`: median forward milliseconds at batch 1 and 16
     (`latency_seq_len` tokens, `threads` fixed) and matmul FLOPs per token."""
+    _check_sizes(samples, seq_len, "--samples")
     loaded = loaded or load_model(source)
     res = {"model": str(source), "params": count_params(loaded.model), "size_on_disk": size_on_disk(loaded.path),
            "kind": "causal-lm" if loaded.causal else "encoder"}
     if loaded.causal:
         texts = heldout_texts(text, None)
-        res["perplexity"] = perplexity(loaded.model, loaded.tokenizer, texts, seq_len, samples // 4 or 1, progress)
+        res.update(perplexity_scored(loaded.model, loaded.tokenizer, texts, seq_len, samples // 4 or 1, progress))
         if reference or ref_loaded:
             ref = ref_loaded or load_model(reference)
             res["reference_perplexity"] = perplexity(ref.model, ref.tokenizer, texts, seq_len, samples // 4 or 1,
