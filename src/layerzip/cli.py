@@ -176,29 +176,37 @@ def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hin
 
 
 @app.command()
+@click.option("--out", help="keep the compressed models in this directory (default: a temporary one, removed)")
 @json_opt
-def demo(as_json):
+def demo(out, as_json):
     """Compress the built-in MiniLM to half its block parameters (svd and svd-llm); before/after table."""
-    from .io import load_model
+    from pathlib import Path
+
+    from .io import check_out_dir, load_model
     from .jobs import compress_model, evaluate_model
     from .methods import SVD, SVDLLM
 
+    progress = not as_json
+    if out:
+        check_out_dir(out, force=False)
     rows = []
     ref = load_model("minilm")
-    base = evaluate_model("minilm", loaded=ref, ref_loaded=ref, progress=False, retrieval="builtin")
+    base = evaluate_model("minilm", loaded=ref, ref_loaded=ref, progress=progress, retrieval="builtin")
     rows.append({"model": "MiniLM (dense)", "target_params": None, "params": base["params"],
                  "size_on_disk": base["size_on_disk"], "cosine": base["cosine_to_reference"],
                  "recall_at_1": base["recall_at_1"], "seconds": 0.0})
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(out or tmp)
         for cfg in (SVD(keep=0.5), SVDLLM(keep=0.5)):
             t = time.perf_counter()
-            rep = compress_model("minilm", f"{tmp}/{cfg.name}", cfg, progress=not as_json)
+            rep = compress_model("minilm", root / cfg.name, cfg, progress=progress)
             secs = time.perf_counter() - t
-            ev = evaluate_model(f"{tmp}/{cfg.name}", ref_loaded=ref, progress=False, retrieval="builtin")
+            ev = evaluate_model(str(root / cfg.name), ref_loaded=ref, progress=progress, retrieval="builtin")
             rows.append({"model": f"{cfg.name} keep 0.5", "target_params": rep["target_params_after"],
                          "target_params_before": rep["target_params_before"], "params": ev["params"],
                          "size_on_disk": ev["size_on_disk"], "cosine": ev["cosine_to_reference"],
-                         "recall_at_1": ev["recall_at_1"], "seconds": secs, "keep_achieved": rep["keep_achieved"]})
+                         "recall_at_1": ev["recall_at_1"], "seconds": secs, "keep_achieved": rep["keep_achieved"],
+                         "out": str(root / cfg.name) if out else None})
     rows[0]["target_params"] = rows[1]["target_params_before"]
     head = (f"{'model':<18} {'block params':>12} {'all params':>11} {'on disk':>10} {'cosine':>7} {'R@1':>6} "
             f"{'seconds':>8}")
@@ -209,13 +217,19 @@ def demo(as_json):
     lines.append(f"cosine: mean cosine of mean-pooled embeddings to the dense model on {base['texts']} held-out "
                  "standard-library docstrings (not in the calibration set); R@1: Recall@1 of each held-out "
                  f"docstring's summary sentence against the rest of all {base['pairs']} docstrings")
+    lines.append(f"compressed models: {out}/svd, {out}/svd-llm" if out else
+                 "compressed models were written to a temporary directory and removed; --out DIR keeps them")
     _emit({"rows": rows}, as_json, "\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: bad input -> one line on stderr, exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:                                  # a bare `layerzip`: the help, exit 0
+        print(app.get_help(click.Context(app, info_name="layerzip")))
+        return
     try:
-        code = app.main(args=argv, standalone_mode=False, prog_name="layerzip")
+        code = app.main(args=args, standalone_mode=False, prog_name="layerzip")
     except LayerzipError as e:
         print(f"layerzip: error: {e}", file=sys.stderr)
         sys.exit(2)
