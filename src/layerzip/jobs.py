@@ -87,6 +87,8 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
     by cosine of mean-pooled embeddings among all docs). `latency`: median forward milliseconds at batch 1 and 16
     (`latency_seq_len` tokens, `threads` fixed) and matmul FLOPs per token."""
     _check_sizes(samples, seq_len, "--samples")
+    if latency and (threads < 1 or latency_seq_len < 1):
+        raise LayerzipError(f"--threads and --latency-seq-len must be ≥ 1, got {threads} and {latency_seq_len}")
     loaded = loaded or load_model(source)
     res = {"model": str(source), "params": count_params(loaded.model), "size_on_disk": size_on_disk(loaded.path),
            "kind": "causal-lm" if loaded.causal else "encoder"}
