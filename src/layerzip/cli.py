@@ -140,7 +140,7 @@ def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_
               help="budget of the recommended plan (fraction of block parameters kept)")
 @click.option("--include", help="regex: analyze only the linear layers whose name matches")
 @click.option("--exclude", help="regex: leave matching layers out")
-@click.option("--force", is_flag=True, help="write into a non-empty --out")
+@click.option("--force", is_flag=True, help="replace a non-empty --out")
 @json_opt
 def analyze(model, out, calib, calib_samples, seq_len, keep, include, exclude, force, as_json):
     """Spectra, ranks, Block Influence, angular distances and a plan: analysis.json + plots + report.html."""

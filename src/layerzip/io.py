@@ -13,6 +13,7 @@ a directory that looks complete. Weights are read from safetensors only: nothing
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -162,27 +163,15 @@ def check_out_dir(out: str | Path, force: bool, source: Path | None = None) -> P
     return out
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
-    """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`.
-
-    >>> import layerzip as lz
-    >>> lz.save(model, "my-model-lz", tokenizer=tok)   # doctest: +SKIP
-    """
-    from safetensors.torch import save_model
-
+@contextlib.contextmanager
+def atomic_dir(out: str | Path):
+    """Yields a hidden temporary sibling of `out` to fill; on success it replaces `out` in one rename, on any
+    error or interruption it is removed, so nothing half-written ever sits at `out`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        dtype = next(model.parameters()).dtype
-        doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
-               "architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
-               **(meta or {}), "modules": factorized_specs(model)}
-        (tmp / META).write_text(json.dumps(doc, indent=1))
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -194,7 +183,27 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
+    """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`.
+
+    >>> import layerzip as lz
+    >>> lz.save(model, "my-model-lz", tokenizer=tok)   # doctest: +SKIP
+    """
+    from safetensors.torch import save_model
+
+    with atomic_dir(out) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        dtype = next(model.parameters()).dtype
+        doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
+               "architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
+               **(meta or {}), "modules": factorized_specs(model)}
+        (tmp / META).write_text(json.dumps(doc, indent=1))
+    return Path(out)
 
 
 def read_meta(path: Path) -> dict:
@@ -288,11 +297,11 @@ def load_compressed(path: str | Path):
 
 
 def write_analysis(doc: dict, out: Path) -> dict:
-    """analysis.json, its PNG plots and report.html in `out`. Returns {"analysis", "html", "plots"} paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "analysis.json"
-    path.write_text(json.dumps(doc))
-    return {"analysis": path, **write_report(path)}
+    """analysis.json, its PNG plots and report.html in `out` (atomically). Returns {"analysis", "html", "plots"}."""
+    with atomic_dir(out) as tmp:
+        (tmp / "analysis.json").write_text(json.dumps(doc))
+        names = list(write_report(tmp / "analysis.json")["plots"])
+    return {"analysis": out / "analysis.json", "html": out / "report.html", "plots": [out / p.name for p in names]}
 
 
 def write_report(analysis: str | Path, out: str | Path | None = None) -> dict:

@@ -155,8 +155,8 @@ def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_sa
                   force: bool = False, progress: bool = True) -> dict:
     """`layerzip analyze`: analysis.json, PNG plots and report.html in `out`. Returns the summary."""
     _check_sizes(calib_samples, seq_len)
+    out = check_out_dir(out, force, source_path(source))
     loaded = load_model(source)
-    out = check_out_dir(out, force, loaded.path)
     batches = calibration_batches(loaded, calib, calib_samples, seq_len)
     doc = analyze(loaded.model, batches, keep, include, exclude, progress)
     doc.update(model=str(source), causal=loaded.causal,
@@ -172,8 +172,8 @@ def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps:
     """`layerzip heal`: load both models, distill, save the healed model to `out` (never into COMPRESSED)."""
     if steps < 1 or not lr > 0:
         raise LayerzipError(f"--steps must be ≥ 1 and --lr > 0, got {steps} and {lr}")
+    out = check_out_dir(out, force, source_path(compressed))
     student = load_model(compressed)
-    out = check_out_dir(out, force, student.path)
     ref = load_model(teacher)
     if student.causal != ref.causal:
         raise LayerzipError("--teacher must be the same kind of model (causal LM or encoder) as COMPRESSED")
