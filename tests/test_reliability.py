@@ -137,3 +137,23 @@ def test_interrupted_compress_leaves_nothing_complete(sig, tmp_path):
     done = subprocess.run(_compress_cmd(out), capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-500:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["out"] == str(out) and (out / "layerzip.json").is_file()
+
+
+def test_command_line_basics(capsys, tiny_dirs, calib_file, tmp_path):
+    code, out, _ = run(capsys)                                    # a bare `layerzip`: the help, exit 0
+    assert code == 0 and "Usage: layerzip" in out and "compress" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("layerzip, version")
+    code, out, _ = run(capsys, "compress", "--help")
+    assert "--sequential / --no-sequential" in out and "svd-llm" in out and "MODEL" in out
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    broken = tmp_path / "broken"                                 # would fail to load: --out is checked first
+    shutil.copytree(tiny_dirs["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    refused(capsys, "--force", "compress", broken, "--out", full)
+    code, out, _ = run(capsys, "eval", tiny_dirs["llama"], "--text", calib_file, "--seq-len", 32, "--samples", 8,
+                       "--json")
+    res = json.loads(out)
+    assert code == 0 and res["windows"] == 2 and res["tokens"] == 2 * 31
