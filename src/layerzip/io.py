@@ -296,28 +296,31 @@ def load_compressed(path: str | Path):
     return model.eval(), tok
 
 
+def _write_rendered(doc: dict, out: Path) -> dict:
+    """The plots and report.html of `doc` (report.render) written into `out`."""
+    files = render(doc)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return {"html": out / "report.html", "plots": [out / n for n in files if n != "report.html"]}
+
+
 def write_analysis(doc: dict, out: Path) -> dict:
     """analysis.json, its PNG plots and report.html in `out` (atomically). Returns {"analysis", "html", "plots"}."""
     with atomic_dir(out) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(doc))
-        names = list(write_report(tmp / "analysis.json")["plots"])
-    return {"analysis": out / "analysis.json", "html": out / "report.html", "plots": [out / p.name for p in names]}
+        names = [p.name for p in _write_rendered(doc, tmp)["plots"]]
+    return {"analysis": out / "analysis.json", "html": out / "report.html", "plots": [out / n for n in names]}
 
 
 def write_report(analysis: str | Path, out: str | Path | None = None) -> dict:
-    """PNG plots and report.html (report.render) next to `analysis` (or in `out`).
+    """PNG plots and report.html redrawn from a saved analysis.json, next to it (or in `out`).
     Returns {"html": path, "plots": [paths]}."""
     analysis = Path(analysis)
     try:
         doc = json.loads(analysis.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LayerzipError(f"cannot read {analysis} ({e}); re-run layerzip analyze") from None
-    try:
-        files = render(doc)
-    except LayerzipError:
-        raise LayerzipError(f"{analysis} is not a layerzip analysis.json; re-run layerzip analyze") from None
-    out = Path(out) if out else analysis.parent
-    out.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        (out / name).write_bytes(data)
-    return {"html": out / "report.html", "plots": [out / n for n in files if n != "report.html"]}
+    if not isinstance(doc, dict) or doc.get("format") != "layerzip-analysis":
+        raise LayerzipError(f"{analysis} is not a layerzip analysis.json; re-run layerzip analyze")
+    return _write_rendered(doc, Path(out) if out else analysis.parent)
