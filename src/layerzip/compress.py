@@ -115,14 +115,15 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     ranks = config.ranks(shapes, keep, spectrum_of if config.needs_spectra else None)
     chosen = {n: m for n, m in targets.items() if ranks[n] is not None}
     modules: dict[str, dict] = {}
-    seconds = [time.perf_counter() - t]
+    seconds = time.perf_counter() - t
 
     def decompose(names, st):
+        nonlocal seconds
         t = time.perf_counter()
         for name in names:
             modules[name] = replace_module(model, name, chosen[name], config, st.get(name), ranks[name])
         log.add(st)
-        seconds[0] += time.perf_counter() - t
+        seconds += time.perf_counter() - t
 
     if collect and (config.sequential or not stats):
         stats = {}                             # the walk recollects (sequential) or collects as it goes
@@ -131,7 +132,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     else:
         for name in tqdm(chosen, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
             decompose([name], {name: stats[name]} if name in stats else {})
-    return modules, ranks, log.summary() if config.needs_stats else None, seconds[0]
+    return modules, ranks, log.summary() if config.needs_stats else None, seconds
 
 
 class _StatsLog:
