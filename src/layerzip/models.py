@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import LayerzipError
-from .nn import is_linear_like
+from .nn import is_conv1d, is_linear_like
 
 Selector = Union[None, str, list, tuple, Callable[[str, nn.Module], bool]]
 
@@ -58,7 +58,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a Linear, a GPT-2 Conv1D or a factorized layer."""
-    if hasattr(module, "nf") and not isinstance(module, nn.Linear):     # Conv1D: weight (in, out)
+    if is_conv1d(module):                                               # Conv1D: weight (in, out)
         return module.weight.shape[1], module.weight.shape[0]
     return module.out_features, module.in_features
 
