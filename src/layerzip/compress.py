@@ -7,10 +7,17 @@ With uniform ranks every block is decomposed as soon as its statistics are ready
 global allocation first collects every module's statistics (its spectra), then allocates, then decomposes.
 `--sequential` decomposes inside the driver's walk, each group of modules from the compressed stream.
 `merge_` turns every factorized layer back into `nn.Linear` (PEFT's `merge_and_unload`).
+
+Streamed models (lazy.source_of(model)): the gradient statistics come from the driver's block-wise backward;
+global allocation makes two walks, the first keeping only each module's spectrum; every block is written to the
+work directory (`source.workdir`) as soon as it is decomposed, with what a restart needs (`_Progress`): a run
+killed at block k and started again on the same work directory continues from block k.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,10 +25,12 @@ from tqdm.auto import tqdm
 
 from .driver import BlockDriver
 from .errors import LayerzipError
+from .lazy import source_of
 from .methods import CompressConfig
-from .models import check_finite, count_params, linear_shape, module_params, select_targets, set_module
-from .nn import FactorizedLayer, dense_weight_and_bias
-from .stats import with_fisher
+from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
+                     select_targets, set_module)
+from .nn import FactorizedLayer, dense_weight_and_bias, layer_from_spec
+from .stats import collect_fisher, collect_output_fisher, with_fisher
 
 
 @torch.no_grad()
@@ -40,6 +49,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     config = config.resolve(model, calib)
     if config.needs_stats and not calib:
         raise LayerzipError(f"method {config.label} needs calibration text; pass --calib FILE or --calib builtin")
+    if source_of(model) is not None and not config.stream_ok:
+        raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
     targets = select_targets(model, config.include, config.exclude)
     check_finite(targets)
     target_before = module_params(targets.values())
@@ -87,9 +98,21 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     driver, gradient statistics attached), for every target; the model is left unchanged."""
     config = config.resolve(model, calib)
     targets = targets or select_targets(model, config.include, config.exclude)
-    grads = config.gradient_stats(model, targets, calib, progress)
+    grads = gradients(model, targets, config.gradients, calib, progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
+
+
+def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None, calib: list[dict],
+              progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """The gradient statistics `kind` ("output" | "weight", see CompressConfig.gradients) of the original model:
+    one whole-model backward per micro-batch in memory, block by block for a streamed model (the same values)."""
+    if kind is None:
+        return None
+    if source_of(model) is not None:
+        return BlockDriver(model, calib, progress, desc="gradients").gradients(targets, kind)
+    fn = collect_output_fisher if kind == "output" else collect_fisher
+    return fn(model, targets, calib, is_causal(model), progress)
 
 
 def _decompose(model, targets, config, calib, progress, listeners, given=None):
@@ -97,22 +120,35 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     decomposing: the rest is calibration, with which a walk interleaves it)."""
     if given is not None and config.sequential:
         raise LayerzipError("precollected statistics cannot be used with --sequential (it recollects them)")
+    source = source_of(model)
+    if source is not None and given is not None:
+        raise LayerzipError("precollected statistics cannot be used with a streamed model")
     shapes = {n: linear_shape(m) for n, m in targets.items()}
     keep = _weight_keep(config, shapes, module_params(targets.values()))
     collect = config.needs_stats and given is None
-    grads = config.gradient_stats(model, targets, calib, progress) if collect else None
+    saved = _Progress(source.workdir, config) if source is not None else None
+    grads = None
+    if collect and config.gradients:
+        grads = saved.cached("gradients", lambda: gradients(model, targets, config.gradients, calib, progress)) \
+            if saved else gradients(model, targets, config.gradients, calib, progress)
     attach = (lambda st: with_fisher(st, grads)) if grads is not None else (lambda st: st)
     driver = BlockDriver(model, calib or [], progress, desc=config.name, listeners=list(listeners))
     log = _StatsLog()
     stats: dict = dict(given or {})
-    if config.needs_spectra and collect:
-        stats = attach(driver.collect(targets))
     t = time.perf_counter()                    # allocation (the spectra's SVDs) counts as decomposition
 
-    def spectrum_of(name):
+    def spectrum(name, st):
         W, _ = dense_weight_and_bias(targets[name])
-        return config.spectrum(W.detach().to("cpu", torch.float64), stats.get(name))
-    ranks = config.ranks(shapes, keep, spectrum_of if config.needs_spectra else None)
+        return config.spectrum(W.detach().to("cpu", torch.float64), st)
+    spectrum_of = None
+    if config.needs_spectra and saved is not None:      # streamed: a first walk keeps only the spectra
+        spectrum_of = saved.cached("spectra", lambda: _spectra_walk(driver, targets, attach, spectrum)).__getitem__
+    elif config.needs_spectra:
+        if collect:
+            stats = attach(driver.collect(targets))
+            t = time.perf_counter()
+        spectrum_of = lambda name: spectrum(name, stats.get(name))   # noqa: E731
+    ranks = config.ranks(shapes, keep, spectrum_of)
     chosen = {n: m for n, m in targets.items() if ranks[n] is not None}
     modules: dict[str, dict] = {}
     seconds = time.perf_counter() - t
@@ -125,7 +161,9 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
         log.add(st)
         seconds += time.perf_counter() - t
 
-    if collect and (config.sequential or not stats):
+    if saved is not None:
+        saved.walk(model, driver, chosen, config, collect, decompose, attach, modules, log)
+    elif collect and (config.sequential or not stats):
         stats = {}                             # the walk recollects (sequential) or collects as it goes
         driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
                     paired=config.sequential and config.correct)
@@ -133,6 +171,116 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
         for name in tqdm(chosen, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
             decompose([name], {name: stats[name]} if name in stats else {})
     return modules, ranks, log.summary() if config.needs_stats else None, seconds
+
+
+def _spectra_walk(driver: BlockDriver, targets: dict, attach, spectrum) -> dict[str, torch.Tensor]:
+    """Global allocation's first walk over a streamed model: each module's spectrum, its statistics freed."""
+    spectra: dict[str, torch.Tensor] = {}
+
+    def keep(names, st):
+        st = attach(st)
+        for n in names:
+            spectra[n] = spectrum(n, st.get(n))
+    driver.walk(targets, keep)
+    return spectra
+
+
+class _Progress:
+    """What a streamed compression keeps in its work directory, so that a killed run resumes where it stopped:
+
+        gradients.safetensors, spectra.safetensors   the first passes' results, once computed
+        block-0000k.safetensors                      block k as decomposed (the model reads it from there)
+        streams.safetensors                          the hidden states after the last finished block
+        progress.json                                the config, blocks done, their module specs, the stats log
+
+    Each file is written under a temporary name and renamed, progress.json last, so a kill at any point leaves
+    the previous consistent state. The caller (jobs.compress_model) checks that the directory belongs to the same
+    run (arguments and source)."""
+
+    def __init__(self, workdir: Path, config: CompressConfig):
+        self.dir, self.config = Path(workdir), config
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = self.dir / "progress.json"
+        self.state = json.loads(f.read_text()) if f.is_file() else {}
+        if self.state and self.state.get("config") != config.to_dict():
+            self.state = {}                  # another configuration: start again
+
+    def _save_tensors(self, name: str, tensors: dict) -> None:
+        from safetensors.torch import save_file
+        tmp = self.dir / f"{name}.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self.dir / name)
+
+    def cached(self, name: str, compute) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+        f = self.dir / f"{name}.safetensors"
+        if f.is_file() and name in self.state.get("cached", []):
+            return load_file(str(f))
+        out = compute()
+        self._save_tensors(f.name, out)
+        self._commit(cached=sorted(set(self.state.get("cached", [])) | {name}))
+        return out
+
+    def _commit(self, **changes) -> None:
+        self.state.update(changes, config=self.config.to_dict())
+        tmp = self.dir / "progress.json.tmp"
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.dir / "progress.json")
+
+    def _restore(self, model, source, blocks, prefix: str, modules: dict, log: "_StatsLog") -> tuple[int, dict | None]:
+        """Blocks already done: their factorized modules put in place (on meta) and read from their shards."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        done = self.state.get("blocks_done", 0)
+        for l in range(done):   # noqa: E741
+            pre = f"{prefix}.{l}."
+            for name, spec in self.state["modules"].items():
+                if name.startswith(pre):
+                    old = model.get_submodule(name)
+                    set_module(model, name, layer_from_spec(spec, dtype=next(old.parameters()).dtype, device="meta"))
+                    modules[name] = spec
+            shard = self.dir / f"block-{l:05d}.safetensors"
+            with safe_open(str(shard), framework="pt") as h:
+                source.adopt(pre, list(h.keys()), shard)
+        log.__dict__.update(self.state.get("log", {}))
+        if not done:
+            return 0, None
+        raw = load_file(str(self.dir / "streams.safetensors"))
+        streams = {k: [raw[f"{k}.{i}"] for i in range(sum(x.startswith(k + ".") for x in raw))] or None
+                   for k in ("orig", "cur")}
+        return done, streams
+
+    def walk(self, model, driver, chosen, config, collect, decompose, attach, modules, log) -> None:
+        source = source_of(model)
+        prefix, blocks = find_blocks(model)
+        start, streams = self._restore(model, source, blocks, prefix, modules, log)
+
+        def block_done(l, streams):   # noqa: E741
+            source.offload(blocks[l], self.dir / f"block-{l:05d}.safetensors")
+            if streams is not None:
+                self._save_tensors("streams.safetensors", {f"{k}.{i}": t for k, v in streams.items() if v
+                                                            for i, t in enumerate(v)})
+            self._commit(blocks_done=l + 1, modules=modules, log=dict(log.__dict__))
+
+        if collect:
+            def listener(ev):
+                if ev.kind == "block_done" and ev.block is not None:
+                    block_done(ev.block, ev.streams)
+            driver.listeners.append(listener)
+            try:
+                driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
+                            paired=config.sequential and config.correct, start=start, streams=streams,
+                            all_blocks=True)
+            finally:
+                driver.listeners.remove(listener)
+            return
+        for l in tqdm(range(start, len(blocks)), desc=f"decomposing ({config.name})", unit="block",   # noqa: E741
+                      disable=not driver.progress):
+            with driver.hold(blocks[l]):
+                pre = f"{prefix}.{l}."
+                check_finite({n: m for n, m in chosen.items() if n.startswith(pre)})
+                decompose([n for n in chosen if n.startswith(pre)], {})
+                block_done(l, None)
 
 
 class _StatsLog:

@@ -1,7 +1,8 @@
 """The block driver: one loop over the model's repeated blocks, in order, for every calibrated method.
 
-    capture block 0's inputs and every block's keyword arguments (a forward of the original model whose blocks run
-    on the first batch only)
+    capture block 0's inputs and every block's keyword arguments (a forward of the model whose blocks pass their
+    input through: only the embeddings and what the blocks' arguments need run; block 0 runs once, to learn the
+    form of a block's output)
     for block l:   block started
                    default:      run block l on the original stream with hooks on its targets -> statistics
                                  (and the original stream's next state, taken before anything changes)
@@ -15,13 +16,24 @@
     change (default) or after (--sequential)
 
 Events (`BlockEvent`: block started / statistics ready / block done) go to listeners: the progress bar is one,
-reports and resumable runs can be others. Kwargs are kept per block: Gemma 3 alternates sliding-window and full
-attention masks and position embeddings. Holding one block's hidden states for every batch is the only
-activation memory the walk needs.
+resumable runs another (block done carries the streams after the block). Kwargs are kept per block: Gemma 3
+alternates sliding-window and full attention masks and position embeddings. Holding one block's hidden states for
+every batch is the only activation memory the walk needs.
+
+Streamed models (lazy.source_of(model) is set): each block's weights are read from disk while the block is walked
+and put back after (`block_done` is emitted while they are still loaded, so a listener can write the block out).
+
+Gradient statistics block by block (`gradients`): forward through the blocks keeping the block-boundary states
+(on disk when streamed), the loss and the head on the last state, then backward one block at a time in reverse,
+each block recomputed from its input — the same gradients as one backward of the whole model, with one block's
+graph in memory.
 """
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,11 +41,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LayerzipError
-from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, find_blocks,
-                     input_groups, linear_shape, run_block, token_rows, with_hidden)
-from .stats import ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats
+from .lazy import is_meta, source_of
+from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, check_finite, find_blocks,
+                     input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
+from .nn import is_conv1d
+from .stats import ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats, sensitivity_loss
 
 OnStats = Callable[[list, dict], None]
+_UNKNOWN = object()       # a block's output form before block 0 has run
 
 
 @dataclass
@@ -42,6 +57,7 @@ class BlockEvent:
     block: int | None           # index among the repeated blocks; None: targets outside them
     names: list = field(default_factory=list)
     stats: dict | None = None   # stats_ready: {name: statistics}
+    streams: dict | None = None  # block_done: {"orig": [...], "cur": [...]} hidden states after the block
 
 
 class Progress:
@@ -74,10 +90,22 @@ class BlockDriver:
         self.model, self.batches, self.progress, self.desc = model, batches, progress, desc
         self.listeners = list(listeners)
         self.masks = [batch_mask(b) for b in batches]
+        self.source = source_of(model)
+        self.device = self.source.device if self.source else next(model.parameters()).device
+        self.template = _UNKNOWN      # what a block returns: None (a tensor) or (tuple type, the other entries)
 
-    def emit(self, kind: str, block: int | None, names=(), stats=None) -> None:
+    def emit(self, kind: str, block: int | None, names=(), stats=None, streams=None) -> None:
         for f in self.listeners:
-            f(BlockEvent(kind, block, list(names), stats))
+            f(BlockEvent(kind, block, list(names), stats, streams))
+
+    def hold(self, block: nn.Module):
+        """The block's weights in memory while it is used (streamed models; a no-op otherwise)."""
+        if self.source is None or not is_meta(block):
+            return contextlib.nullcontext(block)
+        return self.source.hold(block)
+
+    def _bar(self, what: str, total: int):
+        return tqdm(total=total, desc=f"{self.desc}: {what}", unit="block", disable=not self.progress)
 
     def collect(self, targets: dict[str, nn.Module]) -> dict:
         """Statistics of every target's input in the original model; the model is left unchanged."""
@@ -85,23 +113,32 @@ class BlockDriver:
         self.walk(targets, lambda names, stats: out.update(stats))
         return out
 
-    @torch.no_grad()
-    def walk(self, targets: dict[str, nn.Module], on_stats: OnStats, sequential: bool = False,
-             paired: bool = False) -> None:
-        """Call `on_stats(names, {name: stats})` for every target, block by block. `sequential`: statistics of the
-        compressed stream (what `on_stats` did to earlier modules is seen by later ones); `paired` (with
-        sequential): PairedStats against the original stream, for the correction."""
+    def _split(self, targets: dict[str, nn.Module]):
         found = find_blocks(self.model)
         prefix = found[0] + "." if found else None
         inside = {n: m for n, m in targets.items() if prefix and n.startswith(prefix)}
         rest = {n: m for n, m in targets.items() if n not in inside}
+        if rest and self.source is not None:
+            raise LayerzipError(f"{next(iter(rest))} lies outside the repeated blocks, which a streamed model cannot "
+                                "calibrate; pass --no-stream or leave it out of --include")
+        return found, inside, rest
+
+    @torch.no_grad()
+    def walk(self, targets: dict[str, nn.Module], on_stats: OnStats, sequential: bool = False,
+             paired: bool = False, start: int = 0, streams: dict | None = None, all_blocks: bool = False) -> None:
+        """Call `on_stats(names, {name: stats})` for every target, block by block. `sequential`: statistics of the
+        compressed stream (what `on_stats` did to earlier modules is seen by later ones); `paired` (with
+        sequential): PairedStats against the original stream, for the correction. `start`, `streams`: resume at
+        block `start` with the streams a `block_done` event carried. `all_blocks`: walk every block even when no
+        target is inside (a streamed compression writes every block out)."""
+        found, inside, rest = self._split(targets)
         if rest and not sequential:
             self._outside(rest, on_stats)
-        if inside:
-            bar = Progress(f"{self.desc}: blocks", len(found[1])) if self.progress else None
+        if inside or (all_blocks and found):
+            bar = Progress(f"{self.desc}: blocks", len(found[1]) - start) if self.progress else None
             self.listeners += [bar] if bar else []
             try:
-                self._blocks(found, inside, on_stats, sequential, paired)
+                self._blocks(found, inside, on_stats, sequential, paired, start, streams)
             finally:
                 if bar:
                     self.listeners.remove(bar)
@@ -116,65 +153,58 @@ class BlockDriver:
         on_stats(list(rest), stats)
         self.emit("block_done", None, rest)
 
-    def _capture(self, blocks: nn.ModuleList) -> list[list[tuple]]:
-        """calls[l][b] = (args, kwargs) of block l on batch b in the original model; the hidden state is kept for
-        block 0 only (block l > 0 gets it from the walk).
+    def _capture(self, blocks: nn.ModuleList, batches: list[dict]) -> list[list[tuple]]:
+        """calls[l][b] = (args, kwargs) of block l on batch b; the hidden state is kept for block 0 only (block l > 0
+        gets it from the walk).
 
-        Only the first batch runs the blocks: it checks that every block's output is the next block's input (which
-        the walk relies on) and shows what each block returns. For the other batches the blocks pass their input
-        through in that form, so the forward only computes what the blocks' arguments need (masks, positions)."""
-        device = next(self.model.parameters()).device
+        The blocks pass their input through, so the forward only computes the embeddings and what the blocks'
+        arguments need (masks, positions); block 0 runs once on the first batch to show what a block returns.
+        Every block must then receive block 0's input unchanged: a model that changes the hidden state between
+        its blocks (which the walk could not reproduce) is refused."""
         calls: list[list] = [[] for _ in blocks]
-        first = [True]                    # the first batch is running
-        templates: dict[int, object] = {}
-        last: list = []                   # the previous block's output on the first batch
+        h0: list[torch.Tensor] = []
         broken: list[int] = []
 
         def pre(l):
             def hook(module, args, kwargs):
                 args, kwargs = tuple(args), dict(kwargs)
-                if first[0] and last:
-                    h, y = block_hidden(args, kwargs), last.pop()
-                    if h.shape != y.shape or not torch.allclose(h, y, rtol=1e-4, atol=1e-5 * max(1.0, y.abs().max().item())):
-                        broken.append(l)
+                h = block_hidden(args, kwargs)
+                if l == 0:
+                    h0.append(h)
+                elif not (h is h0[-1] or (h.shape == h0[-1].shape and torch.equal(h, h0[-1]))):
+                    broken.append(l)
                 calls[l].append(with_hidden(args, kwargs, None) if l > 0 else (args, kwargs))
             return hook
 
-        def post(l):
-            def hook(module, args, kwargs, out):
-                if first[0]:          # what the block returns: a tensor, or a tuple whose first entry is it
-                    templates[l] = (None if isinstance(out, torch.Tensor) else
-                                    (type(out), tuple(out[1:])) if isinstance(out, (tuple, list)) else "other")
-                    last[:] = [block_output(out)]
-            return hook
+        def first_run(block, args, kwargs):      # learn the output form from one real run of block 0
+            with self.hold(block):
+                out = type(block).forward(block, *args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                return None
+            if isinstance(out, (tuple, list)):
+                return type(out), tuple(out[1:])
+            raise LayerzipError(f"the model's blocks return {type(out).__name__}, not a tensor or tuple, so they "
+                                "cannot be calibrated one by one; leave the blocks' modules out with --exclude")
 
-        def passthrough(l):
+        def passthrough(block):
             def forward(*args, **kwargs):
-                h, t = block_hidden(args, kwargs), templates[l]
-                return h if t is None else t[0]((h, *t[1]))
+                if self.template is _UNKNOWN:
+                    self.template = first_run(block, args, kwargs)
+                return self._as_output(block_hidden(args, kwargs))
             return forward
 
         handles = [b.register_forward_pre_hook(pre(l), with_kwargs=True) for l, b in enumerate(blocks)]
-        handles += [b.register_forward_hook(post(l), with_kwargs=True) for l, b in enumerate(blocks)]
-        net = backbone(self.model)
+        for b in blocks:
+            b.forward = passthrough(b)
         try:
-            for i, batch in enumerate(self.batches):
-                if i == 1:
-                    first[0] = False
-                    if "other" not in templates.values():
-                        for l, b in enumerate(blocks):
-                            b.forward = passthrough(l)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                try:
-                    net(**batch, use_cache=False)
-                except TypeError:                   # a backbone without `use_cache`
-                    net(**batch)
+            for batch in batches:
+                self._run_model(batch)
         finally:
             for h in handles:
                 h.remove()
             for b in blocks:
                 b.__dict__.pop("forward", None)
-        if any(len(c) != len(self.batches) for c in calls):
+        if any(len(c) != len(batches) for c in calls):
             raise LayerzipError("not every block ran once per calibration batch; this model's blocks cannot be "
                                 "calibrated one by one")
         if broken:
@@ -182,21 +212,59 @@ class BlockDriver:
                                 "so they cannot be calibrated one by one; leave the blocks' modules out with --exclude")
         return calls
 
-    def _blocks(self, found, inside: dict, on_stats: OnStats, sequential: bool, paired: bool) -> None:
+    def _as_output(self, h: torch.Tensor):
+        t = self.template
+        return h if t is None else t[0]((h, *t[1]))
+
+    def _run_model(self, batch: dict, head: bool = False, loss=None):
+        """One forward of the backbone (or, `head`, of the whole model through `loss(model, batch)`)."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        if head:
+            return loss(self.model, batch)
+        net = backbone(self.model)
+        try:
+            return net(**batch, use_cache=False)
+        except TypeError:                   # a backbone without `use_cache`
+            return net(**batch)
+
+    @contextlib.contextmanager
+    def _injected(self, blocks: nn.ModuleList, h: torch.Tensor):
+        """Every block passes its input through, except the last, which returns `h`: a forward of the model then
+        runs only the embeddings, the final norm and the head on `h`."""
+        for b in blocks[:-1]:
+            b.forward = lambda *args, **kwargs: self._as_output(block_hidden(args, kwargs))
+        blocks[-1].forward = lambda *args, **kwargs: self._as_output(h)
+        try:
+            yield
+        finally:
+            for b in blocks:
+                b.__dict__.pop("forward", None)
+
+    def _blocks(self, found, inside: dict, on_stats: OnStats, sequential: bool, paired: bool, start: int,
+                streams: dict | None) -> None:
         prefix, blocks = found
-        calls = self._capture(blocks)
-        h_orig = [block_hidden(*c) for c in calls[0]]          # the original model's stream
-        h_cur = list(h_orig) if sequential else None           # the compressed model's stream
+        calls = self._capture(blocks, self.batches)
+        if streams is None:
+            h_orig = [block_hidden(*c) for c in calls[0]]      # the original model's stream
+            h_cur = list(h_orig) if sequential else None       # the compressed model's stream
+        else:
+            h_orig, h_cur = streams.get("orig"), streams.get("cur")
         for l, block in enumerate(blocks):   # noqa: E741
+            if l < start:
+                calls[l] = None
+                continue
             pre = f"{prefix}.{l}."
             local = {n[len(pre):]: n for n in inside if n.startswith(pre)}
             self.emit("block_started", l, local.values())
-            if not sequential:
-                h_orig = self._stats_pass(block, local, calls[l], h_orig, l, on_stats)
-            else:
-                h_orig, h_cur = self._sequential_pass(block, local, calls[l], h_orig, h_cur, l, on_stats, paired)
-            calls[l] = None                                    # free this block's captured inputs
-            self.emit("block_done", l, local.values())
+            with self.hold(block):
+                if self.source is not None:
+                    check_finite({full: block.get_submodule(loc) for loc, full in local.items()})
+                if not sequential:
+                    h_orig = self._stats_pass(block, local, calls[l], h_orig, l, on_stats)
+                else:
+                    h_orig, h_cur = self._sequential_pass(block, local, calls[l], h_orig, h_cur, l, on_stats, paired)
+                calls[l] = None                                # free this block's captured inputs
+                self.emit("block_done", l, local.values(), streams={"orig": h_orig, "cur": h_cur})
 
     def _stats_pass(self, block, local, calls, h, l, on_stats):
         """One run of the original block per batch, hooks on its targets: statistics and the next stream."""
@@ -240,3 +308,140 @@ class BlockDriver:
             h_orig_next = [run_block(block, call, h_orig[b]) for b, call in enumerate(calls)]
         h_cur = [run_block(block, call, h_cur[b]) for b, call in enumerate(calls)]
         return h_orig_next, h_cur
+
+    # ------------------------------------------------------------------------------------ gradients, block by block
+    def gradients(self, targets: dict[str, nn.Module], kind: str = "output", micro_batch: int = 2,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+        """Gradient statistics of the sensitivity loss (stats.sensitivity_loss), one block's graph at a time.
+        kind "output": {name: Σ over tokens of (∂L/∂y)²} per output feature (stats.collect_output_fisher);
+        "weight": {name: Σ over micro-batches of (∂L/∂W)² per output row} (stats.collect_fisher). Micro-batches,
+        seeds and losses are those of the whole-model versions, so the results are the same."""
+        found, inside, _ = self._split(targets)
+        if not found or len(inside) != len(targets):
+            raise LayerzipError("block-wise gradients need every target inside the repeated blocks")
+        prefix, blocks = found
+        micro = [{k: v[i:i + micro_batch] for k, v in b.items()}
+                 for b in self.batches for i in range(0, len(b["input_ids"]), micro_batch)]
+        causal = is_causal(self.model)
+        calls = self._capture(blocks, micro)
+        with ActivationStore(spill=self.source is not None) as states:
+            h = [block_hidden(*c).detach() for c in calls[0]]
+            with torch.no_grad(), self._bar("forward for gradients", len(blocks)) as bar:
+                for l, block in enumerate(blocks):   # noqa: E741
+                    states.put(l, h)
+                    with self.hold(block):
+                        h = [run_block(block, calls[l][m], h[m]) for m in range(len(micro))]
+                    bar.update(1)
+            gen = torch.Generator().manual_seed(seed)
+            grads = []
+            for m, batch in enumerate(micro):            # the loss and the head on the last state
+                z = h[m].detach().requires_grad_(True)
+                with self._injected(blocks, z), torch.enable_grad():
+                    loss = self._run_model(batch, head=True, loss=lambda mdl, b: sensitivity_loss(mdl, b, causal, gen))
+                    grads.append(torch.autograd.grad(loss, [z])[0] if loss.requires_grad else torch.zeros_like(z))
+            del h
+            acc: dict[str, torch.Tensor] = {}
+            with self._bar("backward", len(blocks)) as bar:
+                for l in reversed(range(len(blocks))):   # noqa: E741
+                    h = states.get(l)
+                    pre = f"{prefix}.{l}."
+                    with self.hold(blocks[l]):
+                        mods = {n: blocks[l].get_submodule(n[len(pre):]) for n in inside if n.startswith(pre)}
+                        grads = self._block_backward(blocks[l], calls[l], h, grads, mods, kind, acc)
+                    calls[l] = None
+                    bar.update(1)
+        for n, mod in targets.items():        # a target the loss does not depend on: no sensitivity at all
+            if n not in acc:
+                acc[n] = torch.zeros(linear_shape(mod)[0], dtype=torch.float64)
+        return acc
+
+    def _block_backward(self, block, calls, h, grads, mods, kind, acc):
+        """∂L/∂(block input) for every micro-batch from ∂L/∂(block output), accumulating the targets' statistics."""
+        handles = []
+        if kind == "output":
+            def out_hook(name):
+                def hook(module, args, out):
+                    def grad_hook(g):
+                        g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
+                        acc[name] = acc[name] + g if name in acc else g
+                    if out.requires_grad:
+                        out.register_hook(grad_hook)
+                return hook
+            handles = [m.register_forward_hook(out_hook(n)) for n, m in mods.items()]
+        weights = {n: m.weight for n, m in mods.items()} if kind == "weight" else {}
+        flags = {n: p.requires_grad for n, p in block.named_parameters()}
+        for p in block.parameters():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        try:
+            out = []
+            for m, call in enumerate(calls):
+                x = h[m].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    y = run_block(block, call, x)
+                    got = torch.autograd.grad(y, [x, *weights.values()], grads[m], allow_unused=True)
+                out.append(got[0] if got[0] is not None else torch.zeros_like(x))
+                for (n, w), g in zip(weights.items(), got[1:]):
+                    if g is not None:
+                        g = g.double().square().sum(0 if is_conv1d(mods[n]) else 1).cpu()
+                        acc[n] = acc[n] + g if n in acc else g
+            return out
+        finally:
+            for hd in handles:
+                hd.remove()
+            for n, p in block.named_parameters():
+                p.requires_grad_(flags.get(n, False))
+
+    # ----------------------------------------------------------------------------------------- streamed forwards
+    @torch.no_grad()
+    def final_states(self, batches: list[dict]) -> list[torch.Tensor]:
+        """The last block's output for every batch, the blocks run one at a time (streamed evaluation)."""
+        prefix, blocks = find_blocks(self.model)
+        calls = self._capture(blocks, batches)
+        h = [block_hidden(*c) for c in calls[0]]
+        with self._bar("forward", len(blocks)) as bar:
+            for l, block in enumerate(blocks):   # noqa: E741
+                with self.hold(block):
+                    h = [run_block(block, calls[l][b], h[b]) for b in range(len(batches))]
+                calls[l] = None
+                bar.update(1)
+        return h
+
+    def head(self, batch: dict, h: torch.Tensor):
+        """The model's own output (logits, loss ...) for `batch` given its last block's output `h`."""
+        _, blocks = find_blocks(self.model)
+        with self._injected(blocks, h):
+            return self._run_model(batch, head=True, loss=lambda mdl, b: mdl(**b, use_cache=False))
+
+
+class ActivationStore:
+    """Lists of tensors by level (block-boundary states), in memory or, `spill`, in safetensors files of a
+    temporary directory (removed on exit), so that only one level is in memory at a time."""
+
+    def __init__(self, spill: bool):
+        self.spill, self.levels = spill, {}
+
+    def __enter__(self):
+        self.dir = tempfile.TemporaryDirectory(prefix="layerzip-states-") if self.spill else None
+        return self
+
+    def __exit__(self, *exc):
+        self.levels.clear()
+        if self.dir is not None:
+            self.dir.cleanup()
+
+    def put(self, level: int, tensors: list[torch.Tensor]) -> None:
+        if self.dir is None:
+            self.levels[level] = list(tensors)
+            return
+        from safetensors.torch import save_file
+        save_file({str(i): t.detach().contiguous() for i, t in enumerate(tensors)},
+                  str(Path(self.dir.name) / f"{level}.safetensors"))
+
+    def get(self, level: int) -> list[torch.Tensor]:
+        if self.dir is None:
+            return self.levels.pop(level)
+        from safetensors.torch import load_file
+        d = load_file(str(Path(self.dir.name) / f"{level}.safetensors"))
+        return [d[str(i)] for i in range(len(d))]

@@ -1,7 +1,7 @@
 """What every method is: a config dataclass (torchao style) that knows its statistics, its spectrum and its math.
 
     CompressConfig          options every method shares (keep, alloc, include, exclude, sequential, correct)
-      .gradient_stats(...)  whole-model gradient statistics gathered before anything changes (or None)
+      .gradients            the gradient statistics it needs: None | "output" (output Fisher) | "weight" (row Fisher)
       .factors(W, stats, r) (A, B) of one module: the pure math
       .spectrum(W, stats)   singular values whose squared tail is the method's layer loss at each rank (--alloc global)
       .ranks(shapes, ...)   one rank per module (None: stays dense) under `keep`
@@ -49,6 +49,7 @@ class CompressConfig:
     uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
     sequential_ok: ClassVar[bool] = True
     correct_ok: ClassVar[bool] = True
+    stream_ok: ClassVar[bool] = True          # works on a streamed model, one block in memory at a time
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
@@ -83,9 +84,10 @@ class CompressConfig:
         """Singular values whose squared tail is this method's layer loss at each rank (for --alloc global)."""
         return torch.linalg.svdvals(W)
 
-    def gradient_stats(self, model: nn.Module, targets: dict[str, nn.Module], calib: list[dict],
-                       progress: bool) -> dict[str, torch.Tensor] | None:
-        """Per-module gradient statistics of the original model (Fisher rows), or None."""
+    @property
+    def gradients(self) -> str | None:
+        """The gradient statistics of the original model this method weights by, gathered before anything changes:
+        None, "output" (stats.collect_output_fisher) or "weight" (stats.collect_fisher)."""
         return None
 
     # ---------------------------------------------------------------------------------------------- its budget

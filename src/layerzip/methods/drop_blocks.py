@@ -98,6 +98,7 @@ class DropBlocks(CompressConfig):
                                     "drop-blocks+METHOD)")
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     uses_stats: ClassVar[bool] = True
+    stream_ok: ClassVar[bool] = False       # block similarity runs the whole model
 
     def __post_init__(self):
         super().__post_init__()

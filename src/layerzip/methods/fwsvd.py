@@ -1,6 +1,6 @@
 """FWSVD (Hsu et al. 2022): Fisher-weighted SVD.
 
-Row importance Iᵢ = Σⱼ E[(∂L/∂Wᵢⱼ)²] (squared gradients summed per output row, stats.collect_fisher), then
+Row importance Iᵢ = Σⱼ E[(∂L/∂Wᵢⱼ)²] (squared gradients summed per output row: `gradients = "weight"`, stats.collect_fisher), then
 
     W ≈ D⁻¹ · trunc_r(D W),    D = diag(√I)      stored as A = D⁻¹ U_r Σ_r^½,  B = Σ_r^½ V_rᵀ
 
@@ -13,9 +13,8 @@ from typing import ClassVar
 
 import torch
 
-from ..models import is_causal
 from ..nn import split_balanced
-from ..stats import collect_fisher, positive_floor
+from ..stats import positive_floor
 from .base import CompressConfig, register_method
 
 
@@ -46,5 +45,6 @@ class FWSVD(CompressConfig):
     def spectrum(self, W, stats):
         return torch.linalg.svdvals(row_weights(stats.fisher_rows).to(W)[:, None] * W)
 
-    def gradient_stats(self, model, targets, calib, progress):
-        return collect_fisher(model, targets, calib, is_causal(model), progress)
+    @property
+    def gradients(self):
+        return "weight"

@@ -15,7 +15,7 @@ import torch
 
 from ..models import is_causal
 from ..nn import split_balanced
-from ..stats import Whitening, collect_output_fisher, whiten
+from ..stats import Whitening, whiten
 from .base import CompressConfig, option, register_method
 from .correct import target_aware_factors
 from .fwsvd import row_weights
@@ -82,5 +82,6 @@ class SVDLLM(CompressConfig):
     def spectrum(self, W, stats):
         return whitened_singular_values(W, stats.whitening, rows=self._rows(stats))
 
-    def gradient_stats(self, model, targets, calib, progress):
-        return collect_output_fisher(model, targets, calib, is_causal(model), progress) if self.fisher else None
+    @property
+    def gradients(self):
+        return "output" if self.fisher else None

@@ -38,7 +38,7 @@ def with_fisher(stats: dict, fisher: dict[str, torch.Tensor]) -> dict:
     return {n: FisherStats(fisher[n], s) for n, s in stats.items()}
 
 
-def _sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator) -> torch.Tensor:
+def sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator) -> torch.Tensor:
     """The LM loss for causal LMs, εᵀe (ε ~ N(0, I)) of the mean-pooled embedding e for encoders (module doc)."""
     if causal:
         labels = batch["input_ids"]
@@ -85,7 +85,7 @@ def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: lis
             w.requires_grad_(True)
         for b in _micro_batches(batches, micro_batch, device, progress, "fisher"):
             with torch.enable_grad():
-                grads = torch.autograd.grad(_sensitivity_loss(model, b, causal, gen), list(weights.values()))
+                grads = torch.autograd.grad(sensitivity_loss(model, b, causal, gen), list(weights.values()))
             for (n, w), g in zip(weights.items(), grads):
                 acc[n] += g.double().square().sum(0 if is_conv1d(targets[n]) else 1).cpu()
     return acc
@@ -116,7 +116,7 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
         with _Frozen(model):
             for b in _micro_batches(batches, micro_batch, device, progress, "output fisher"):
                 with torch.enable_grad():
-                    loss = _sensitivity_loss(model, b, causal, gen)
+                    loss = sensitivity_loss(model, b, causal, gen)
                     if loss.requires_grad:
                         loss.backward()
     finally:

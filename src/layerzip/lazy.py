@@ -1,0 +1,211 @@
+"""Lazy weights: a model whose parameters stay in safetensors files until a module needs them.
+
+    skeleton: the architecture with its parameters on the meta device (buffers real), built by io.load_model(...,
+              stream=True); `LazyWeights(model, files)` knows which file holds every tensor
+    hold(block):    read the block's tensors (memory-mapped, one tensor at a time), use them, put them back on meta
+    offload(block): write the block's current tensors (its factorized modules after compression) to a shard of the
+                    work directory; from then on the block is read from there
+
+Tied parameters (an LM head sharing the input embedding) are one Parameter under several names: they are read
+once, set under every name, and released only with every module that uses them. The source of a streamed model is
+registered beside it (`source_of(model)`), so every layer that walks the blocks (driver, evaluate, io.save) finds
+it without a new argument; `source_of(model)` is None for an ordinary in-memory model.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LayerzipError
+
+_SOURCES: "weakref.WeakKeyDictionary[nn.Module, LazyWeights]" = weakref.WeakKeyDictionary()
+
+
+def source_of(model: nn.Module) -> "LazyWeights | None":
+    """The LazyWeights of a streamed model, None for an in-memory one."""
+    return _SOURCES.get(model)
+
+
+def is_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def _get(model: nn.Module, name: str):
+    owner, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return None
+    return mod._parameters.get(attr)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = value
+    else:
+        mod._buffers[attr] = value
+
+
+class LazyWeights:
+    """Where each tensor of `model` lives: `files` maps checkpoint keys to safetensors files. Model names that
+    differ from the checkpoint's by the base-model prefix (``bert.`` ...) are matched either way."""
+
+    def __init__(self, model: nn.Module, files: dict[str, Path], device: str | torch.device = "cpu"):
+        self.model, self.device = model, torch.device(device)
+        self.where = {k: Path(f) for k, f in files.items()}
+        self.aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.aliases.setdefault(id(p), []).append(name)
+        self.persistent = {n for n, _ in model.state_dict(keep_vars=True).items()}
+        missing = [names[0] for names in self.aliases.values() if all(self._key(n) is None for n in names)]
+        if missing:
+            raise LayerzipError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more); "
+                                "the model's files are incomplete or belong to another architecture")
+        self.offloaded = 0
+        self._workdir: Path | None = None
+        _SOURCES[model] = self
+
+    @property
+    def workdir(self) -> Path:
+        """Where offloaded blocks go: set by the caller (a resumable run's directory), else a temporary directory
+        that lives as long as this source."""
+        if self._workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="layerzip-blocks-")
+            self._workdir = Path(self._tmp.name)
+        return self._workdir
+
+    @workdir.setter
+    def workdir(self, path: Path) -> None:
+        self._workdir = Path(path)
+
+    def _key(self, name: str) -> str | None:
+        if name in self.where:
+            return name
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for k in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if prefix and k in self.where:
+                return k
+        return None
+
+    def _names(self, p: torch.Tensor, name: str) -> list[str]:
+        """Every name of parameter `p` (found as `name`); ids of freed tensors are reused, so checked."""
+        names = self.aliases.get(id(p))
+        if names and all(_get(self.model, a) is p for a in names):
+            return names
+        self.aliases[id(p)] = [name]
+        return [name]
+
+    # ----------------------------------------------------------------------------------------------- reading
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for n in names:
+            k = self._key(n)
+            if k is not None:
+                by_file.setdefault(self.where[k], []).append((n, k))
+        out = {}
+        for f, pairs in by_file.items():
+            with safe_open(str(f), framework="pt", device="cpu") as h:
+                for n, k in pairs:
+                    out[n] = h.get_tensor(k)
+        return out
+
+    def _members(self, module: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+        prefix = next((n for n, m in self.model.named_modules() if m is module), None)
+        if prefix is None:
+            raise LayerzipError("internal: the module is not part of the streamed model")
+        pre = prefix + "." if prefix else ""
+        return pre, [(pre + n, t) for n, t in module.named_parameters(remove_duplicate=False)]
+
+    @torch.no_grad()
+    def load(self, module: nn.Module) -> None:
+        """Read every meta parameter of `module` (and its checkpointed buffers) onto the device."""
+        pre, params = self._members(module)
+        todo = [(n, p) for n, p in params if p.is_meta]
+        bufs = [pre + n for n, b in module.named_buffers() if pre + n in self.persistent]
+        want = {n: next((a for a in self._names(p, n) if self._key(a) is not None), n) for n, p in todo}
+        got = self._read(list(set(want.values())) + bufs)
+        done: set[int] = set()
+        for n, p in todo:
+            if id(p) in done:
+                continue
+            t = got[want[n]]
+            if tuple(t.shape) != tuple(p.shape):
+                raise LayerzipError(f"the checkpoint's {want[n]} has shape {tuple(t.shape)}, the model expects "
+                                    f"{tuple(p.shape)}; the files belong to another configuration")
+            new = nn.Parameter(t.to(device=self.device, dtype=p.dtype), requires_grad=p.requires_grad)
+            for alias in self.aliases[id(p)]:
+                _set_tensor(self.model, alias, new)
+            self.aliases[id(new)] = self.aliases.pop(id(p))
+            done.add(id(p))
+        for n in bufs:
+            if n in got:
+                b = self.model.get_buffer(n)
+                _set_tensor(self.model, n, got[n].to(device=self.device, dtype=b.dtype))
+
+    @torch.no_grad()
+    def release(self, module: nn.Module) -> None:
+        """Put `module`'s parameters back on the meta device (those shared with a module outside it stay)."""
+        pre, params = self._members(module)
+        inside = {n for n, _ in params}
+        for n, p in params:
+            names = self._names(p, n)
+            if p.is_meta or not set(names) <= inside:
+                continue
+            new = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for alias in names:
+                _set_tensor(self.model, alias, new)
+            self.aliases[id(new)] = self.aliases.pop(id(p))
+
+    @contextlib.contextmanager
+    def hold(self, module: nn.Module):
+        """`module`'s weights in memory for the duration of the block."""
+        self.load(module)
+        try:
+            yield module
+        finally:
+            self.release(module)
+
+    # ----------------------------------------------------------------------------------------------- writing
+    def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """{full name: tensor} of a loaded `module` as it is saved: parameters once (first name of a tied group)
+        and persistent buffers."""
+        pre, params = self._members(module)
+        out, seen = {}, set()
+        for n, p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                first = self._names(p, n)[0]
+                out[first if first.startswith(pre) else n] = p.detach()
+        for n, b in module.named_buffers():
+            if pre + n in self.persistent or pre + n in self.where:
+                out[pre + n] = b.detach()
+        return out
+
+    def offload(self, module: nn.Module, path: Path) -> None:
+        """Write the loaded `module`'s tensors to `path` (atomically); later loads of it read from there."""
+        from safetensors.torch import save_file
+        pre, _ = self._members(module)
+        tensors = {n: t.to("cpu").contiguous() for n, t in self.tensors(module).items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        self.adopt(pre, list(tensors), path)
+        # structure changed (factorized modules): the persistent names of the new modules
+        self.persistent |= {n for n in tensors}
+
+    def adopt(self, prefix: str, names: list[str], path: Path) -> None:
+        """Names under `prefix` are now read from `path` (a shard written by `offload`, also on resume)."""
+        for k in [k for k in self.where if k.startswith(prefix)]:
+            del self.where[k]
+        for n in names:
+            self.where[n] = Path(path)
+        self.offloaded += 1
