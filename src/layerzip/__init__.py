@@ -27,9 +27,11 @@ from .jobs import analyze_model, compress_model, evaluate_model, heal_model
 globals().update(CONFIGS)       # lz.SVD, lz.SVDLLM, lz.DropBlocks, ...: every registered method's config
 
 
-def load(source):
-    """A transformers model from a layerzip directory, a HF directory, a .gguf file or 'minilm'."""
-    return load_model(source).model
+def load(source, stream: bool = False, device: str = "cpu"):
+    """A transformers model from a layerzip directory, a HF directory, a .gguf file or 'minilm'. `stream=True`:
+    its blocks stay on disk and are read one at a time by compress_ and the evaluations (a safetensors
+    directory)."""
+    return load_model(source, stream=stream, device=device).model
 
 
 __all__ = ["CompressConfig", "Cuttlefish", "FactorizedLayer", "LAYERS", "LayerzipError", "LowRankLinear",

@@ -37,6 +37,8 @@ def _fmt_bytes(n) -> str:
 model_arg = click.argument("model")
 json_opt = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 force_opt = click.option("--force", is_flag=True, help="replace a non-empty --out")
+device_opt = click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda", "auto"]),
+                          help="where forward passes, statistics and decompositions run")
 
 
 def calib_opts(f):
@@ -94,10 +96,15 @@ def app():
 @click.option("--heal-steps", default=0, show_default=True, help="then distill towards MODEL on the --calib text")
 @click.option("--heal-lr", default=1e-5, show_default=True, help="learning rate of --heal-steps")
 @click.option("--seed", default=0, show_default=True, help="random seed")
+@click.option("--stream/--no-stream", default=None,
+              help="read one block at a time from disk [default: when the model would not fit in memory]")
+@device_opt
+@click.option("--resume", is_flag=True, help="require an interrupted streamed run of the same arguments to continue "
+                                             "(the same command continues one anyway)")
 @force_opt
 @json_opt
-def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, force, as_json,
-             **options):
+def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, stream, device, resume,
+             force, as_json, **options):
     """Compress MODEL into a factorized model saved at --out.
 
     --method drop-blocks removes whole blocks; --method drop-blocks+svd-llm then applies low rank to the rest,
@@ -107,7 +114,7 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
 
     config = config_from_dict({"method": method, **options})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
-                         heal_steps=heal_steps, heal_lr=heal_lr)
+                         heal_steps=heal_steps, heal_lr=heal_lr, stream=stream, device=device, resume=resume)
     _emit({k: v for k, v in rep.items() if k not in ("modules", "config")}, as_json)
 
 
@@ -122,14 +129,18 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
 @click.option("--latency", is_flag=True, help="median forward ms at batch 1 and 16, FLOPs per token")
 @click.option("--latency-seq-len", default=128, show_default=True, help="tokens per sequence for --latency")
 @click.option("--threads", default=1, show_default=True, help="torch threads fixed for --latency")
+@click.option("--stream/--no-stream", default=None,
+              help="run one block at a time from disk [default: when the model would not fit in memory]")
+@device_opt
 @json_opt
-def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, as_json):
+def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, stream, device,
+          as_json):
     """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
     retrieval quality (--retrieval) and speed (--latency)."""
     from .jobs import evaluate_model
 
     _emit(evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
-                         latency_seq_len=latency_seq_len, threads=threads), as_json)
+                         latency_seq_len=latency_seq_len, threads=threads, stream=stream, device=device), as_json)
 
 
 @app.command()

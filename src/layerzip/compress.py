@@ -139,7 +139,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
 
     def spectrum(name, st):
         W, _ = dense_weight_and_bias(targets[name])
-        return config.spectrum(W.detach().to("cpu", torch.float64), st)
+        return config.spectrum(W.detach().to(torch.float64), st).cpu()
     spectrum_of = None
     if config.needs_spectra and saved is not None:      # streamed: a first walk keeps only the spectra
         spectrum_of = saved.cached("spectra", lambda: _spectra_walk(driver, targets, attach, spectrum)).__getitem__
@@ -316,9 +316,10 @@ def distinct_stats(stats: dict) -> list:
 
 
 def replace_module(model: nn.Module, name: str, mod: nn.Module, config: CompressConfig, stats, rank: int) -> dict:
-    """Decompose one target in float64 and swap the result in, cast back to the original dtype. Returns its spec."""
+    """Decompose one target in float64 (on the weight's device) and swap the result in, cast back to the original
+    dtype. Returns its spec."""
     W, bias = dense_weight_and_bias(mod)
-    new = config.build_layer(W.detach().to("cpu", torch.float64), bias, stats, rank)
+    new = config.build_layer(W.detach().to(torch.float64), bias, stats, rank)
     set_module(model, name, new.to(device=W.device, dtype=W.dtype))
     return new.spec()
 

@@ -45,7 +45,8 @@ from .lazy import is_meta, source_of
 from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, check_finite, find_blocks,
                      input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
 from .nn import is_conv1d
-from .stats import ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats, sensitivity_loss
+from .stats import (ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats, lm_labels,
+                    sensitivity_loss)
 
 OnStats = Callable[[list, dict], None]
 _UNKNOWN = object()       # a block's output form before block 0 has run
@@ -335,12 +336,7 @@ class BlockDriver:
                         h = [run_block(block, calls[l][m], h[m]) for m in range(len(micro))]
                     bar.update(1)
             gen = torch.Generator().manual_seed(seed)
-            grads = []
-            for m, batch in enumerate(micro):            # the loss and the head on the last state
-                z = h[m].detach().requires_grad_(True)
-                with self._injected(blocks, z), torch.enable_grad():
-                    loss = self._run_model(batch, head=True, loss=lambda mdl, b: sensitivity_loss(mdl, b, causal, gen))
-                    grads.append(torch.autograd.grad(loss, [z])[0] if loss.requires_grad else torch.zeros_like(z))
+            grads = [self._head_grad(blocks, batch, h[m], causal, gen) for m, batch in enumerate(micro)]
             del h
             acc: dict[str, torch.Tensor] = {}
             with self._bar("backward", len(blocks)) as bar:
@@ -356,6 +352,22 @@ class BlockDriver:
             if n not in acc:
                 acc[n] = torch.zeros(linear_shape(mod)[0], dtype=torch.float64)
         return acc
+
+    def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, gen) -> torch.Tensor:
+        """∂L/∂h of the micro-batch's loss at the last block's output. A causal LM's rows go through the head one
+        at a time, each loss a sum over its tokens divided by the micro-batch's count (their sum is the micro-batch's
+        mean loss), so only one window's vocabulary-wide logits are ever held."""
+        rows = [slice(i, i + 1) for i in range(len(h))] if causal else [slice(None)]
+        n_items = (lm_labels(batch)[:, 1:] != -100).sum() if causal else None
+        out = []
+        for r in rows:
+            z = h[r].detach().requires_grad_(True)
+            part = {k: v[r] for k, v in batch.items()}
+            with self._injected(blocks, z), torch.enable_grad():
+                loss = self._run_model(part, head=True,
+                                       loss=lambda mdl, b: sensitivity_loss(mdl, b, causal, gen, n_items))
+                out.append(torch.autograd.grad(loss, [z])[0] if loss.requires_grad else torch.zeros_like(z))
+        return torch.cat(out)
 
     def _block_backward(self, block, calls, h, grads, mods, kind, acc):
         """∂L/∂(block input) for every micro-batch from ∂L/∂(block output), accumulating the targets' statistics."""
@@ -411,10 +423,13 @@ class BlockDriver:
         return h
 
     def head(self, batch: dict, h: torch.Tensor):
-        """The model's own output (logits, loss ...) for `batch` given its last block's output `h`."""
+        """The model's own output for `batch` given its last block's output `h`: logits of a causal LM, the
+        backbone's output (last_hidden_state) of an encoder."""
         _, blocks = find_blocks(self.model)
         with self._injected(blocks, h):
-            return self._run_model(batch, head=True, loss=lambda mdl, b: mdl(**b, use_cache=False))
+            if is_causal(self.model):
+                return self._run_model(batch, head=True, loss=lambda mdl, b: mdl(**b, use_cache=False))
+            return self._run_model(batch)
 
 
 class ActivationStore:

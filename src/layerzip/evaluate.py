@@ -10,6 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import check_token_ids, token_batches
+from .driver import BlockDriver
+from .lazy import source_of
 from .models import backbone, fit_seq_len, is_causal
 
 
@@ -21,15 +23,31 @@ def perplexity_scored(model: nn.Module, tokenizer, texts: list[str], seq_len: in
     seq_len = fit_seq_len(model, seq_len)
     batches = token_batches(tokenizer, texts, causal=True, n_samples=max_windows, seq_len=seq_len, batch_size=4)
     check_token_ids(model, batches)
-    device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for b in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-        ids = b["input_ids"].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
+    for ids, logits in _logits(model, batches, progress):
         tgt = ids[:, 1:]
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum").item()
+        nll += F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                               reduction="sum").item()
         count += tgt.numel()
     return {"perplexity": math.exp(nll / count), "windows": batches.used["windows"], "tokens": count}
+
+
+def _logits(model: nn.Module, batches: list[dict], progress: bool):
+    """(input ids, logits) per batch; a streamed model runs its blocks one at a time over all batches, then the
+    head one window at a time (a window's logits, vocabulary-wide, are the largest tensor)."""
+    source = source_of(model)
+    if source is None:
+        device = next(model.parameters()).device
+        for b in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            ids = b["input_ids"].to(device)
+            yield ids, model(input_ids=ids).logits
+        return
+    batches = [{"input_ids": b["input_ids"]} for b in batches]
+    driver = BlockDriver(model, batches, progress, desc="perplexity")
+    for b, h in zip(batches, driver.final_states(batches)):
+        for i in range(len(h)):
+            ids = b["input_ids"][i:i + 1].to(source.device)
+            yield ids, driver.head({"input_ids": ids}, h[i:i + 1]).logits
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
@@ -42,17 +60,23 @@ def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512
 def embed(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, batch_size: int = 16,
           progress: bool = True) -> torch.Tensor:
     """Mean-pooled last hidden states (as sentence-transformers pools MiniLM), float32, one row per text."""
-    device = next(model.parameters()).device
+    source = source_of(model)
+    device = source.device if source else next(model.parameters()).device
     seq_len = fit_seq_len(model, seq_len)
     net = backbone(model)
+    encs = [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
+                           return_tensors="pt").to(device)) for i in range(0, len(texts), batch_size)]
+    check_token_ids(model, encs)
+    if source is not None:           # streamed: the blocks one at a time over all batches
+        driver = BlockDriver(model, encs, progress, desc="embedding")
+        hs = (driver.head(enc, h).last_hidden_state for enc, h in zip(encs, driver.final_states(encs)))
+    else:
+        hs = (net(**enc).last_hidden_state for enc in tqdm(encs, desc="embedding", unit="batch",
+                                                            disable=not progress))
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="embedding", unit="batch", disable=not progress):
-        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=seq_len,
-                        return_tensors="pt").to(device)
-        check_token_ids(model, [enc])
-        h = net(**enc).last_hidden_state.float()
+    for enc, h in zip(encs, hs):
         mask = enc["attention_mask"].unsqueeze(-1).float()
-        out.append((h * mask).sum(1) / mask.sum(1).clamp_min(1))
+        out.append((h.float() * mask).sum(1) / mask.sum(1).clamp_min(1))
     return torch.cat(out)
 
 

@@ -129,10 +129,11 @@ def _from_pretrained(path: Path, gguf_file: str | None = None):
 
 
 def load_model(source: str | Path, stream: bool | None = False, device: str = "cpu",
-               budget_tokens: int = 0) -> Loaded:
+               budget_tokens: int = 0, statistics: bool = True) -> Loaded:
     """Resolve MODEL as the CLI and `lz.load` understand it. `stream`: True reads blocks lazily (safetensors
-    directories), None decides from the model's size, its statistics (`budget_tokens` of calibration) and the free
-    memory (`needs_streaming`); `device`: where weights and computations go."""
+    directories), None decides from the model's size, (`statistics`) the Grams a compression collects and the
+    hidden states of `budget_tokens` calibration tokens, against the free memory (`needs_streaming`); `device`:
+    where weights and computations go."""
     s = str(source)
     if s in BUILTIN:
         path = builtin_path(s)
@@ -155,7 +156,7 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
         raise LayerzipError(f"{path} is not a model directory (no config.json); give a Hugging Face model "
                             "directory, a .gguf file or a layerzip output directory")
     if stream is None:
-        stream = needs_streaming(path, budget_tokens)
+        stream = needs_streaming(path, budget_tokens, statistics)
     if stream:
         model, tok = load_streamed(path, device)
     else:
@@ -246,10 +247,10 @@ def _load_outside(source: LazyWeights, module: nn.Module, blocks: nn.Module | No
     source.load(module, recurse=False)
 
 
-def needs_streaming(path: Path, tokens: int = 0) -> bool:
-    """Whether compressing `path` in memory would take more than half the free memory: the weights, one float64
-    Gram per distinct input of every block (≈ 3 of width hidden + 1 of width intermediate, for a transformer), and
-    the hidden states of `tokens` calibration tokens."""
+def needs_streaming(path: Path, tokens: int = 0, statistics: bool = True) -> bool:
+    """Whether holding `path` in memory would take more than half the free memory: the weights, (`statistics`) one
+    float64 Gram per distinct input of every block (≈ 3 of width hidden + 1 of width intermediate, for a
+    transformer) and the hidden states of `tokens` calibration tokens."""
     import psutil
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -257,7 +258,7 @@ def needs_streaming(path: Path, tokens: int = 0) -> bool:
         cfg = {}
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
     h, i, n = (int(cfg.get(k) or 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
-    need = size_on_disk(path) + n * 8 * (3 * h * h + i * i) + 3 * tokens * h * 4
+    need = size_on_disk(path) + (n * 8 * (3 * h * h + i * i) + 3 * tokens * h * 4 if statistics else 0)
     return need > psutil.virtual_memory().available / 2
 
 

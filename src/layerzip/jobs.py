@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import torch
 from .analyze import analyze, summary
 from .compress import compress_
 from .data import builtin_pairs, calibration_batches, load_documents
+from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
 from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, write_analysis
+from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
 
@@ -29,21 +32,75 @@ def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> N
         raise LayerzipError(f"{what} must be ≥ 1 and --seq-len ≥ 2")
 
 
+def resolve_device(device: str) -> str:
+    """cpu | cuda | auto (cuda when there is one)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise LayerzipError(f"--device must be cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayerzipError("--device cuda, but torch sees no CUDA device here; use --device cpu or auto")
+    return device
+
+
+def _work_dir(out: Path, run: dict, resume: bool) -> tuple[Path, int]:
+    """The hidden `.OUT.partial` directory of a streamed run and the blocks it has already done. A directory
+    left by the same run (same arguments and source, run.json) is continued; one of another run is discarded."""
+    work = out.parent / f".{out.name}.partial"
+    prev = None
+    try:
+        prev = json.loads((work / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    if prev != run:
+        if resume:
+            raise LayerzipError(f"--resume: no interrupted run of these arguments at {work}; drop --resume to "
+                                "start afresh")
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "run.json").write_text(json.dumps(run))
+    try:
+        done = json.loads((work / "progress.json").read_text()).get("blocks_done", 0)
+    except (OSError, json.JSONDecodeError):
+        done = 0
+    return work, done
+
+
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
-                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5) -> dict:
+                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
+                   device: str = "cpu", resume: bool = False) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
-    `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving."""
+    `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
+    `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
+    keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     _check_sizes(calib_samples, seq_len)
     if heal_steps < 0:
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
+    device = resolve_device(device)
     out = check_out_dir(out, force, source_path(source))          # before the (slow) load
-    loaded = load_model(source)
+    loaded = load_model(source, stream=stream, device=device, budget_tokens=calib_samples * seq_len)
+    streamed = source_of(loaded.model) is not None
+    if streamed and heal_steps:
+        raise LayerzipError("--heal-steps needs the whole model in memory; pass --no-stream or heal afterwards")
+    if resume and not streamed:
+        raise LayerzipError("--resume continues a streamed run; add --stream")
     batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
+    work, resumed = None, 0
+    if streamed:
+        path = Path(loaded.path).resolve()
+        run = {"source": str(path), "source_bytes": size_on_disk(path), "config": config.to_dict(),
+               "calib": str(calib), "calib_samples": calib_samples, "seq_len": seq_len, "seed": seed,
+               "layerzip": __version__}
+        work, resumed = _work_dir(out, run, resume)
+        source_of(loaded.model).workdir = work
     t_load = time.perf_counter()
     report = compress_(loaded.model, config, calib=batches, progress=progress)
+    report.update(streamed=streamed, device=device)
+    if streamed:
+        report["resumed_from_block"] = resumed
     used = batches.used if batches is not None else {}
     report["warnings"] = _fewer_than_asked(used, calib_samples, loaded.causal, "calibration")
     if heal_steps:
@@ -57,6 +114,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "seq_len_requested": seq_len} if batches is not None else None,
             "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
     save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
     t_save = time.perf_counter()
     report.update(out=str(out), seconds=t_save - t0, seconds_load=t_load - t0, seconds_save=t_save - t_comp,
                   size_on_disk_before=size_on_disk(loaded.path),
@@ -80,8 +139,10 @@ def heldout_texts(text: str | None, n: int) -> list[str]:
 def evaluate_model(source: str, reference: str | None = None, text: str | None = None, samples: int = 128,
                    seq_len: int = 512, progress: bool = True, loaded: Loaded | None = None,
                    ref_loaded: Loaded | None = None, retrieval: str | None = None,
-                   latency: bool = False, latency_seq_len: int = 128, threads: int = 1) -> dict:
+                   latency: bool = False, latency_seq_len: int = 128, threads: int = 1, stream: bool | None = None,
+                   device: str = "cpu") -> dict:
     """Parameters, size on disk; perplexity on `text` (causal LMs) or cosine of embeddings to `reference`.
+    `stream`: run the blocks one at a time from disk (None: when the model would not fit in memory).
 
     Causal LMs also report the `windows` and `tokens` scored. `retrieval`: a .jsonl file of {"query", "doc"} pairs -> `recall_at_1`, `mrr` (query i's answer is doc i, ranked
     by cosine of mean-pooled embeddings among all docs). `latency`: median forward milliseconds at batch 1 and 16
@@ -89,18 +150,22 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
     _check_sizes(samples, seq_len, "--samples")
     if latency and (threads < 1 or latency_seq_len < 1):
         raise LayerzipError(f"--threads and --latency-seq-len must be ≥ 1, got {threads} and {latency_seq_len}")
-    loaded = loaded or load_model(source)
+    device = resolve_device(device)
+    load = lambda s: load_model(s, stream=stream, device=device, statistics=False)   # noqa: E731
+    loaded = loaded or load(source)
+    if latency and source_of(loaded.model) is not None:
+        raise LayerzipError("--latency times the whole model in memory; pass --no-stream")
     res = {"model": str(source), "params": count_params(loaded.model), "size_on_disk": size_on_disk(loaded.path),
-           "kind": "causal-lm" if loaded.causal else "encoder"}
+           "kind": "causal-lm" if loaded.causal else "encoder", "streamed": source_of(loaded.model) is not None}
     if loaded.causal:
         texts = heldout_texts(text, None)
         res.update(perplexity_scored(loaded.model, loaded.tokenizer, texts, seq_len, samples // 4 or 1, progress))
         if reference or ref_loaded:
-            ref = ref_loaded or load_model(reference)
+            ref = ref_loaded or load(reference)
             res["reference_perplexity"] = perplexity(ref.model, ref.tokenizer, texts, seq_len, samples // 4 or 1,
                                                      progress)
     elif reference or ref_loaded:
-        ref = ref_loaded or load_model(reference)
+        ref = ref_loaded or load(reference)
         texts = heldout_texts(text, samples)
         a = embed(loaded.model, loaded.tokenizer, texts, progress=progress)
         b = embed(ref.model, ref.tokenizer, texts, progress=progress)

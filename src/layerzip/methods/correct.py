@@ -31,7 +31,7 @@ def refit_left(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, stats) -> torc
     M = B @ G @ B.T                                   # r×r, symmetric PSD
     rhs = W @ C @ B.T                                 # m×r
     M = (M + M.T) / 2
-    eye = torch.eye(M.shape[0], dtype=M.dtype)
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     scale = M.diagonal().abs().mean().clamp_min(1e-300)
     A_new = None
     for jitter in (0.0, 1e-12, 1e-10, 1e-8):

@@ -26,18 +26,18 @@ def deim(V: torch.Tensor) -> torch.Tensor:
     n, r = V.shape
     idx = [int(V[:, 0].abs().argmax())]
     for j in range(1, r):
-        P = torch.tensor(idx)
+        P = torch.tensor(idx, device=V.device)
         c = torch.linalg.solve(V[P, :j], V[P, j])
         res = V[:, j] - V[:, :j] @ c
         res[P] = 0                                       # already chosen rows interpolate exactly
         idx.append(int(res.abs().argmax()))
-    return torch.tensor(idx)
+    return torch.tensor(idx, device=V.device)
 
 
 def activation_scale(W: torch.Tensor, stats) -> torch.Tensor:
     """√E[x²] per input feature (ones without statistics); dead features get the smallest live scale."""
     if stats is None:
-        return torch.ones(W.shape[1], dtype=W.dtype)
+        return torch.ones(W.shape[1], dtype=W.dtype, device=W.device)
     return positive_floor((stats.gram.diagonal().to(W) / max(stats.tokens, 1)).clamp_min(0).sqrt())
 
 

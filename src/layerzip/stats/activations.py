@@ -29,7 +29,7 @@ def positive_floor(v: torch.Tensor) -> torch.Tensor:
     [0.5, 2.0, 0.5]
     """
     live = v[v > 0]
-    return torch.where(v > 0, v, live.min() if live.numel() else torch.ones((), dtype=v.dtype))
+    return torch.where(v > 0, v, live.min() if live.numel() else torch.ones((), dtype=v.dtype, device=v.device))
 
 
 @dataclass
@@ -54,8 +54,8 @@ def whiten(G: torch.Tensor) -> Whitening:
     n = G.shape[0]
     scale = G.diagonal().abs().mean().item()
     if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
-        return Whitening(torch.eye(n, dtype=G.dtype), True, 1.0)
-    eye = torch.eye(n, dtype=G.dtype)
+        return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0)
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
     for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
         L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
         if info.item() == 0 and torch.isfinite(L).all():
@@ -79,10 +79,17 @@ class ModuleStats:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
+        if self.gram.device != x.device:          # accumulated where the activations are (--device cuda)
+            self._move(x.device)
         x = x.reshape(-1, self.n).to(torch.float64)
         self.gram.addmm_(x.T, x)
         self.abs_sum += x.abs().sum(0)
         self.tokens += x.shape[0]
+
+    def _move(self, device) -> None:
+        for k, v in list(vars(self).items()):
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device))
 
     @property
     def abs_mean(self) -> torch.Tensor:

@@ -38,13 +38,22 @@ def with_fisher(stats: dict, fisher: dict[str, torch.Tensor]) -> dict:
     return {n: FisherStats(fisher[n], s) for n, s in stats.items()}
 
 
-def sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator) -> torch.Tensor:
-    """The LM loss for causal LMs, εᵀe (ε ~ N(0, I)) of the mean-pooled embedding e for encoders (module doc)."""
+def lm_labels(batch: dict) -> torch.Tensor:
+    """The LM loss's labels: the input ids, padding not predicted (-100)."""
+    labels = batch["input_ids"]
+    if "attention_mask" in batch:
+        labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    return labels
+
+
+def sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator,
+                     num_items: torch.Tensor | None = None) -> torch.Tensor:
+    """The LM loss for causal LMs, εᵀe (ε ~ N(0, I)) of the mean-pooled embedding e for encoders (module doc).
+    `num_items`: the LM loss as a sum over this batch's tokens divided by `num_items` (the predicted tokens of a
+    larger batch this one is a part of), so parts of a batch add up to the batch's mean loss."""
     if causal:
-        labels = batch["input_ids"]
-        if "attention_mask" in batch:              # padding is not predicted
-            labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
-        return model(**batch, labels=labels, use_cache=False).loss
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        return model(**batch, labels=lm_labels(batch), use_cache=False, **extra).loss
     h = backbone(model)(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
     e = (h * mask).sum(1) / mask.sum(1).clamp_min(1)

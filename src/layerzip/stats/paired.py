@@ -23,6 +23,8 @@ class PairedStats(ModuleStats):
 
     @torch.no_grad()
     def add_pair(self, x_ref: torch.Tensor, x: torch.Tensor) -> None:
+        if self.cross.device != x.device:
+            self._move(x.device)
         x_ref = x_ref.reshape(-1, self.n).to(torch.float64)
         x = x.reshape(-1, self.n).to(torch.float64)
         assert x_ref.shape == x.shape, (x_ref.shape, x.shape)
