@@ -181,3 +181,25 @@ def test_killed_streamed_run_resumes_byte_identical(tmp_path):
     assert len(shards) == 7
     for f in shards:
         assert (out / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+
+
+def test_ray_executor_gives_the_local_result(sharded):
+    """Each block's decompositions as Ray tasks on a local 2-CPU cluster: the same ranks and factors."""
+    pytest.importorskip("ray")
+    from layerzip.executors import make_executor
+    batches = _batches(True)
+    local = load_model(sharded["llama"], stream=True).model
+    r_local = lz.compress_(local, lz.SVDLLM(keep=0.6), calib=batches, progress=False)
+    pool = make_executor("ray", workers=2)
+    try:
+        remote = load_model(sharded["llama"], stream=True).model
+        r_remote = lz.compress_(remote, lz.SVDLLM(keep=0.6), calib=batches, progress=False, executor=pool)
+    finally:
+        pool.close()
+    assert r_remote["ranks"] == r_local["ranks"]
+    batch = batches[0]
+    driver = BlockDriver(local, [batch], progress=False)
+    a = driver.head(batch, driver.final_states([batch])[0]).logits
+    driver = BlockDriver(remote, [batch], progress=False)
+    b = driver.head(batch, driver.final_states([batch])[0]).logits
+    assert _rel(b, a) < 1e-6

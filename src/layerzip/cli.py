@@ -99,12 +99,16 @@ def app():
 @click.option("--stream/--no-stream", default=None,
               help="read one block at a time from disk [default: when the model would not fit in memory]")
 @device_opt
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="where each block's decompositions run: this process, or Ray tasks (RAY_ADDRESS, else a local "
+                   "cluster; pip install 'layerzip[ray]')")
+@click.option("--workers", type=click.IntRange(min=1), help="CPUs of the local Ray cluster [default: all]")
 @click.option("--resume", is_flag=True, help="require an interrupted streamed run of the same arguments to continue "
                                              "(the same command continues one anyway)")
 @force_opt
 @json_opt
-def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, stream, device, resume,
-             force, as_json, **options):
+def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, stream, device,
+             executor, workers, resume, force, as_json, **options):
     """Compress MODEL into a factorized model saved at --out.
 
     --method drop-blocks removes whole blocks; --method drop-blocks+svd-llm then applies low rank to the rest,
@@ -114,7 +118,8 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
 
     config = config_from_dict({"method": method, **options})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
-                         heal_steps=heal_steps, heal_lr=heal_lr, stream=stream, device=device, resume=resume)
+                         heal_steps=heal_steps, heal_lr=heal_lr, stream=stream, device=device, resume=resume,
+                         executor=executor, workers=workers)
     _emit({k: v for k, v in rep.items() if k not in ("modules", "config")}, as_json)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .driver import BlockDriver
 from .errors import LayerzipError
+from .executors import LocalExecutor, make_executor
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
@@ -35,10 +36,11 @@ from .stats import collect_fisher, collect_output_fisher, with_fisher
 
 @torch.no_grad()
 def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None = None, progress: bool = True,
-              listeners=(), stats: dict | None = None) -> dict:
+              listeners=(), stats: dict | None = None, executor=None) -> dict:
     """Replace the target Linear layers of `model` by factorized ones, in place. Returns a report (JSON-able).
     `listeners`: callables receiving the block driver's events (driver.BlockEvent). `stats`: statistics of the
     original model from `calibrate` (to decompose at several keeps from one calibration); not with --sequential.
+    `executor`: where each block's decompositions run (executors.make_executor: "local" or "ray"; same result).
 
     >>> import layerzip as lz
     >>> m = lz.load("minilm")                                         # doctest: +SKIP
@@ -63,8 +65,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
         inner = inner.resolve(model, calib)
-        modules, ranks, calibration, t_decompose = _decompose(model, targets, inner, calib, progress, listeners,
-                                                              stats)
+        own = not hasattr(executor, "map")
+        pool = make_executor(executor) if own else executor
+        try:
+            modules, ranks, calibration, t_decompose = _decompose(model, targets, inner, calib, progress, listeners,
+                                                                  stats, pool)
+        finally:
+            if own:
+                pool.close()
     else:
         modules, ranks, calibration, t_decompose = {}, {}, None, 0.0
     t_end = time.perf_counter()
@@ -115,7 +123,7 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
     return fn(model, targets, calib, is_causal(model), progress)
 
 
-def _decompose(model, targets, config, calib, progress, listeners, given=None):
+def _decompose(model, targets, config, calib, progress, listeners, given=None, executor=None):
     """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, seconds spent
     decomposing: the rest is calibration, with which a walk interleaves it)."""
     if given is not None and config.sequential:
@@ -153,11 +161,19 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None):
     modules: dict[str, dict] = {}
     seconds = time.perf_counter() - t
 
+    executor = executor or LocalExecutor()
+
     def decompose(names, st):
         nonlocal seconds
         t = time.perf_counter()
+        jobs = []
         for name in names:
-            modules[name] = replace_module(model, name, chosen[name], config, st.get(name), ranks[name])
+            W, bias = dense_weight_and_bias(chosen[name])
+            jobs.append((config, W.detach().to(torch.float64), bias, st.get(name), ranks[name]))
+        for name, new in zip(names, executor.map(build_layer, jobs)):
+            W = dense_weight_and_bias(chosen[name])[0]
+            set_module(model, name, new.to(device=W.device, dtype=W.dtype))
+            modules[name] = new.spec()
         log.add(st)
         seconds += time.perf_counter() - t
 
@@ -315,13 +331,10 @@ def distinct_stats(stats: dict) -> list:
     return list({id(s): s for s in (getattr(s, "base", None) or s for s in stats.values())}.values())
 
 
-def replace_module(model: nn.Module, name: str, mod: nn.Module, config: CompressConfig, stats, rank: int) -> dict:
-    """Decompose one target in float64 (on the weight's device) and swap the result in, cast back to the original
-    dtype. Returns its spec."""
-    W, bias = dense_weight_and_bias(mod)
-    new = config.build_layer(W.detach().to(torch.float64), bias, stats, rank)
-    set_module(model, name, new.to(device=W.device, dtype=W.dtype))
-    return new.spec()
+def build_layer(config: CompressConfig, W: torch.Tensor, bias, stats, rank: int) -> nn.Module:
+    """One target's replacement from its float64 weight (an executor's job; the caller casts it back and swaps it
+    in on the weight's device and dtype)."""
+    return config.build_layer(W, bias, stats, rank)
 
 
 @torch.no_grad()

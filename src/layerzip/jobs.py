@@ -22,6 +22,7 @@ from .errors import LayerzipError
 from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
 from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, write_analysis
+from .executors import make_executor
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
@@ -69,11 +70,13 @@ def _work_dir(out: Path, run: dict, resume: bool) -> tuple[Path, int]:
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
                    progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
-                   device: str = "cpu", resume: bool = False) -> dict:
+                   device: str = "cpu", resume: bool = False, executor: str = "local",
+                   workers: int | None = None) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
-    keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block."""
+    keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block.
+    `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     _check_sizes(calib_samples, seq_len)
@@ -97,8 +100,12 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         work, resumed = _work_dir(out, run, resume)
         source_of(loaded.model).workdir = work
     t_load = time.perf_counter()
-    report = compress_(loaded.model, config, calib=batches, progress=progress)
-    report.update(streamed=streamed, device=device)
+    pool = make_executor(executor, workers)
+    try:
+        report = compress_(loaded.model, config, calib=batches, progress=progress, executor=pool)
+    finally:
+        pool.close()
+    report.update(streamed=streamed, device=device, executor=pool.name)
     if streamed:
         report["resumed_from_block"] = resumed
     used = batches.used if batches is not None else {}
