@@ -8,8 +8,8 @@
 >>> model = lz.load("minilm-lz")                                       # doctest: +SKIP
 >>> lz.merge_(model)                                                   # doctest: +SKIP
 
-Layers, each importing only those before it: nn -> models -> data, stats -> allocate -> methods -> driver ->
-compress -> heal, evaluate, analyze, report, training -> io -> jobs -> cli.
+Layers, each importing only those before it: nn -> models -> lazy -> data, stats -> allocate -> methods ->
+executors -> driver -> compress -> heal, evaluate, analyze, report, training -> io -> jobs -> cli.
 """
 from ._version import __version__
 from .errors import LayerzipError

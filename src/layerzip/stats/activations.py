@@ -11,6 +11,7 @@ which happened, never raises.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from functools import cached_property
 
 import torch
@@ -49,17 +50,23 @@ class Whitening:
 
 @torch.no_grad()
 def whiten(G: torch.Tensor) -> Whitening:
-    """A square-root factor of the Gram, robust to singular / indefinite G (see module doc)."""
-    G = (G + G.T) / 2
+    """A square-root factor of the Gram, robust to singular / indefinite G (see module doc). Reads G's lower
+    triangle (as Cholesky and eigh do), so it is not symmetrized; one n×n factor is allocated (a jittered copy
+    only when needed)."""
     n = G.shape[0]
     scale = G.diagonal().abs().mean().item()
     if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
         return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0)
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
     for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
-        L, info = torch.linalg.cholesky_ex(G + jitter * eye if jitter else G)
+        Gj = G
+        if jitter:
+            Gj = G.clone()
+            Gj.diagonal().add_(jitter)
+        L, info = torch.linalg.cholesky_ex(Gj)
+        del Gj
         if info.item() == 0 and torch.isfinite(L).all():
             return Whitening(L, True, jitter)
+        del L
     lam, Q = torch.linalg.eigh(G)
     lam = lam.clamp_min(lam.max() * n * torch.finfo(G.dtype).eps)
     return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()))
@@ -68,6 +75,7 @@ def whiten(G: torch.Tensor) -> Whitening:
 @dataclass
 class ModuleStats:
     """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count."""
+    CHUNK: ClassVar[int] = 1024
     n: int
     gram: torch.Tensor = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
@@ -81,9 +89,11 @@ class ModuleStats:
     def add(self, x: torch.Tensor) -> None:
         if self.gram.device != x.device:          # accumulated where the activations are (--device cuda)
             self._move(x.device)
-        x = x.reshape(-1, self.n).to(torch.float64)
-        self.gram.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(0)
+        x = x.reshape(-1, self.n)
+        for c in x.split(self.CHUNK):     # float64 copies of CHUNK rows at a time, not of the whole batch
+            c = c.to(torch.float64)
+            self.gram.addmm_(c.T, c)
+            self.abs_sum += c.abs().sum(0)
         self.tokens += x.shape[0]
 
     def _move(self, device) -> None:
