@@ -122,7 +122,12 @@ def lz_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "layerzip.cli", *map(str, args)]
 
 
-def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eval_windows: int) -> dict:
+def ranks_of(out: Path) -> dict:
+    return json.loads((out / "layerzip.json").read_text())["report"]["ranks"]
+
+
+def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eval_windows: int,
+        compare: bool = False) -> dict:
     src = data.qwen_dir() if model == "qwen" else data.gemma_dir()
     full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     text = data.TEXT_DIR / "docs_eval.txt"
@@ -132,8 +137,9 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
         for n in blocks_list:
             d = src if n == full else cut(src, n, tmp / f"cut{n}")
             out = tmp / f"out{n}"
-            comp = monitored(lz_cmd("compress", d, "--out", out, "--keep", keep, "--stream", "--calib",
-                                    data.TEXT_DIR / "docs_calib.txt", "--calib-samples", calib_samples, "--json"))
+            args = ["--keep", keep, "--calib", data.TEXT_DIR / "docs_calib.txt", "--calib-samples", calib_samples,
+                    "--json"]
+            comp = monitored(lz_cmd("compress", d, "--out", out, "--stream", *args))
             row = {"blocks": n, "compress": {k: v for k, v in comp.items() if k != "report"},
                    "report": {k: comp["report"].get(k) for k in (
                        "keep_achieved", "params_before", "params_after", "seconds", "calibration",
@@ -153,6 +159,16 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                 svds = bare_svds_seconds(src, n)
                 row["limit"] = {"forward_seconds_est": forward, "bare_svds_seconds": svds,
                                 "compress_over_limit": comp["seconds"] / (forward + svds)}
+                if compare:             # the same compression in memory: ranks, perplexity, memory, time
+                    mem = monitored(lz_cmd("compress", d, "--out", tmp / "mem", "--no-stream", *args))
+                    ev_mem = monitored(lz_cmd("eval", tmp / "mem", "--no-stream", "--text", text, "--samples",
+                                              4 * eval_windows, "--json"))
+                    a, b = ranks_of(out), ranks_of(tmp / "mem")
+                    row["in_memory"] = {"peak_rss_mb": mem["peak_rss_mb"], "seconds": mem["seconds"],
+                                        "perplexity": ev_mem["report"]["perplexity"],
+                                        "ranks_equal": a == b, "ranks_differing": sum(a[n] != b[n] for n in a),
+                                        "perplexity_rel_diff": ev["report"]["perplexity"]
+                                        / ev_mem["report"]["perplexity"] - 1}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "compress"}, default=str), flush=True)
     res = {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": rows, "env": common.env()}
@@ -195,10 +211,11 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--keep", type=float, default=0.8)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--compare-in-memory", action="store_true", help="also compress --no-stream and compare")
     a = ap.parse_args(argv)
     src = data.qwen_dir() if a.model == "qwen" else data.gemma_dir()
     full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows)
+    res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows, a.compare_in_memory)
     name = f"stream_{a.model}"
     common.write_json(name, res)
     plot(res, common.RESULTS / f"{name}.png")

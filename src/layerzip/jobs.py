@@ -90,7 +90,9 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         raise LayerzipError("--heal-steps needs the whole model in memory; pass --no-stream or heal afterwards")
     if resume and not streamed:
         raise LayerzipError("--resume continues a streamed run; add --stream")
-    batches = calibration_batches(loaded, calib, calib_samples, seq_len) if config.needs_stats else None
+    # streamed: batches of 2 sequences, so one block's activations stay small (the Grams are the same sums)
+    batches = (calibration_batches(loaded, calib, calib_samples, seq_len, batch_size=2 if streamed else 8)
+               if config.needs_stats else None)
     work, resumed = None, 0
     if streamed:
         path = Path(loaded.path).resolve()

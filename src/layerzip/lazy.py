@@ -27,6 +27,33 @@ from .errors import LayerzipError
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LazyWeights]" = weakref.WeakKeyDictionary()
 
 
+def _libc():
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:                     # not glibc: nothing to tune
+        return None
+
+
+_LIBC = _libc()
+
+
+def tune_malloc() -> None:
+    """Large CPU tensors (≥ 4 MiB) in their own mmap, returned to the system when freed: glibc's default raises
+    that threshold after each free, and a block's freed Grams and activations would then stay resident."""
+    if _LIBC is not None:
+        _LIBC.mallopt(-3, 4 * 2 ** 20)          # M_MMAP_THRESHOLD
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the system (after each block)."""
+    import gc
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def source_of(model: nn.Module) -> "LazyWeights | None":
     """The LazyWeights of a streamed model, None for an in-memory one."""
     return _SOURCES.get(model)
@@ -72,6 +99,7 @@ class LazyWeights:
         self.offloaded = 0
         self._workdir: Path | None = None
         _SOURCES[model] = self
+        tune_malloc()
 
     @property
     def workdir(self) -> Path:
@@ -174,6 +202,7 @@ class LazyWeights:
             yield module
         finally:
             self.release(module)
+            trim_memory()
 
     # ----------------------------------------------------------------------------------------------- writing
     def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
