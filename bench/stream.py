@@ -106,7 +106,12 @@ def bare_svds_seconds(model_dir: Path, blocks: int) -> float:
     """float64 SVD of every target weight of block 0, × blocks (all blocks have the same shapes)."""
     import torch
     from safetensors import safe_open
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    f = model_dir / "model.safetensors.index.json"
+    if f.is_file():
+        index = json.loads(f.read_text())["weight_map"]
+    else:
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as h:
+            index = {k: "model.safetensors" for k in h.keys()}
     keys = [k for k in index if re.search(r"\.layers\.0\..*(proj|fc|dense|query|key|value)\w*\.weight$", k)]
     t = 0.0
     for k in keys:
