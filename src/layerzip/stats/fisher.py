@@ -66,7 +66,7 @@ def _micro_batches(batches, micro_batch, device, progress, desc):
             yield {k: v[i:i + micro_batch].to(device) for k, v in batch.items()}
 
 
-class _Frozen:
+class Frozen:
     """Every parameter's requires_grad off inside the block, restored after."""
 
     def __init__(self, model: nn.Module):
@@ -82,6 +82,34 @@ class _Frozen:
             p.requires_grad_(self.flags[n])
 
 
+def add_row_fisher(acc: dict, name: str, module: nn.Module, grad: torch.Tensor) -> None:
+    """acc[name] += (∂L/∂W)² summed per output row (a GPT-2 Conv1D stores W as in × out)."""
+    g = grad.double().square().sum(0 if is_conv1d(module) else 1).cpu()
+    acc[name] = acc[name] + g if name in acc else g
+
+
+def output_fisher_hooks(targets: dict[str, nn.Module], acc: dict) -> list:
+    """Forward hooks whose gradient hooks add Σ over tokens of (∂L/∂y)² per output feature to acc[name]; returns
+    the handles to remove."""
+    def out_hook(name):
+        def hook(module, args, out):
+            def grad_hook(g):
+                g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
+                acc[name] = acc[name] + g if name in acc else g
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+    return [m.register_forward_hook(out_hook(n)) for n, m in targets.items()]
+
+
+def zeros_for_missing(acc: dict, targets: dict[str, nn.Module]) -> dict:
+    """A target the loss does not depend on has no sensitivity at all: zeros."""
+    for n, mod in targets.items():
+        if n not in acc:
+            acc[n] = torch.zeros(linear_shape(mod)[0], dtype=torch.float64)
+    return acc
+
+
 def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
                    progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
     """{name: Σ over micro-batches of (∂L/∂W)² summed per output row} (float64, length out_features)."""
@@ -89,14 +117,14 @@ def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: lis
     weights = {n: m.weight for n, m in targets.items()}
     gen = torch.Generator().manual_seed(seed)
     acc = {n: torch.zeros(linear_shape(targets[n])[0], dtype=torch.float64) for n in weights}
-    with _Frozen(model):
+    with Frozen(model):
         for w in weights.values():
             w.requires_grad_(True)
         for b in _micro_batches(batches, micro_batch, device, progress, "fisher"):
             with torch.enable_grad():
                 grads = torch.autograd.grad(sensitivity_loss(model, b, causal, gen), list(weights.values()))
-            for (n, w), g in zip(weights.items(), grads):
-                acc[n] += g.double().square().sum(0 if is_conv1d(targets[n]) else 1).cpu()
+            for n, g in zip(weights, grads):
+                add_row_fisher(acc, n, targets[n], g)
     return acc
 
 
@@ -107,22 +135,13 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
     gen = torch.Generator().manual_seed(seed)
     acc: dict[str, torch.Tensor] = {}
 
-    def out_hook(name):
-        def hook(module, args, out):
-            def grad_hook(g):
-                g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
-                acc[name] = acc[name] + g if name in acc else g
-            if out.requires_grad:
-                out.register_hook(grad_hook)
-        return hook
-
     def leaf_hook(module, args, out):       # gradients reach the targets without any weight requiring grad
         return out.detach().requires_grad_(True)
 
-    handles = [m.register_forward_hook(out_hook(n)) for n, m in targets.items()]
+    handles = output_fisher_hooks(targets, acc)
     handles.append(model.get_input_embeddings().register_forward_hook(leaf_hook))
     try:
-        with _Frozen(model):
+        with Frozen(model):
             for b in _micro_batches(batches, micro_batch, device, progress, "output fisher"):
                 with torch.enable_grad():
                     loss = sensitivity_loss(model, b, causal, gen)
@@ -131,7 +150,4 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
     finally:
         for h in handles:
             h.remove()
-    for n in targets:                        # a target the loss does not depend on: no sensitivity at all
-        if n not in acc:
-            acc[n] = torch.zeros(linear_shape(targets[n])[0], dtype=torch.float64)
-    return acc
+    return zeros_for_missing(acc, targets)
