@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from layerzip.cli import main
+from layerzip.io import FORMAT_VERSION
 
 
 def run(capsys, *argv):
@@ -50,7 +51,7 @@ def compressed(tiny_dirs, calib_file, tmp_path_factory):
 
 def test_compress_json_and_eval(compressed, tiny_dirs, capsys, calib_file):
     meta = json.loads((compressed / "layerzip.json").read_text())
-    assert meta["format_version"] == 1 and meta["method"] == "svd-llm" and meta["modules"]
+    assert meta["format_version"] == FORMAT_VERSION == 2 and meta["method"] == "svd-llm" and meta["modules"]
     code, out, _ = run(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
     res = json.loads(out)
     assert code == 0 and res["params"] > 0 and res["perplexity"] > 1 and res["size_on_disk"] > 0

@@ -90,6 +90,8 @@ CASES = [
                                           "--include", "zzz_nothing"], "no target modules"),
     ("compress-heal-steps-neg", ["compress", "{gpt2}", "--out", "{out}", "--heal-steps", "-1", *SMALL],
      "heal-steps"),
+    ("compress-dtype-float8", ["compress", "{gpt2}", "--out", "{out}", "--dtype", "float8", *SMALL], "--dtype"),
+    ("compress-dtype-int8", ["compress", "{gpt2}", "--out", "{out}", "--dtype", "int8", *SMALL], "--dtype"),
     # ---------------------------------------------------------------- compress: broken model directories
     ("compress-auto-map-custom-code", ["compress", "{bad}/automap", "--out", "{out}", "--method", "svd"],
      "auto_map"),

@@ -9,7 +9,9 @@
 >>> lz.merge_(model)                                                   # doctest: +SKIP
 
 Layers, each importing only those before it: nn -> models -> lazy -> data, stats -> allocate -> methods ->
-executors -> driver -> compress -> heal, evaluate, analyze, report, training -> io -> jobs -> cli.
+executors -> driver -> compress -> heal, evaluate, analyze, report, training -> io -> hf -> jobs -> cli.
+Importing layerzip registers the transformers quantization method "layerzip" (hf.py), so
+`AutoModel*.from_pretrained(DIR)` loads a directory layerzip wrote.
 """
 from ._version import __version__
 from .errors import LayerzipError
@@ -22,6 +24,7 @@ from .heal import heal_
 from .analyze import analyze
 from .training import Cuttlefish, Maestro, structurize
 from .io import load_model, save
+from . import hf  # noqa: F401  (registers the "layerzip" quantization method with transformers)
 from .jobs import analyze_model, compress_model, evaluate_model, heal_model
 
 globals().update(CONFIGS)       # lz.SVD, lz.SVDLLM, lz.DropBlocks, ...: every registered method's config

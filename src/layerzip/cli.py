@@ -16,6 +16,7 @@ import click
 
 from ._version import __version__
 from .errors import LayerzipError
+from .io import DTYPES
 from .registry import METHODS
 
 
@@ -96,6 +97,9 @@ def app():
 @click.option("--heal-steps", default=0, show_default=True, help="then distill towards MODEL on the --calib text")
 @click.option("--heal-lr", default=1e-5, show_default=True, help="learning rate of --heal-steps")
 @click.option("--seed", default=0, show_default=True, help="random seed")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
+              help="dtype of the saved weights: auto keeps the source's (a .gguf file: bfloat16); the factors are "
+                   "computed in float64 and cast once")
 @click.option("--stream/--no-stream", default=None,
               help="read one block at a time from disk [default: when the model would not fit in memory]")
 @device_opt
@@ -107,7 +111,7 @@ def app():
                                              "(the same command continues one anyway)")
 @force_opt
 @json_opt
-def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, stream, device,
+def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, dtype, stream, device,
              executor, workers, resume, force, as_json, **options):
     """Compress MODEL into a factorized model saved at --out.
 
@@ -119,7 +123,7 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
     config = config_from_dict({"method": method, **options})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
                          heal_steps=heal_steps, heal_lr=heal_lr, stream=stream, device=device, resume=resume,
-                         executor=executor, workers=workers)
+                         executor=executor, workers=workers, dtype=dtype)
     _emit({k: v for k, v in rep.items() if k not in ("modules", "config")}, as_json)
 
 

