@@ -62,11 +62,17 @@ def test_streamed_model_is_lazy(sharded):
     m = loaded.model
     blocks = find_blocks(m)[1]
     assert source_of(m) is not None and all(is_meta(b) for b in blocks)
-    assert not m.get_input_embeddings().weight.is_meta and not m.lm_head.weight.is_meta
+    emb, head = m.get_input_embeddings(), m.lm_head
+    assert is_meta(emb) and is_meta(head)              # the rest too: read only while it runs
     src = source_of(m)
     with src.hold(blocks[1]):
         assert not is_meta(blocks[1]) and is_meta(blocks[0])
     assert is_meta(blocks[1])
+    with src.hold_rest():
+        with src.hold_rest():                          # reentrant
+            assert not is_meta(emb) and not is_meta(head) and is_meta(blocks[0])
+        assert not is_meta(emb)
+    assert is_meta(emb) and is_meta(head) and is_meta(m.model.norm)
     ref = load_model(sharded["llama"]).model
     batch = _batches(True)[0]
     driver = BlockDriver(m, [batch], progress=False)
@@ -126,6 +132,27 @@ def test_streamed_compression_equals_in_memory(sharded, arch, name, tmp_path):
         assert _rel(sd_back[k], v) < 1e-6 or (v.abs().max() == 0 and sd_back[k].abs().max() == 0), k
     batch = batches[0]
     assert _rel(_output(back, batch, causal), _output(mem, batch, causal)) < 1e-6
+
+
+def test_half_precision_source_computes_in_float32_and_is_written_back_in_its_dtype(tmp_path, tokenizer):
+    """A bf16 checkpoint streamed on the CPU: weights held in float32 (the in-memory model loaded in float32 gives
+    the same ranks and factors), the output shards in bf16 and equal to the in-memory factors cast to bf16."""
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src, max_shard_size="200KB")
+    tokenizer.save_pretrained(src)
+    batches = _batches(True)
+    lazy = load_model(src, stream=True).model
+    assert source_of(lazy).storage_dtype == torch.bfloat16 and next(lazy.parameters()).dtype == torch.float32
+    mem = load_model(src, dtype=torch.float32).model
+    r_mem = lz.compress_(mem, CONFIGS["svd-llm global+fisher"](), calib=batches, progress=False)
+    r_lazy = lz.compress_(lazy, CONFIGS["svd-llm global+fisher"](), calib=batches, progress=False)
+    assert r_lazy["ranks"] == r_mem["ranks"]
+    lz.save(lazy, tmp_path / "o")
+    back = lz.load(tmp_path / "o")
+    for k, v in mem.state_dict().items():
+        got = back.state_dict()[k]
+        assert got.dtype == torch.bfloat16, k
+        assert _rel(got, v.to(torch.bfloat16)) < 1e-3, k
 
 
 def test_streamed_refusals(sharded):

@@ -139,7 +139,12 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     if collect and config.gradients:
         grads = saved.cached("gradients", lambda: gradients(model, targets, config.gradients, calib, progress)) \
             if saved else gradients(model, targets, config.gradients, calib, progress)
-    attach = (lambda st: with_fisher(st, grads)) if grads is not None else (lambda st: st)
+
+    def attach(st: dict) -> dict:
+        if not config.reads_gram:
+            for s in distinct_stats(st):
+                s.keep_gram = False
+        return with_fisher(st, grads) if grads is not None else st
     driver = BlockDriver(model, calib or [], progress, desc=config.name, listeners=list(listeners))
     log = _StatsLog()
     stats: dict = dict(given or {})
@@ -166,11 +171,11 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     def decompose(names, st):
         nonlocal seconds
         t = time.perf_counter()
-        jobs = []
-        for name in names:
+
+        def job(name):
             W, bias = dense_weight_and_bias(chosen[name])
-            jobs.append((config, W.detach().to(torch.float64), bias, st.get(name), ranks[name]))
-        for name, new in zip(names, executor.map(build_layer, jobs)):
+            return config, W.detach().to(torch.float64), bias, st.get(name), ranks[name]
+        for name, new in zip(names, executor.map(build_layer, map(job, names))):
             W = dense_weight_and_bias(chosen[name])[0]
             set_module(model, name, new.to(device=W.device, dtype=W.dtype))
             modules[name] = new.spec()
@@ -317,7 +322,7 @@ class _StatsLog:
                 self.whitened += 1
                 self.eigen += not wt.triangular
                 if wt.jitter > 0:
-                    self.jitter.append(wt.jitter / max(s.gram.diagonal().mean().item(), 1e-300))
+                    self.jitter.append(wt.jitter / max(wt.scale, 1e-300))
 
     def summary(self) -> dict:
         return {"calibration": {"tokens": self.tokens, "distinct_inputs": self.inputs},

@@ -21,7 +21,8 @@ alternates sliding-window and full attention masks and position embeddings. Hold
 every batch is the only activation memory the walk needs.
 
 Streamed models (lazy.source_of(model) is set): each block's weights are read from disk while the block is walked
-and put back after (`block_done` is emitted while they are still loaded, so a listener can write the block out).
+and put back after (`block_done` is emitted while they are still loaded, so a listener can write the block out);
+the rest (embeddings, head) only while the capture or the loss runs.
 
 Gradient statistics block by block (`gradients`): forward through the blocks keeping the block-boundary states
 (on disk when streamed), the loss and the head on the last state, then backward one block at a time in reverse,
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .errors import LayerzipError
 from .lazy import is_meta, source_of
-from .models import (backbone, block_hidden, block_output, capture_input, capture_inputs, check_finite, find_blocks,
+from .models import (backbone, block_hidden, capture_input, capture_inputs, check_finite, find_blocks,
                      input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
 from .stats import (Frozen, ModuleStats, PairedStats, StatsCollector, add_row_fisher, batch_mask, collect_stats,
                     lm_labels, output_fisher_hooks, sensitivity_loss, zeros_for_missing)
@@ -103,6 +104,28 @@ class BlockDriver:
         if self.source is None or not is_meta(block):
             return contextlib.nullcontext(block)
         return self.source.hold(block)
+
+    def hold_backbone(self):
+        """What a capture runs outside the blocks, in memory while it runs (streamed; a no-op otherwise): the
+        embeddings, not the LM head."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        return self._hold_rest([head] if head is not None else [])
+
+    def hold_head(self):
+        """What a run of the head on given last states (`head`, `_injected`) needs: the rest without the input
+        embedding, whose lookup such a run replaces. Each hold leaves out one vocabulary matrix when they are
+        untied."""
+        return self._hold_rest(self._lookup())
+
+    def _hold_rest(self, without: list[nn.Module]):
+        if self.source is None:
+            return contextlib.nullcontext()
+        return self.source.hold_rest(without=tuple(without))
+
+    def _lookup(self) -> list[nn.Embedding]:
+        """The input embedding, when it is a plain lookup table that `_injected` can stand in for."""
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        return [emb] if isinstance(emb, nn.Embedding) else []
 
     def _bar(self, what: str, total: int):
         return tqdm(total=total, desc=f"{self.desc}: {what}", unit="block", disable=not self.progress)
@@ -197,8 +220,9 @@ class BlockDriver:
         for b in blocks:
             b.forward = passthrough(b)
         try:
-            for batch in batches:
-                self._run_model(batch)
+            with self.hold_backbone():
+                for batch in batches:
+                    self._run_model(batch)
         finally:
             for h in handles:
                 h.remove()
@@ -230,17 +254,22 @@ class BlockDriver:
     @contextlib.contextmanager
     def _injected(self, blocks: nn.ModuleList, h: torch.Tensor):
         """Every block passes its input through, except the last, which returns `h`: a forward of the model then
-        runs only the embeddings, the final norm and the head on `h`."""
+        runs only the final norm and the head on `h` (and what the blocks' arguments need). The input embedding's
+        lookup, whose result the blocks ignore, gives zeros of its shape instead, so its weights need not be read."""
         if self.template is _UNKNOWN:
             raise LayerzipError("internal: the blocks' output form is learned by a capture first")
+        lookup = self._lookup()
+        for emb in lookup:
+            emb.forward = lambda ids, *a, **k: torch.zeros(*ids.shape, emb.embedding_dim, dtype=h.dtype,
+                                                           device=h.device)
         for b in blocks[:-1]:
             b.forward = lambda *args, **kwargs: self._as_output(block_hidden(args, kwargs))
         blocks[-1].forward = lambda *args, **kwargs: self._as_output(h)
         try:
             yield
         finally:
-            for b in blocks:
-                b.__dict__.pop("forward", None)
+            for m in (*lookup, *blocks):
+                m.__dict__.pop("forward", None)
 
     def _blocks(self, found, inside: dict, on_stats: OnStats, sequential: bool, paired: bool, start: int,
                 streams: dict | None) -> None:
@@ -335,7 +364,8 @@ class BlockDriver:
                         h = [run_block(block, calls[l][m], h[m]) for m in range(len(micro))]
                     bar.update(1)
             gen = torch.Generator().manual_seed(seed)
-            grads = [self._head_grad(blocks, batch, h[m], causal, gen) for m, batch in enumerate(micro)]
+            with self.hold_head():
+                grads = [self._head_grad(blocks, batch, h[m], causal, gen) for m, batch in enumerate(micro)]
             del h
             acc: dict[str, torch.Tensor] = {}
             with self._bar("backward", len(blocks)) as bar:
@@ -407,7 +437,7 @@ class BlockDriver:
         """The model's own output for `batch` given its last block's output `h`: logits of a causal LM, the
         backbone's output (last_hidden_state) of an encoder."""
         _, blocks = find_blocks(self.model)
-        with self._injected(blocks, h):
+        with self._injected(blocks, h), self.hold_head():
             if is_causal(self.model):
                 return self._run_model(batch, head=True, loss=lambda mdl, b: mdl(**b, use_cache=False))
             return self._run_model(batch)

@@ -44,10 +44,12 @@ def _logits(model: nn.Module, batches: list[dict], progress: bool):
         return
     batches = [{"input_ids": b["input_ids"]} for b in batches]
     driver = BlockDriver(model, batches, progress, desc="perplexity")
-    for b, h in zip(batches, driver.final_states(batches)):
-        for i in range(len(h)):
-            ids = b["input_ids"][i:i + 1].to(source.device)
-            yield ids, driver.head({"input_ids": ids}, h[i:i + 1]).logits
+    states = driver.final_states(batches)
+    with driver.hold_head():
+        for b, h in zip(batches, states):
+            for i in range(len(h)):
+                ids = b["input_ids"][i:i + 1].to(source.device)
+                yield ids, driver.head({"input_ids": ids}, h[i:i + 1]).logits
 
 
 def perplexity(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 512, max_windows: int = 32,
@@ -69,7 +71,9 @@ def embed(model: nn.Module, tokenizer, texts: list[str], seq_len: int = 256, bat
     check_token_ids(model, encs)
     if source is not None:           # streamed: the blocks one at a time over all batches
         driver = BlockDriver(model, encs, progress, desc="embedding")
-        hs = (driver.head(enc, h).last_hidden_state for enc, h in zip(encs, driver.final_states(encs)))
+        states = driver.final_states(encs)
+        with driver.hold_head():
+            hs = [driver.head(enc, h).last_hidden_state for enc, h in zip(encs, states)]
     else:
         hs = (net(**enc).last_hidden_state for enc in tqdm(encs, desc="embedding", unit="batch",
                                                             disable=not progress))

@@ -2,12 +2,13 @@
 `layerzip[ray]`) on the cluster at RAY_ADDRESS, or on a local cluster started for the run.
 
 Both map one function over a block's modules and return the results in order, so the result never depends on
-the executor. Ray moves each distinct statistics object (a Gram shared by q/k/v) to its object store once.
+the executor. The local one runs each job as its result is asked for, so one module's float64 copies are held at
+a time. Ray moves each distinct statistics object (a Gram shared by q/k/v) to its object store once.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from .errors import LayerzipError
 
@@ -17,8 +18,8 @@ EXECUTORS = ("local", "ray")
 class LocalExecutor:
     name = "local"
 
-    def map(self, fn: Callable, jobs: list[tuple]) -> list:
-        return [fn(*job) for job in jobs]
+    def map(self, fn: Callable, jobs: Iterable[tuple]) -> Iterator:
+        return (fn(*job) for job in jobs)
 
     def close(self) -> None:
         pass
@@ -47,8 +48,9 @@ class RayExecutor:
                                     "RAY_ADDRESS or use --executor local") from None
         self._remote = {}
 
-    def map(self, fn: Callable, jobs: list[tuple]) -> list:
+    def map(self, fn: Callable, jobs: Iterable[tuple]) -> list:
         ray = self.ray
+        jobs = list(jobs)                   # alive until every put: ids identify the shared arguments
         remote = self._remote.get(fn) or self._remote.setdefault(fn, ray.remote(fn))
         refs: dict[int, object] = {}
 

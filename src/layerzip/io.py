@@ -225,8 +225,9 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """(model, tokenizer) with every parameter outside the repeated blocks read and the blocks left on the meta
-    device, read one at a time by the block driver (lazy.LazyWeights), in `dtype` (None: the directory's)."""
+    """(model, tokenizer) with every parameter on the meta device, read when used (lazy.LazyWeights): a block at a
+    time by the block driver, the rest (embeddings, head) while the driver runs them, cast to `dtype` (None: the
+    directory's)."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -246,8 +247,7 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
     model.eval()
     source = LazyWeights(model, _weight_files(path), device)
     found = find_blocks(model)
-    inside = found[1] if found else None
-    _load_outside(source, model, inside)
+    source.blocks = found[1] if found else None
     for name, b in list(model.named_buffers()):      # built on the CPU (rotary frequencies ...)
         set_tensor(model, name, b.to(device))
     tok = None
@@ -256,18 +256,6 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
     except (OSError, ValueError):
         pass
     return model, tok
-
-
-def _load_outside(source: LazyWeights, module: nn.Module, blocks: nn.Module | None) -> None:
-    """Read every parameter of `module` except those inside `blocks`."""
-    if module is blocks:
-        return
-    if blocks is None or not any(m is blocks for m in module.modules()):
-        source.load(module)
-        return
-    for child in module.children():
-        _load_outside(source, child, blocks)
-    source.load(module, recurse=False)
 
 
 def needs_streaming(path: Path, tokens: int = 0, statistics: bool = True) -> bool:
@@ -339,7 +327,8 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         else:
             _save_shards(model, tmp)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        source = source_of(model)          # a streamed model computes in float32 but is written in its own dtype
+        dtype = str(source.storage_dtype if source else next(model.parameters()).dtype).removeprefix("torch.")
         modules = factorized_specs(model)
         _write_hf_keys(tmp / "config.json", dtype, modules)
         doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
@@ -369,23 +358,18 @@ def _save_shards(model: nn.Module, out: Path) -> None:
     from safetensors.torch import save_file
 
     source = source_of(model)
-    prefix, blocks = find_blocks(model)
+    _, blocks = find_blocks(model)
     n = 1 + len(blocks)
-    inside = prefix + "."
-    seen: set[int] = set()              # tied tensors (an LM head sharing the embedding) are written once
-    rest = {k: v for k, v in model.state_dict().items()
-            if not k.startswith(inside) and not (v.data_ptr() in seen or seen.add(v.data_ptr()))}
     weight_map, total = {}, 0
 
     def write(k: int, tensors: dict) -> None:
         nonlocal total
         name = f"model-{k:05d}-of-{n:05d}.safetensors"
-        tensors = {t: v.detach().to("cpu").contiguous() for t, v in tensors.items()}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({t: name for t in tensors})
         total += sum(v.numel() * v.element_size() for v in tensors.values())
 
-    write(1, rest)
+    write(1, source.rest_tensors())
     for k, block in enumerate(blocks, start=2):
         with source.hold(block):
             write(k, source.tensors(block))

@@ -3,8 +3,15 @@
     skeleton: the architecture with its parameters on the meta device (buffers real), built by io.load_model(...,
               stream=True); `LazyWeights(model, files)` knows which file holds every tensor
     hold(block):    read the block's tensors (memory-mapped, one tensor at a time), use them, put them back on meta
+    hold_rest():    the same for everything outside the blocks (embeddings, final norm, head): read only while the
+                    embeddings or the loss run, so a walk over the blocks holds one block and no vocabulary matrix
     offload(block): write the block's current tensors (its factorized modules after compression) to a shard of the
                     work directory; from then on the block is read from there
+
+Compute and storage dtypes: a half-precision checkpoint (bf16, fp16) streamed on the CPU computes in float32 — CPU
+matmuls in bf16 are several times slower than in float32 without native support (6× on an AVX2 machine), and the
+statistics are more accurate — and is written back in its own dtype (`storage_dtype`): a block costs 4 bytes a
+parameter while it is held, the files stay as small as the source's.
 
 Tied parameters (an LM head sharing the input embedding) are one Parameter under several names: they are read
 once, set under every name, and released only with every module that uses them. The source of a streamed model is
@@ -97,9 +104,32 @@ class LazyWeights:
         if missing:
             raise LayerzipError(f"the checkpoint has no tensor for {missing[0]} (and {len(missing) - 1} more); "
                                 "the model's files are incomplete or belong to another architecture")
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        self.storage_dtype = floats[0] if floats else torch.float32
+        if self.device.type == "cpu" and self.storage_dtype in (torch.bfloat16, torch.float16):
+            self._compute_in(torch.float32)
         self._workdir: Path | None = None
+        self.blocks: nn.Module | None = None        # the repeated blocks (set by the loader): not part of the rest
+        self._rest_held = 0
         _SOURCES[model] = self
         tune_malloc()
+
+    def _compute_in(self, dtype: torch.dtype) -> None:
+        """Floating parameters (still on meta) and buffers of the skeleton in `dtype`, tied names kept tied."""
+        for names in list(self.aliases.values()):
+            p = _get(self.model, names[0])
+            if p.is_floating_point():
+                new = nn.Parameter(torch.empty_like(p, device="meta", dtype=dtype), requires_grad=p.requires_grad)
+                for alias in names:
+                    set_tensor(self.model, alias, new)
+                self.aliases[id(new)] = self.aliases.pop(id(p))
+        for name, b in list(self.model.named_buffers()):
+            if b.is_floating_point():
+                set_tensor(self.model, name, b.to(dtype))
+
+    def stored(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as it is written: floating tensors in the source's dtype, on the CPU."""
+        return t.detach().to("cpu", self.storage_dtype if t.is_floating_point() else t.dtype).contiguous()
 
     @property
     def workdir(self) -> Path:
@@ -146,6 +176,15 @@ class LazyWeights:
                     out[n] = h.get_tensor(k)
         return out
 
+    def _outside(self, module: nn.Module | None = None) -> list[tuple[nn.Module, bool]]:
+        """(module, recurse) pairs that cover every parameter outside the blocks."""
+        module = self.model if module is None else module
+        if module is self.blocks:
+            return []
+        if self.blocks is None or not any(m is self.blocks for m in module.modules()):
+            return [(module, True)]
+        return [pair for child in module.children() for pair in self._outside(child)] + [(module, False)]
+
     def _members(self, module: nn.Module, recurse: bool = True) -> tuple[str, list[tuple[str, torch.Tensor]]]:
         prefix = next((n for n, m in self.model.named_modules() if m is module), None)
         if prefix is None:
@@ -181,13 +220,19 @@ class LazyWeights:
                 set_tensor(self.model, n, got[n].to(device=self.device, dtype=b.dtype))
 
     @torch.no_grad()
-    def release(self, module: nn.Module) -> None:
+    def release(self, module: nn.Module, recurse: bool = True) -> None:
         """Put `module`'s parameters back on the meta device (those shared with a module outside it stay)."""
-        pre, params = self._members(module)
+        self._release(self._members(module, recurse)[1])
+
+    def _release(self, params: list[tuple[str, torch.Tensor]]) -> None:
         inside = {n for n, _ in params}
+        done: set[int] = set()                  # a tied parameter appears under each of its names
         for n, p in params:
+            if p.is_meta or id(p) in done:
+                continue
+            done.add(id(p))
             names = self._names(p, n)
-            if p.is_meta or not set(names) <= inside:
+            if not set(names) <= inside:
                 continue
             new = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
             for alias in names:
@@ -204,27 +249,57 @@ class LazyWeights:
             self.release(module)
             trim_memory()
 
+    @contextlib.contextmanager
+    def hold_rest(self, without: tuple[nn.Module, ...] = ()):
+        """Everything outside the blocks, except the modules `without`, in memory for the duration (reentrant: an
+        inner hold is free). Tied parameters (an embedding shared with the head) are released together."""
+        self._rest_held += 1
+        try:
+            if self._rest_held == 1:
+                for module, recurse in self._outside():
+                    if not any(module is w for w in without):
+                        self.load(module, recurse)
+            yield
+        finally:
+            self._rest_held -= 1
+            if self._rest_held == 0:
+                self._release([p for module, recurse in self._outside() for p in self._members(module, recurse)[1]])
+                trim_memory()
+
     # ----------------------------------------------------------------------------------------------- writing
     def tensors(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """{full name: tensor} of a loaded `module` as it is saved: parameters once (first name of a tied group)
-        and persistent buffers."""
+        """{full name: tensor} of a loaded `module` as it is saved (`stored`): parameters once (first name of a tied
+        group) and persistent buffers."""
         pre, params = self._members(module)
         out, seen = {}, set()
         for n, p in params:
             if id(p) not in seen:
                 seen.add(id(p))
                 first = self._names(p, n)[0]
-                out[first if first.startswith(pre) else n] = p.detach()
+                out[first if first.startswith(pre) else n] = self.stored(p)
         for n, b in module.named_buffers():
             if pre + n in self.persistent or pre + n in self.where:
-                out[pre + n] = b.detach()
+                out[pre + n] = self.stored(b)
         return out
+
+    def rest_tensors(self) -> dict[str, torch.Tensor]:
+        """{name: tensor} of everything outside the blocks as it is saved (`stored`; a tied parameter once),
+        read straight from the files: a streamed compression never changes what lies outside the blocks."""
+        names, seen = [], set()
+        for module, recurse in self._outside():
+            pre, params = self._members(module, recurse)
+            for n, p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    names.append(next((a for a in self._names(p, n) if self._key(a) is not None), n))
+            names += [pre + b for b, _ in module.named_buffers(recurse=recurse) if pre + b in self.persistent]
+        return {n: self.stored(t) for n, t in self._read(names).items()}
 
     def offload(self, module: nn.Module, path: Path) -> None:
         """Write the loaded `module`'s tensors to `path` (atomically); later loads of it read from there."""
         from safetensors.torch import save_file
         pre, _ = self._members(module)
-        tensors = {n: t.to("cpu").contiguous() for n, t in self.tensors(module).items()}
+        tensors = self.tensors(module)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)

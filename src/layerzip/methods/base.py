@@ -85,6 +85,12 @@ class CompressConfig:
         return torch.linalg.svdvals(W)
 
     @property
+    def reads_gram(self) -> bool:
+        """Whether the Gram itself is read after its whitening is computed; if not, it is freed then (the
+        whitening factor is as large: this halves the largest statistics a block holds)."""
+        return True
+
+    @property
     def gradients(self) -> str | None:
         """The gradient statistics of the original model this method weights by, gathered before anything changes:
         None, "output" (stats.collect_output_fisher) or "weight" (stats.collect_fisher)."""

@@ -83,5 +83,9 @@ class SVDLLM(CompressConfig):
         return whitened_singular_values(W, stats.whitening, rows=self._rows(stats))
 
     @property
+    def reads_gram(self):
+        return bool(self.correct)            # --correct's refit reads G'; otherwise only L
+
+    @property
     def gradients(self):
         return "output" if self.fisher else None

@@ -39,6 +39,7 @@ class Whitening:
     triangular: bool           # lower-triangular Cholesky factor, else the eigen square root Q Λ^½
     jitter: float = 0.0        # added to the diagonal of G (absolute)
     eig: tuple | None = None   # (Q, sqrt Λ) when not triangular
+    scale: float = 1.0         # mean |diagonal| of G: the jitter's relative size is jitter / scale
 
     def right_solve(self, M: torch.Tensor) -> torch.Tensor:
         """M L⁻¹ without forming the inverse."""
@@ -56,7 +57,7 @@ def whiten(G: torch.Tensor) -> Whitening:
     n = G.shape[0]
     scale = G.diagonal().abs().mean().item()
     if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
-        return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0)
+        return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0, scale=1.0)
     for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
         Gj = G
         if jitter:
@@ -65,21 +66,23 @@ def whiten(G: torch.Tensor) -> Whitening:
         L, info = torch.linalg.cholesky_ex(Gj)
         del Gj
         if info.item() == 0 and torch.isfinite(L).all():
-            return Whitening(L, True, jitter)
+            return Whitening(L, True, jitter, scale=scale)
         del L
     lam, Q = torch.linalg.eigh(G)
     lam = lam.clamp_min(lam.max() * n * torch.finfo(G.dtype).eps)
-    return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()))
+    return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()), scale)
 
 
 @dataclass
 class ModuleStats:
-    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count."""
+    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count.
+    `keep_gram=False`: the Gram is freed once its whitening is computed (for methods that read only L)."""
     CHUNK: ClassVar[int] = 1024
     n: int
-    gram: torch.Tensor = field(init=False)
+    gram: torch.Tensor | None = field(init=False)
     abs_sum: torch.Tensor = field(init=False)
     tokens: int = 0
+    keep_gram: bool = True
 
     def __post_init__(self):
         self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
@@ -108,7 +111,10 @@ class ModuleStats:
     @cached_property
     def whitening(self) -> Whitening:
         """Square-root factor of the Gram, computed once and shared by every module that reads this input."""
-        return whiten(self.gram)
+        wt = whiten(self.gram)
+        if not self.keep_gram:
+            self.gram = None
+        return wt
 
 
 class StatsCollector:
