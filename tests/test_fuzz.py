@@ -92,6 +92,11 @@ CASES = [
      "heal-steps"),
     ("compress-dtype-float8", ["compress", "{gpt2}", "--out", "{out}", "--dtype", "float8", *SMALL], "--dtype"),
     ("compress-dtype-int8", ["compress", "{gpt2}", "--out", "{out}", "--dtype", "int8", *SMALL], "--dtype"),
+    ("compress-bits-3", ["compress", "{gpt2}", "--out", "{out}", "--bits", "3", *SMALL], "--bits"),
+    ("compress-group-size-0", ["compress", "{gpt2}", "--out", "{out}", "--bits", "8", "--group-size", "0", *SMALL],
+     "--group-size"),
+    ("compress-bits-8-streamed", ["compress", "{llama}", "--out", "{out}", "--bits", "8", "--stream", *SMALL],
+     "--no-stream"),
     # ---------------------------------------------------------------- compress: broken model directories
     ("compress-auto-map-custom-code", ["compress", "{bad}/automap", "--out", "{out}", "--method", "svd"],
      "auto_map"),

@@ -8,7 +8,9 @@ layerzip registers a transformers quantization method, "layerzip". io.save write
 
 transformers builds the architecture on the meta device in the requested dtype, LayerzipQuantizer swaps each named
 module for an empty layer of its spec (io.place_factorized, the same as lz.load), then transformers loads the
-safetensors weights (single file or shards), casts them to `dtype` and places them by `device_map` itself.
+safetensors weights (single file or shards), casts them to `dtype` and places them by `device_map` itself. Low-bit
+factors (format 3: int8 / packed int4 buffers and float32 scales) are then dequantized into plain LowRankLinear
+layers in the model's dtype, as lz.load does.
 
 The guard: without layerzip, transformers only warns about an unknown quantization method and would fill every
 factorized module with random weights. `transformers_weights` names the weights file transformers reads; the guard
@@ -24,7 +26,8 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import LayerzipError
-from .io import FORMAT_VERSION, GUARD, QUANT_METHOD, place_factorized
+from .io import FORMAT_VERSION, GUARD, LOWBIT_FORMAT, QUANT_METHOD, place_factorized
+from .nn import dequantize_factors_
 
 logger = logging.get_logger(__name__)
 
@@ -33,9 +36,9 @@ class LayerzipConfig(QuantizationConfigMixin):
     """config.json's quantization_config of a layerzip directory: {module name: layer spec}."""
 
     def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs):
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if not isinstance(format_version, int) or format_version > LOWBIT_FORMAT:
             raise LayerzipError(f"this model was written by a newer layerzip (format {format_version}, this one "
-                                f"reads up to {FORMAT_VERSION}); upgrade layerzip: pip install -U layerzip")
+                                f"reads up to {LOWBIT_FORMAT}); upgrade layerzip: pip install -U layerzip")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.modules = dict(modules or {})
@@ -62,6 +65,10 @@ class LayerzipQuantizer(HfQuantizer):
             parent = model.get_submodule(name.rpartition(".")[0])
             if next(parent.buffers(recurse=False), None) is None:
                 parent._is_hf_initialized = True
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        dequantize_factors_(model)      # low-bit factors (int8 / int4 + scales) -> LowRankLinear in the model's dtype
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

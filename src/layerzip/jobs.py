@@ -21,8 +21,8 @@ from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
-from .io import (META, check_out_dir, load_model, read_meta, save, size_on_disk, source_path, weights_dtype,
-                 write_analysis)
+from .io import (META, check_bits, check_out_dir, load_model, read_meta, save, size_on_disk, source_path,
+                 tensor_bytes, weights_dtype, write_analysis, written_bytes)
 from .executors import make_executor
 from .lazy import source_of
 from .methods import CompressConfig
@@ -72,13 +72,16 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
                    progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
                    device: str = "cpu", resume: bool = False, executor: str = "local",
-                   workers: int | None = None, dtype: str | None = None) -> dict:
+                   workers: int | None = None, dtype: str | None = None, bits: int = 16,
+                   group_size: int = 128) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
     keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block.
     `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster).
-    `dtype`: of the saved weights (None / "auto": the source's; a .gguf file: bfloat16)."""
+    `dtype`: of the saved weights (None / "auto": the source's; a .gguf file: bfloat16). `bits` 8 or 4: the low-rank
+    factors are written as int8 / packed int4 with a scale per `group_size` values (io.save), after healing.
+    The report's `bytes_before` / `bytes_after`: the tensors of MODEL (in the saved dtype) and those written."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     _check_sizes(calib_samples, seq_len)
@@ -86,6 +89,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
     device = resolve_device(device)
     weights_dtype(dtype)                                          # refused before the (slow) load
+    check_bits(bits, group_size)
     out = check_out_dir(out, force, source_path(source))
     loaded = load_model(source, stream=stream, device=device, budget_tokens=calib_samples * seq_len, dtype=dtype)
     streamed = source_of(loaded.model) is not None
@@ -93,6 +97,10 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         raise LayerzipError("--heal-steps needs the whole model in memory; pass --no-stream or heal afterwards")
     if resume and not streamed:
         raise LayerzipError("--resume continues a streamed run; add --stream")
+    if streamed and bits != 16:
+        raise LayerzipError(f"--bits {bits} needs the whole model in memory, and this run streams it; pass "
+                            "--no-stream, or compress with --bits 16")
+    bytes_before = tensor_bytes(loaded.model)
     # streamed: batches of 2 sequences, so one block's activations stay small (the Grams are the same sums)
     batches = (calibration_batches(loaded, calib, calib_samples, seq_len, batch_size=2 if streamed else 8)
                if config.needs_stats else None)
@@ -125,13 +133,14 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "samples": used.get("windows"), "samples_requested": calib_samples,
                             "seq_len_requested": seq_len} if batches is not None else None,
             "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
-    save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta)
+    save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta, bits=bits, group_size=group_size)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
     t_save = time.perf_counter()
     report.update(out=str(out), seconds=t_save - t0, seconds_load=t_load - t0, seconds_save=t_save - t_comp,
                   size_on_disk_before=size_on_disk(loaded.path),
-                  size_on_disk_after=size_on_disk(out))
+                  size_on_disk_after=size_on_disk(out), bytes_before=bytes_before, bytes_after=written_bytes(out),
+                  bits=bits, group_size=group_size if bits != 16 else None)
     return report
 
 
@@ -261,10 +270,12 @@ def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps:
     batches = calibration_batches(student, text, samples, seq_len, batch_size)
     rep = heal_(student.model, ref.model, batches, steps, lr, student.causal, hints, block_map, progress=progress)
     keep = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
-                                                        "dtype", "modules")}
+                                                        "dtype", "modules", "bits", "group_size")}
     summary = {k: v for k, v in rep.items() if k != "losses"}
     keep["heal"] = {**summary, "teacher": str(teacher), "text": str(text), "seq_len": seq_len, "samples": samples}
-    save(student.model, out, tokenizer=student.tokenizer, meta=keep)
+    # the healed factors are written with the bits COMPRESSED was (save validates what layerzip.json says)
+    save(student.model, out, tokenizer=student.tokenizer, meta=keep, bits=meta.get("bits", 16),
+         group_size=meta.get("group_size", 128))
     return {**summary, "out": str(out), "teacher": str(teacher)}
 
 

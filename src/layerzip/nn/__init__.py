@@ -2,7 +2,7 @@
 
 | class | W | parameters |
 |---|---|---|
-| LowRankLinear | A B | r(in+out) |
+| LowRankLinear | A B | r(in+out) (LowBitLowRank: its int8 / int4 storage form, lowbit.py) |
 | BTTLinear | block tensor-train, 2 cores, rank r | r(n1·n2·m1 + m1·n1·m2) |
 | MonarchLinear | block-diag · permutation · block-diag | b²(⌈in/b⌉ + ⌈out/b⌉) |
 | KroneckerLinear | Σₜ Aₜ ⊗ Sₜ (PHM) | t(n² + ⌈out/n⌉⌈in/n⌉) |
@@ -21,7 +21,9 @@ from .blast import BlastLinear
 from .btt import BTTLinear
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
-from .lowrank import LowRankLinear, split_balanced
+from .lowbit import BITS, GROUP_SIZE
+from .lowrank import (LowBitLowRank, LowRankLinear, dequantize_factors_, quantize_factors_, restore_modules_,
+                      split_balanced)
 from .monarch import MonarchLinear
 from .shapes import choose_shape
 from .tt import TTLinear
@@ -29,7 +31,8 @@ from .tt import TTLinear
 STRUCTURES = [c.layer_type for c in (LowRankLinear, BTTLinear, MonarchLinear, KroneckerLinear, LowRankHadamardLinear,
                                      BlastLinear, TTLinear)]
 
-__all__ = ["BTTLinear", "BlastLinear", "FactorizedLayer", "KroneckerLinear", "LowRankHadamardLinear", "LowRankLinear",
-           "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear", "balanced_factors", "choose_shape",
-           "dense_weight_and_bias", "is_conv1d", "is_linear_like", "layer_flops", "layer_from_spec", "register_layer",
-           "split_balanced"]
+__all__ = ["BITS", "BTTLinear", "BlastLinear", "FactorizedLayer", "GROUP_SIZE", "KroneckerLinear", "LowBitLowRank",
+           "LowRankHadamardLinear", "LowRankLinear", "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear",
+           "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
+           "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
+           "restore_modules_", "split_balanced"]

@@ -3,6 +3,11 @@
 Stores r·(in+out) weights instead of in·out. Two skinny GEMMs, so the forward costs what its FLOPs say.
 Projection: truncated SVD W ≈ U_r Σ_r V_rᵀ (Frobenius-optimal, Eckart–Young), split evenly as A = U_r Σ_r^½,
 B = Σ_r^½ V_rᵀ; exact at r = min(in, out).
+
+LowBitLowRank is its storage form with low-bit factors (`save(..., bits=8|4)`, lowbit.py): buffers A_q, A_scale, B_q,
+B_scale. `save` swaps it in for the write (`quantize_factors_`) and back; loading builds it from the spec (which
+records `bits` and `group_size`), fills the buffers from the safetensors file and swaps in a plain LowRankLinear in
+the model's dtype (`dequantize_factors_`).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FactorizedLayer, register_layer
+from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
 
 
 def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int):
@@ -104,8 +110,121 @@ class LowRankLinear(FactorizedLayer):
                 "rank": self.rank, "bias": self.bias is not None}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowRankLinear":
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowRankLinear | LowBitLowRank":
+        if spec.get("bits", 16) != 16:                 # low-bit factors on disk
+            return LowBitLowRank.from_spec(spec, dtype=dtype, device=device)
         return cls(spec["in"], spec["out"], spec["rank"], spec["bias"], device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class LowBitLowRank(FactorizedLayer):
+    """A `LowRankLinear` whose A and B are stored with `bits` (8 or 4) and float32 scales per group; `dtype` is the
+    one its factors are dequantized to. The forward dequantizes on every call (a loaded model holds
+    `LowRankLinear`s instead; see `dequantize_factors_`).
+
+    >>> import torch
+    >>> lr = LowRankLinear.from_linear(torch.nn.Linear(300, 32), rank=8)
+    >>> q = LowBitLowRank.from_lowrank(lr, bits=4)            # A 32×8: 4 bytes a row; B 8×300: 3 groups a row
+    >>> q.A_q.dtype, tuple(q.A_q.shape), tuple(q.A_scale.shape), tuple(q.B_scale.shape)
+    (torch.uint8, (32, 4), (32, 1), (8, 3))
+    >>> type(q.to_lowrank()).__name__, q.spec()["bits"], q.spec()["group_size"]
+    ('LowRankLinear', 4, 128)
+    """
+
+    layer_type = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, bits: int = 8,
+                 group_size: int = GROUP_SIZE, device=None, dtype=None):
+        super().__init__()
+        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.bits, self.group_size = bits, group_size
+        self.dtype = dtype or torch.get_default_dtype()
+        for name, (rows, cols) in (("A", (out_features, rank)), ("B", (rank, in_features))):
+            qshape, qdtype, sshape = storage_shapes(rows, cols, bits, group_size)
+            self.register_buffer(f"{name}_q", torch.zeros(qshape, dtype=qdtype, device=device))
+            self.register_buffer(f"{name}_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.dtype)) if bias else None
+
+    @classmethod
+    def from_lowrank(cls, layer: LowRankLinear, bits: int, group_size: int = GROUP_SIZE) -> "LowBitLowRank":
+        """Quantize a LowRankLinear's factors (the bias is kept in its dtype)."""
+        A, B = layer.A.detach(), layer.B.detach()
+        new = cls(layer.in_features, layer.out_features, layer.rank, layer.bias is not None, bits, group_size,
+                  device=A.device, dtype=A.dtype)
+        with torch.no_grad():
+            for name, W in (("A", A), ("B", B)):
+                q, s = quantize_groups(W, bits, group_size)
+                getattr(new, f"{name}_q").copy_(q)
+                getattr(new, f"{name}_scale").copy_(s)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+    def factor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        cols = self.rank if name == "A" else self.in_features
+        return dequantize_groups(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, cols,
+                                 self.group_size, dtype or self.dtype)
+
+    def to_lowrank(self) -> LowRankLinear:
+        """The plain LowRankLinear, factors dequantized to `dtype` (the bias in the dtype it holds)."""
+        bias = None if self.bias is None else self.bias.detach()
+        return LowRankLinear.from_factors(self.factor("A"), self.factor("B"), bias, dtype=self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.factor("B", x.dtype)), self.factor("A", x.dtype), self.bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.factor("A") @ self.factor("B")
+
+    def flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)
+
+    @staticmethod
+    def num_params(in_features: int, out_features: int, rank: int | None = None) -> int:
+        return LowRankLinear.num_params(in_features, out_features, rank)
+
+    def spec(self) -> dict:
+        return {"type": "lowrank", "in": self.in_features, "out": self.out_features, "rank": self.rank,
+                "bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowBitLowRank":
+        return cls(spec["in"], spec["out"], spec["rank"], spec["bias"], spec["bits"], spec["group_size"],
+                   device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_factors_(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict[str, nn.Module]:
+    """Replace every LowRankLinear of `model` by its LowBitLowRank; returns {name: the replaced module}."""
+    old = {n: m for n, m in model.named_modules() if type(m) is LowRankLinear}
+    for name, m in old.items():
+        _swap(model, name, LowBitLowRank.from_lowrank(m, bits, group_size))
+    return old
+
+
+def restore_modules_(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put back the modules `quantize_factors_` replaced."""
+    for name, m in modules.items():
+        _swap(model, name, m)
+
+
+def dequantize_factors_(model: nn.Module) -> int:
+    """Replace every LowBitLowRank of `model` by a LowRankLinear in its dtype; returns how many."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowBitLowRank)]
+    for name, m in found:
+        _swap(model, name, m.to_lowrank())
+    return len(found)

@@ -1,0 +1,79 @@
+"""Low-bit storage of low-rank factors: int8, or int4 packed two to a byte, with one scale per group.
+
+Symmetric round-to-nearest, per row of a factor, in groups of `group_size` consecutive columns (the factor's input
+dimension: r for A (out×r), in for B (r×in); `min(group_size, cols)` when the row is shorter):
+
+    s = max|w| / qmax over the group (qmax = 127 for int8, 7 for int4; stored as float32, rounded up)
+    q = round(w / s) ∈ [−qmax, qmax]          w ≈ q·s, |w − q·s| ≤ s/2
+
+int4 values are stored as q + 8 ∈ [1, 15], column 2j in the low nibble and 2j+1 in the high nibble of a uint8.
+
+The layer that stores its factors this way is lowrank.LowBitLowRank. This file imports only torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BITS = (16, 8, 4)              # 16: factors in the model's dtype (no quantization)
+GROUP_SIZE = 128
+
+
+def _qmax(bits: int) -> int:
+    assert bits in (8, 4), bits
+    return 2 ** (bits - 1) - 1
+
+
+def group_of(cols: int, group_size: int) -> int:
+    """The group actually used along a row of `cols` values."""
+    return min(group_size, cols)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [−8, 7] (rows×cols) -> uint8 (rows×⌈cols/2⌉), two per byte (low nibble first)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = F.pad(u, (0, 1), value=8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of `pack_int4`: int8 (rows×cols)."""
+    lo, hi = packed & 15, packed >> 4
+    u = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :cols]
+    return u.to(torch.int8) - 8
+
+
+@torch.no_grad()
+def quantize_groups(W: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) of W (rows×cols): q int8 (bits 8) or packed uint8 (bits 4), scale float32 (rows×groups)."""
+    qmax = _qmax(bits)
+    rows, cols = W.shape
+    g = group_of(cols, group_size)
+    n = math.ceil(cols / g)
+    Wg = F.pad(W.detach().double(), (0, n * g - cols)).view(rows, n, g)
+    s = (Wg.abs().amax(-1) / qmax).float()
+    # rounded up so that max|w| / s ≤ qmax: no value is clipped, every error ≤ s/2
+    s = torch.where(s.double() * qmax < Wg.abs().amax(-1), torch.nextafter(s, torch.full_like(s, math.inf)), s)
+    q = (Wg / s.double().clamp_min(1e-300)[..., None]).round().clamp(-qmax, qmax).view(rows, n * g)[:, :cols]
+    q = q.to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), s
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, bits: int, cols: int, group_size: int = GROUP_SIZE,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W ≈ q·s (rows×cols) in `dtype` (computed in float32)."""
+    q = unpack_int4(q, cols) if bits == 4 else q
+    rows = q.shape[0]
+    g = group_of(cols, group_size)
+    n = scale.shape[-1]
+    assert n == math.ceil(cols / g), (scale.shape, cols, g)
+    W = F.pad(q.float(), (0, n * g - cols)).view(rows, n, g) * scale.float()[..., None]
+    return W.view(rows, n * g)[:, :cols].to(dtype)
+
+
+def storage_shapes(rows: int, cols: int, bits: int, group_size: int):
+    qcols = math.ceil(cols / 2) if bits == 4 else cols
+    return (rows, qcols), torch.uint8 if bits == 4 else torch.int8, (rows, math.ceil(cols / group_of(cols, group_size)))
