@@ -25,7 +25,8 @@ ROOT = HERE.parent
 OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py")
 OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
-              ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"))
+              ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
+              ("Streaming past RAM (Qwen2.5-Coder-1.5B, Gemma streamed vs in memory, Ray)", "bench/STREAM.md"))
 
 
 def steps(a) -> list[list[str]]:

@@ -6,12 +6,16 @@ decomposition walk, save). Then the compressed and the dense model are scored, s
 python-docs windows.
 
     python bench/stream.py [--model qwen|gemma] [--blocks 28 14] [--calib-samples 64] [--keep 0.8]
+    python bench/stream.py --model gemma --compare-in-memory     # the same run with --no-stream: ranks, perplexity
+    python bench/stream.py --ray-workers 1 2                     # MiniLM, --executor ray on 1 then 2 workers
+    python bench/stream.py --report                              # bench/STREAM.md from the JSON (run_all inlines it)
 
 Limits measured in the same run: one streamed forward of the dense model over the calibration tokens (the eval
 of the dense model gives its time per token), and the bare float64 SVDs of one block's target weights × blocks
 (every block has the same shapes). `--blocks K`: the same model cut to its first K blocks (a directory whose
 config says K layers and whose index lists only their tensors, the shards linked), to show that peak memory does
-not grow with depth. Writes bench/results/stream_<model>.json and .png.
+not grow with depth. Rows are merged into bench/results/stream_<model>.json by (blocks, calibration windows), so
+runs of different depths or settings add up; stream_<model>.png plots every row's peak per stage.
 """
 from __future__ import annotations
 
@@ -123,6 +127,14 @@ def bare_svds_seconds(model_dir: Path, blocks: int) -> float:
     return t * blocks
 
 
+def code_version() -> str:
+    """The commit the measured code is at (+ "dirty" with uncommitted changes)."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "../src"], capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def lz_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "layerzip.cli", *map(str, args)]
 
@@ -174,6 +186,7 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                                         "ranks_equal": a == b, "ranks_differing": sum(a[n] != b[n] for n in a),
                                         "perplexity_rel_diff": ev["report"]["perplexity"]
                                         / ev_mem["report"]["perplexity"] - 1}
+            row.update(calib_samples=calib_samples, code=code_version())
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "compress"}, default=str), flush=True)
     res = {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": rows, "env": common.env()}
@@ -183,30 +196,114 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
     return res
 
 
+def merge(name: str, res: dict) -> dict:
+    """`res`'s rows replace the stored rows of the same (blocks, calibration windows); the others are kept."""
+    f = common.RESULTS / f"{name}.json"
+    old = json.loads(f.read_text()) if f.is_file() else {"rows": []}
+    key = lambda r: (r["blocks"], r.get("calib_samples", old.get("calib_samples")))   # noqa: E731
+    for r in res["rows"]:
+        r.setdefault("calib_samples", res["calib_samples"])
+        r.setdefault("env", res["env"])
+    new = {key(r) for r in res["rows"]}
+    rows = [r for r in old["rows"] if key(r) not in new] + res["rows"]
+    out = {**old, **{k: v for k, v in res.items() if k != "rows"}, "rows": sorted(rows, key=key)}
+    common.write_json(name, out)
+    return out
+
+
 def plot(res: dict, path: Path) -> None:
+    """Peak resident memory per stage, one group of bars per row (depth, calibration windows)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
-    colors = {}
-    for r in res["rows"]:
-        s = r["compress"]["samples"]
-        ax.plot([t for t, _, _ in s], [mb / 1024 for _, mb, _ in s], lw=0.8, label=f"{r['blocks']} blocks",
-                color="C0" if r["blocks"] == max(x["blocks"] for x in res["rows"]) else "C1")
-        if not colors:
-            for i, (t, mb, st) in enumerate(s):
-                if st not in colors:
-                    colors[st] = t
-    for st, t in colors.items():
-        ax.axvline(t, color="grey", lw=0.5, ls=":")
-        ax.text(t, ax.get_ylim()[1] * 0.95, st, rotation=90, fontsize=7, va="top")
+    stages = list(dict.fromkeys(s for r in res["rows"] for s in r["compress"]["peak_by_stage_mb"]))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(len(res["rows"]), 1)
+    for i, r in enumerate(res["rows"]):
+        peaks = r["compress"]["peak_by_stage_mb"]
+        ax.bar([j + i * width for j in range(len(stages))], [peaks.get(s, 0) / 1024 for s in stages], width,
+               label=f"{r['blocks']} blocks, {r.get('calib_samples')} windows ({r.get('code', 'earlier code')})")
     ax.axhline(4, color="red", lw=0.8, ls="--", label="4 GiB target")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("resident memory (GiB)")
-    ax.set_title(f"layerzip compress --stream, {res['model']}, keep {res['keep']}, "
-                 f"{res['calib_samples']} calibration windows")
-    ax.legend(fontsize=8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(stages))], stages, rotation=15, fontsize=8)
+    ax.set_ylabel("peak resident memory (GiB)")
+    ax.set_title(f"layerzip compress --stream, {res['model']}, keep {res['keep']}: peak memory per stage")
+    ax.legend(fontsize=7)
     common.save_figure(fig, path)
+
+
+def ray_rows(workers: list[int], keep: float = 0.5) -> dict:
+    """MiniLM compressed with --executor ray on a local cluster of 1, then 2, workers (and the local executor):
+    seconds of the whole command and of the decompositions, and whether the ranks agree."""
+    rows, ranks = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in [None, *workers]:
+            out = Path(tmp) / f"o{w}"
+            extra = ["--executor", "ray", "--workers", w] if w else []
+            r = monitored(lz_cmd("compress", "minilm", "--out", out, "--keep", keep, "--json", *extra))
+            ranks[w] = ranks_of(out)
+            rows.append({"executor": f"ray, {w} workers" if w else "local", "seconds": r["seconds"],
+                         "seconds_decomposition": r["report"].get("seconds_decomposition"),
+                         "peak_rss_mb": r["peak_rss_mb"], "ranks_equal_local": ranks[w] == ranks[None]})
+    return {"model": "minilm", "keep": keep, "rows": rows, "env": common.env()}
+
+
+def _load_of(env: dict) -> str:
+    x = env.get("load_average_1min", "")
+    return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def report() -> Path:
+    """bench/STREAM.md from stream_qwen.json, stream_gemma.json and stream_ray.json."""
+    def load(name):
+        f = common.RESULTS / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+    gib = lambda mb: f"{mb / 1024:.2f}"   # noqa: E731
+    lines = ["# Streaming past RAM", "",
+             "`bench/stream.py`: the real `layerzip compress DIR --keep K --stream` (svd-llm defaults: global "
+             "allocation + output Fisher, i.e. a block-wise backward and two walks over the blocks) in a fresh "
+             "process whose resident memory (RSS, children included) is sampled every 0.2 s and tagged with the stage "
+             "its progress bars show; then `layerzip eval --stream` of the output and of the dense model on held-out "
+             "python-docs windows (full depth only). Limit = one forward over the calibration tokens (from the "
+             "streamed dense eval's time per token) + bare float64 SVDs of every target.", ""]
+    for model in ("qwen", "gemma"):
+        res = load(f"stream_{model}")
+        if not res:
+            continue
+        lines += [f"## {model}", "", f"![](results/stream_{model}.png)", "",
+                  "| blocks | windows (tokens) | code | peak RSS GiB | peak by stage (GiB) | seconds | keep_achieved "
+                  "| perplexity (dense) | ratio | compress ÷ limit | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["rows"]:
+            c, ev, lim = r["compress"], r.get("eval"), r.get("limit")
+            stages = ", ".join(f"{k} {gib(v)}" for k, v in c["peak_by_stage_mb"].items())
+            tokens = ((r.get("report") or {}).get("calibration") or {}).get("tokens", "")
+            lines.append(
+                f"| {r['blocks']} | {r.get('calib_samples')} ({tokens}) | {r.get('code', 'earlier code')} | "
+                f"**{gib(c['peak_rss_mb'])}** | {stages} | {c['seconds']:.0f} | "
+                f"{(r.get('report') or {}).get('keep_achieved', float('nan')):.4f} | "
+                + (f"{ev['perplexity']:.3f} ({ev['dense_perplexity']:.3f}) | {ev['ratio']:.3f} | " if ev else "– | – | ")
+                + (f"{lim['compress_over_limit']:.2f} | " if lim else "– | ")
+                + f"{_load_of(r.get('env') or res.get('env') or {})} |")
+            if r.get("in_memory"):
+                m = r["in_memory"]
+                lines.append(f"| ↳ same run `--no-stream` | | | {gib(m['peak_rss_mb'])} | | {m['seconds']:.0f} | | "
+                             f"{m['perplexity']:.3f} | ranks equal: {m['ranks_equal']} ({m['ranks_differing']} "
+                             f"differ), perplexity {100 * m['perplexity_rel_diff']:+.3f} % | | |")
+        lines.append("")
+        for note in res.get("notes", []):
+            lines += [note, ""]
+    ray = load("stream_ray")
+    if ray:
+        lines += ["## Ray executor", "", f"`python bench/stream.py --ray-workers 1 2`: MiniLM, keep {ray['keep']}, "
+                  "a local Ray cluster started for the run (its start is part of the seconds).", "",
+                  "| executor | seconds | of which decomposition | peak RSS GiB (driver + workers) | ranks = local |",
+                  "|---|---|---|---|---|"]
+        for r in ray["rows"]:
+            lines.append(f"| {r['executor']} | {r['seconds']:.1f} | {r['seconds_decomposition']:.1f} | "
+                         f"{gib(r['peak_rss_mb'])} | {r['ranks_equal_local']} |")
+        lines.append("")
+    out = Path(__file__).resolve().parent / "STREAM.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
 
 
 def main(argv=None):
@@ -217,13 +314,18 @@ def main(argv=None):
     ap.add_argument("--keep", type=float, default=0.8)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--compare-in-memory", action="store_true", help="also compress --no-stream and compare")
+    ap.add_argument("--ray-workers", type=int, nargs="*", help="instead: MiniLM with --executor ray on these")
+    ap.add_argument("--report", action="store_true", help="only write bench/STREAM.md from the JSON")
     a = ap.parse_args(argv)
-    src = data.qwen_dir() if a.model == "qwen" else data.gemma_dir()
-    full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows, a.compare_in_memory)
-    name = f"stream_{a.model}"
-    common.write_json(name, res)
-    plot(res, common.RESULTS / f"{name}.png")
+    if a.ray_workers:
+        common.write_json("stream_ray", ray_rows(a.ray_workers))
+    elif not a.report:
+        src = data.qwen_dir() if a.model == "qwen" else data.gemma_dir()
+        full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+        res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows, a.compare_in_memory)
+        res = merge(f"stream_{a.model}", res)
+        plot(res, common.RESULTS / f"stream_{a.model}.png")
+    print(f"wrote {report()}")
 
 
 if __name__ == "__main__":

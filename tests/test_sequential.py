@@ -22,6 +22,10 @@ class Recording(SVDLLM):
     """SVD-LLM that remembers the Gram each module was decomposed from."""
     seen: dict = {}
 
+    @property
+    def reads_gram(self):
+        return True                     # it reads the Gram itself (plain SVD-LLM frees it once whitened)
+
     def build_layer(self, W, bias, stats, rank):
         Recording.seen[len(Recording.seen)] = stats.gram.clone()
         return super().build_layer(W, bias, stats, rank)
