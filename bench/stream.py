@@ -300,7 +300,7 @@ def report() -> Path:
         for r in ray["rows"]:
             lines.append(f"| {r['executor']} | {r['seconds']:.1f} | {r['seconds_decomposition']:.1f} | "
                          f"{gib(r['peak_rss_mb'])} | {r['ranks_equal_local']} |")
-        lines.append("")
+        lines += [""] + [x for note in ray.get("notes", []) for x in (note, "")]
     out = Path(__file__).resolve().parent / "STREAM.md"
     out.write_text("\n".join(lines) + "\n")
     return out
