@@ -27,6 +27,7 @@ from .executors import make_executor
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
+from .nn import GROUP_SIZE
 
 
 def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> None:
@@ -73,7 +74,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                    progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
                    device: str = "cpu", resume: bool = False, executor: str = "local",
                    workers: int | None = None, dtype: str | None = None, bits: int = 16,
-                   group_size: int = 128) -> dict:
+                   group_size: int = GROUP_SIZE) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
@@ -275,7 +276,7 @@ def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps:
     keep["heal"] = {**summary, "teacher": str(teacher), "text": str(text), "seq_len": seq_len, "samples": samples}
     # the healed factors are written with the bits COMPRESSED was (save validates what layerzip.json says)
     save(student.model, out, tokenizer=student.tokenizer, meta=keep, bits=meta.get("bits", 16),
-         group_size=meta.get("group_size", 128))
+         group_size=meta.get("group_size", GROUP_SIZE))
     return {**summary, "out": str(out), "teacher": str(teacher)}
 
 

@@ -57,7 +57,7 @@ def whiten(G: torch.Tensor) -> Whitening:
     n = G.shape[0]
     scale = G.diagonal().abs().mean().item()
     if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
-        return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0, scale=1.0)
+        return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0)
     for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
         Gj = G
         if jitter:
