@@ -106,7 +106,7 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     driver, gradient statistics attached), for every target; the model is left unchanged."""
     config = config.resolve(model, calib)
     targets = targets or select_targets(model, config.include, config.exclude)
-    grads = gradients(model, targets, config.gradients, calib, progress)
+    grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
 
@@ -137,8 +137,9 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     saved = _Progress(source.workdir, config) if source is not None else None
     grads = None
     if collect and config.gradients:
-        grads = saved.cached("gradients", lambda: gradients(model, targets, config.gradients, calib, progress)) \
-            if saved else gradients(model, targets, config.gradients, calib, progress)
+        def collect_gradients():
+            return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
+        grads = saved.cached("gradients", collect_gradients) if saved else collect_gradients()
 
     def attach(st: dict) -> dict:
         if not config.reads_gram:

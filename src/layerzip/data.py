@@ -161,6 +161,32 @@ def token_batches(tokenizer, docs: list[str], causal: bool, n_samples: int = 64,
                    documents=len(docs), windows=len(docs), tokens=tokens, seq_len=seq_len)
 
 
+def spread_sequences(batches: list[dict], n: int | None) -> list[dict]:
+    """`n` of the batches' sequences, evenly spread over all of them (every k-th, from the first), in batches of
+    the rows kept from each input batch, trailing columns that are padding in every kept row cut off. All of
+    them when n is None or not smaller than their count.
+
+    >>> b = [{"input_ids": torch.arange(8).reshape(4, 2), "attention_mask": torch.ones(4, 2, dtype=torch.long)}]
+    >>> [x["input_ids"][:, 0].tolist() for x in spread_sequences(b * 2, 4)]
+    [[0, 4], [2, 6]]
+    """
+    total = sum(len(b["input_ids"]) for b in batches)
+    if n is None or n >= total:
+        return list(batches)
+    picked = {int(i) for i in torch.linspace(0, total - 1, max(n, 1)).round().long()}
+    out, start = [], 0
+    for b in batches:
+        rows = [i - start for i in range(start, start + len(b["input_ids"])) if i in picked]
+        start += len(b["input_ids"])
+        if rows:
+            part = {k: v[rows] for k, v in b.items()}
+            if "attention_mask" in part and part["attention_mask"].any():
+                width = int(part["attention_mask"].any(0).nonzero().max()) + 1
+                part = {k: v[:, :width] for k, v in part.items()}
+            out.append(part)
+    return out
+
+
 def check_token_ids(model, batches: list[dict]) -> None:
     """Every token id must have a row in the model's input embedding (a tokenizer of another model does not)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

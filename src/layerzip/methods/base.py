@@ -2,6 +2,7 @@
 
     CompressConfig          options every method shares (keep, alloc, include, exclude, sequential, correct)
       .gradients            the gradient statistics it needs: None | "output" (output Fisher) | "weight" (row Fisher)
+      .gradient_batches()   the calibration sequences they read
       .factors(W, stats, r) (A, B) of one module: the pure math
       .spectrum(W, stats)   singular values whose squared tail is the method's layer loss at each rank (--alloc global)
       .ranks(shapes, ...)   one rank per module (None: stays dense) under `keep`
@@ -95,6 +96,10 @@ class CompressConfig:
         """The gradient statistics of the original model this method weights by, gathered before anything changes:
         None, "output" (stats.collect_output_fisher) or "weight" (stats.collect_fisher)."""
         return None
+
+    def gradient_batches(self, calib: list[dict]) -> list[dict]:
+        """The calibration sequences the gradient statistics read: all of them unless the method reads fewer."""
+        return calib
 
     # ---------------------------------------------------------------------------------------------- its budget
     @property

@@ -13,6 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from ..data import spread_sequences
+from ..errors import LayerzipError
 from ..models import is_causal
 from ..nn import split_balanced
 from ..stats import Whitening, whiten
@@ -56,8 +58,18 @@ class SVDLLM(CompressConfig):
     (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
+    fisher_samples: int | None = option(None, "calibration sequences the output Fisher reads, evenly spread "
+                                        "(default: all)")
     uses_stats: ClassVar[bool] = True
     ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fisher_samples is not None and not (isinstance(self.fisher_samples, int) and self.fisher_samples > 0):
+            raise LayerzipError(f"--fisher-samples must be a positive number of sequences, got {self.fisher_samples}")
+
+    def gradient_batches(self, calib):
+        return spread_sequences(calib, self.fisher_samples)
 
     def resolve(self, model, calib=None):
         if self.alloc is not None and self.fisher is not None:
