@@ -53,14 +53,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         raise LayerzipError(f"method {config.label} needs calibration text; pass --calib FILE or --calib builtin")
     if source_of(model) is not None and not config.stream_ok:
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
-    targets = select_targets(model, config.include, config.exclude)
+    targets = config.select(model)
     check_finite(targets)
     target_before = module_params(targets.values())
     report = {"method": config.label, "config": config.to_dict(), "params_before": count_params(model),
               "target_params_before": target_before}
     extra = config.restructure_(model, calib, progress)
     if extra:                                   # the architecture changed: what is left to decompose
-        targets = select_targets(model, config.include, config.exclude)
+        targets = config.select(model)
     t_restructure = time.perf_counter()
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
@@ -74,7 +74,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
             if own:
                 pool.close()
     else:
-        modules, ranks, calibration, t_decompose = {}, {}, None, 0.0
+        modules, ranks, calibration, t_decompose = extra.get("modules", {}), extra.get("ranks", {}), None, 0.0
     t_end = time.perf_counter()
     target_after = module_params(model.get_submodule(n) for n in targets)
     report.update(extra)

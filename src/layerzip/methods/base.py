@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import allocate
 from ..errors import LayerzipError
+from ..models import select_targets
 from ..nn import LowRankLinear
 from ..registry import METHODS
 from .correct import refit_left
@@ -100,6 +101,11 @@ class CompressConfig:
     def gradient_batches(self, calib: list[dict]) -> list[dict]:
         """The calibration sequences the gradient statistics read: all of them unless the method reads fewer."""
         return calib
+
+    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The modules it replaces, {name: module}: the linear layers of the repeated blocks (`include` / `exclude`
+        change that); the convolution methods pick convolutions instead (methods/conv.py)."""
+        return select_targets(model, self.include, self.exclude)
 
     # ---------------------------------------------------------------------------------------------- its budget
     @property

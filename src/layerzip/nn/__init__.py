@@ -10,6 +10,9 @@
 | BlastLinear | blocks Uᵢ diag(sᵢⱼ) Vⱼᵀ | r(b·p + b·q + b²) |
 | TTLinear | tensor-train matrix | Σ r_{k−1} m_k n_k r_k |
 
+Convolutions (conv.py; `from_conv(conv, **shape)`, `to_dense()` gives an `nn.Conv2d`): LowRankConv (kh×kw to r, then
+1×1), Tucker2Conv (1×1, kh×kw core, 1×1), CPConv (1×1, depthwise kh×1 and 1×kw, 1×1), SpatialSVDConv (kh×1, 1×kw).
+
 Each has `from_dense(W, bias, **shape)`, `from_linear(module, **shape)`, `to_dense()`, `spec()`/`from_spec()`,
 `flops()`, a static `num_params(in, out, **shape)` and a classmethod `candidates(in, out, budget)` (the shapes
 `choose_shape` picks from). Importing this package registers the layer types (`layerzip.registry.LAYERS`) so saved
@@ -19,6 +22,7 @@ from ._common import StructuredLinear, balanced_factors, layer_flops
 from .base import FactorizedLayer, dense_weight_and_bias, is_conv1d, is_linear_like, layer_from_spec, register_layer
 from .blast import BlastLinear
 from .btt import BTTLinear
+from .conv import CONV_LAYERS, CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, factorizable
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
@@ -31,7 +35,8 @@ from .tt import TTLinear
 STRUCTURES = [c.layer_type for c in (LowRankLinear, BTTLinear, MonarchLinear, KroneckerLinear, LowRankHadamardLinear,
                                      BlastLinear, TTLinear)]
 
-__all__ = ["BITS", "BTTLinear", "BlastLinear", "FactorizedLayer", "GROUP_SIZE", "KroneckerLinear", "LowBitLowRank",
+__all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "FactorizedConv", "LowRankConv",
+           "SpatialSVDConv", "Tucker2Conv", "factorizable", "FactorizedLayer", "GROUP_SIZE", "KroneckerLinear", "LowBitLowRank",
            "LowRankHadamardLinear", "LowRankLinear", "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear",
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",

@@ -1,0 +1,96 @@
+"""Statistics of convolution inputs: the Gram of the input patches (im2col rows, width in·kh·kw, in the order of
+`W.flatten(1)`), streamed one image and 4096 positions at a time in float64, and the input's spatial size (for FLOPs).
+
+For a kernel W (out × in·kh·kw as a matrix) and patches X, the layer's output error of any replacement W' is
+‖(W − W') Xᵀ‖²_F = tr((W − W') G (W − W')ᵀ) with G = XᵀX: the methods in methods/conv.py minimize it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LayerzipError
+from .activations import ModuleStats
+
+
+@dataclass
+class ConvStats:
+    """Patch Gram (a ModuleStats of width in·kh·kw: gram, whitening, tokens = patches) and the input size."""
+    patches: ModuleStats
+    in_hw: tuple[int, int] | None = None
+    images: int = 0
+    POSITIONS: int = field(default=4096, repr=False)
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.patches.gram
+
+    @property
+    def whitening(self):
+        return self.patches.whitening
+
+    @torch.no_grad()
+    def add(self, conv: nn.Conv2d, padding: tuple[int, int], x: torch.Tensor) -> None:
+        self.in_hw = self.in_hw or tuple(x.shape[-2:])
+        for img in x.reshape(-1, *x.shape[-3:]).split(1):          # k² times an image, never the batch
+            cols = F.unfold(img, conv.kernel_size, conv.dilation, padding, conv.stride)[0]   # (in·kh·kw, L)
+            for c in cols.T.split(self.POSITIONS):
+                self.patches.add(c)
+            self.images += 1
+
+
+def run_calibration(model: nn.Module, calib, progress: bool = True, desc: str = "calibrating") -> None:
+    """One forward of `model` per item of `calib` (a tensor: model(x); a dict: model(**d); a tuple: model(*t)),
+    in eval mode (batch norm uses its running statistics and updates nothing), under no_grad."""
+    device = next(model.parameters()).device
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for item in tqdm(calib, desc=desc, unit="batch", disable=not progress):
+                if isinstance(item, dict):
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()})
+                elif isinstance(item, (tuple, list)):
+                    model(*[v.to(device) if torch.is_tensor(v) else v for v in item])
+                elif torch.is_tensor(item):
+                    model(item.to(device))
+                else:
+                    raise LayerzipError(f"calibration items must be tensors, tuples or dicts of tensors, got "
+                                        f"{type(item).__name__}")
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def collect_conv_stats(model: nn.Module, targets: dict[str, nn.Module], calib, padding: dict[str, tuple],
+                       grams: bool = True, progress: bool = True) -> dict[str, ConvStats]:
+    """{name: ConvStats} of every target conv's input over `calib` (`grams=False`: only the input sizes).
+    `padding[name]`: the conv's numeric padding."""
+    out = {n: ConvStats(ModuleStats(m.in_channels * m.kernel_size[0] * m.kernel_size[1])) for n, m in
+           targets.items()}
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            if grams:
+                out[name].add(mod, padding[name], x)
+            else:
+                out[name].in_hw = out[name].in_hw or tuple(x.shape[-2:])
+                out[name].images += x.shape[0] if x.dim() == 4 else 1
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    try:
+        run_calibration(model, calib, progress, desc="calibrating convolutions" if grams else "measuring sizes")
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n, s in out.items() if s.in_hw is None]
+    if missing:
+        raise LayerzipError(f"calibration never reached {missing[0]} (and {len(missing) - 1} more); exclude it "
+                            "with --exclude or check the model's forward")
+    return out
