@@ -9,7 +9,7 @@
 >>> lz.merge_(model)                                                   # doctest: +SKIP
 
 Layers, each importing only those before it: nn -> models -> lazy -> data, stats -> allocate -> methods ->
-executors -> driver -> compress -> heal, evaluate, analyze, report, training -> io -> hf -> jobs -> cli.
+executors -> driver -> compress -> heal, evaluate, analyze, report, training -> export -> io -> hf -> jobs -> cli.
 Importing layerzip registers the transformers quantization method "layerzip" (hf.py), so
 `AutoModel*.from_pretrained(DIR)` loads a directory layerzip wrote.
 """
@@ -23,9 +23,10 @@ from .compress import calibrate, compress_, merge_
 from .heal import heal_
 from .analyze import analyze
 from .training import Cuttlefish, Maestro, structurize
+from .export import export_onnx
 from .io import load_model, save
 from . import hf  # noqa: F401  (registers the "layerzip" quantization method with transformers)
-from .jobs import analyze_model, compress_model, evaluate_model, heal_model
+from .jobs import analyze_model, compress_model, evaluate_model, export_model, heal_model
 
 globals().update(CONFIGS)       # lz.SVD, lz.SVDLLM, lz.DropBlocks, ...: every registered method's config
 
@@ -39,5 +40,5 @@ def load(source, stream: bool = False, device: str = "cpu"):
 
 __all__ = ["CompressConfig", "Cuttlefish", "FactorizedLayer", "LAYERS", "LayerzipError", "LowRankLinear",
            "METHODS", "Maestro", "__version__", "analyze", "analyze_model", "calibrate", "calibration_batches", "compress_",
-           "compress_model", "config_from_dict", "evaluate_model", "heal_", "heal_model", "load", "load_model",
-           "merge_", "register_method", "save", "structurize", *CONFIGS]
+           "compress_model", "config_from_dict", "evaluate_model", "export_model", "export_onnx", "heal_",
+           "heal_model", "load", "load_model", "merge_", "register_method", "save", "structurize", *CONFIGS]

@@ -143,19 +143,23 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
                                   "Recall@1 and MRR")
 @click.option("--latency", is_flag=True, help="median forward ms at batch 1 and 16, FLOPs per token")
 @click.option("--latency-seq-len", default=128, show_default=True, help="tokens per sequence for --latency")
-@click.option("--threads", default=1, show_default=True, help="torch threads fixed for --latency")
+@click.option("--threads", default=1, show_default=True, help="threads fixed for --latency")
+@click.option("--runtime", default="torch", show_default=True, type=click.Choice(["torch", "onnxruntime"]),
+              help="where --latency runs (onnxruntime: exported to ONNX first; pip install 'layerzip[onnx]'); "
+                   "the dense model (--reference, else the recorded source) runs in the same one")
 @click.option("--stream/--no-stream", default=None,
               help="run one block at a time from disk [default: when the model would not fit in memory]")
 @device_opt
 @json_opt
-def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, stream, device,
-          as_json):
+def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, runtime, stream,
+          device, as_json):
     """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
     retrieval quality (--retrieval) and speed (--latency)."""
     from .jobs import evaluate_model
 
     _emit(evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
-                         latency_seq_len=latency_seq_len, threads=threads, stream=stream, device=device), as_json)
+                         latency_seq_len=latency_seq_len, threads=threads, stream=stream, device=device,
+                         runtime=runtime, progress=not as_json), as_json)
 
 
 @app.command()
@@ -199,6 +203,24 @@ def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hin
         raise LayerzipError(f"--hints must be ≥ 0 (a loss weight), got {hints}")
     _emit(heal_model(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hints, force,
                      progress=not as_json), as_json)
+
+
+@app.command()
+@model_arg
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx"]), help="output format")
+@click.option("--out", required=True, help="FILE.onnx (written atomically; past 2 GB its tensors go to FILE.onnx.data)")
+@click.option("--keep", type=float, help="elastic models only: the width to export")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="run the exported graph in onnxruntime and report max_abs_diff to torch")
+@force_opt
+@json_opt
+def export(model, fmt, out, keep, opset, verify, force, as_json):
+    """Export MODEL (encoders: last hidden state; causal LMs: logits) to ONNX, batch and sequence axes dynamic,
+    float32; factorized layers stay factorized (a low-rank layer is two MatMuls)."""
+    from .jobs import export_model
+
+    _emit(export_model(model, out, fmt, keep, force, opset, verify, progress=not as_json), as_json)
 
 
 @app.command()

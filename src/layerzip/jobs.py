@@ -4,6 +4,7 @@
     evaluate_model   load -> perplexity | cosine to a reference | retrieval | latency
     analyze_model    load -> analyze -> analysis.json, plots, report.html
     heal_model       load both -> heal_ -> save
+    export_model     load (float32) -> export_onnx -> FILE.onnx
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ from .compress import compress_
 from .data import builtin_pairs, calibration_batches, load_documents
 from ._version import __version__
 from .errors import LayerzipError
-from .evaluate import embed, flops, latency, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
+from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
-from .io import (META, check_bits, check_out_dir, load_model, read_meta, save, size_on_disk, source_path,
+from .io import (BUILTIN, META, check_bits, check_out_dir, load_model, read_meta, save, size_on_disk, source_path,
                  tensor_bytes, weights_dtype, write_analysis, written_bytes)
 from .executors import make_executor
+from .export import RUNTIMES, export_onnx, require_onnx, runtime_latency
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
@@ -162,16 +164,22 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
                    seq_len: int = 512, progress: bool = True, loaded: Loaded | None = None,
                    ref_loaded: Loaded | None = None, retrieval: str | None = None,
                    latency: bool = False, latency_seq_len: int = 128, threads: int = 1, stream: bool | None = None,
-                   device: str = "cpu") -> dict:
+                   device: str = "cpu", runtime: str = "torch") -> dict:
     """Parameters, size on disk; perplexity on `text` (causal LMs) or cosine of embeddings to `reference`.
     `stream`: run the blocks one at a time from disk (None: when the model would not fit in memory).
 
     Causal LMs also report the `windows` and `tokens` scored. `retrieval`: a .jsonl file of {"query", "doc"} pairs -> `recall_at_1`, `mrr` (query i's answer is doc i, ranked
     by cosine of mean-pooled embeddings among all docs). `latency`: median forward milliseconds at batch 1 and 16
-    (`latency_seq_len` tokens, `threads` fixed) and matmul FLOPs per token."""
+    (`latency_seq_len` tokens, `threads` fixed) in `runtime` (torch | onnxruntime) and matmul FLOPs per token;
+    with the dense model (`reference`, else the source a compressed directory records) also its latencies in the
+    same runtime, the speedups and their ratio to the FLOP bound (export.runtime_latency)."""
     _check_sizes(samples, seq_len, "--samples")
     if latency and (threads < 1 or latency_seq_len < 1):
         raise LayerzipError(f"--threads and --latency-seq-len must be ≥ 1, got {threads} and {latency_seq_len}")
+    if latency and runtime not in RUNTIMES:
+        raise LayerzipError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if latency and runtime == "onnxruntime":
+        require_onnx()
     device = resolve_device(device)
     load = lambda s: load_model(s, stream=stream, device=device, statistics=False)   # noqa: E731
     loaded = loaded or load(source)
@@ -196,8 +204,24 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
     if retrieval:
         res.update(retrieval_eval(loaded, retrieval, progress=progress))
     if latency:
-        res.update(latency_eval(loaded.model, latency_seq_len, threads))
+        dense, warnings = _dense_of(loaded, reference, ref_loaded, load)
+        res.update(runtime_latency(loaded.model, dense, runtime, latency_seq_len, threads, progress=progress))
+        res["warnings"] = res.get("warnings", []) + warnings
     return res
+
+
+def _dense_of(loaded: Loaded, reference: str | None, ref_loaded: Loaded | None, load) -> tuple:
+    """(the dense model latency is compared with, warnings): `reference` if given, else the source a compressed
+    directory records in layerzip.json, else none (MODEL is the dense one)."""
+    if ref_loaded or reference:
+        return (ref_loaded or load(reference)).model, []
+    if not (loaded.path and Path(loaded.path).is_dir() and (Path(loaded.path) / META).is_file()):
+        return None, []
+    src = read_meta(Path(loaded.path)).get("source") or {}
+    for cand in (src.get("path"), src.get("model")):
+        if cand and (cand in BUILTIN or Path(cand).exists()):
+            return load(cand).model, []
+    return None, [f"the source recorded in {META} ({src.get('model')}) is not here: no speedup; pass --reference"]
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -228,13 +252,6 @@ def retrieval_eval(loaded: Loaded, pairs: str | Path | list[dict], progress: boo
     q = embed(loaded.model, loaded.tokenizer, [r["query"] for r in rows], progress=progress)
     d = embed(loaded.model, loaded.tokenizer, [r["doc"] for r in rows], progress=progress)
     return retrieval_metrics(q, d)
-
-
-def latency_eval(model, seq_len: int = 128, threads: int = 1, repeats: int = 5) -> dict:
-    """`latency_ms_batch1`, `latency_ms_batch16` (median of `repeats`) and `flops_per_token` (+ breakdown)."""
-    return {"latency_ms_batch1": latency(model, 1, seq_len, repeats, threads=threads),
-            "latency_ms_batch16": latency(model, 16, seq_len, max(3, repeats // 2), threads=threads),
-            "latency_seq_len": seq_len, "latency_threads": threads, **flops(model, seq_len)}
 
 
 def analyze_model(source: str, out: str | Path, calib: str = "builtin", calib_samples: int = 64,
@@ -288,3 +305,32 @@ def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: 
     rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
     del teacher
     return {k: v for k, v in rep.items() if k != "losses"}
+
+
+def export_model(source: str, out: str | Path, fmt: str = "onnx", keep: float | None = None, force: bool = False,
+                 opset: int = 18, verify: bool = True, progress: bool = True) -> dict:
+    """`layerzip export`: MODEL loaded in float32 (low-bit factors dequantized), written to `out` (FILE.onnx)
+    atomically, checked by onnx.checker and, with `verify`, run in onnxruntime against torch (`max_abs_diff`).
+    `keep` selects a width of an elastic directory; any other MODEL refuses it."""
+    if fmt != "onnx":
+        raise LayerzipError(f"--format must be onnx, got {fmt!r}")
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise LayerzipError(f"--out {out} must be a file path ending in .onnx")
+    if out.is_dir():
+        raise LayerzipError(f"--out {out} is a directory; give a file path ending in .onnx")
+    if out.exists() and not force:
+        raise LayerzipError(f"--out {out} exists; choose another path or pass --force to replace it")
+    src = source_path(source)
+    if src is not None and src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise LayerzipError(f"--out {out} is inside the input model {src}; write it elsewhere")
+    require_onnx()
+    if keep is not None:
+        meta = read_meta(src) if src is not None and src.is_dir() and (src / META).is_file() else {}
+        if not meta.get("elastic"):
+            raise LayerzipError(f"--keep picks a width of an elastic model (compress --elastic), and {source} is "
+                                "not one; drop --keep")
+    loaded = load_model(source, dtype="float32")
+    rep = export_onnx(loaded.model, out, opset=opset, verify=verify, progress=progress)
+    return {"model": str(source), "kind": "causal-lm" if loaded.causal else "encoder",
+            "params": count_params(loaded.model), **rep}
