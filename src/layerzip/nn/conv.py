@@ -323,7 +323,7 @@ class CPConv(FactorizedConv):
     >>> bool(torch.allclose(cp(x), conv(x), atol=1e-5)), cp.rank
     (True, 36)
     """
-    ALS_ITERS = 200
+    ALS_ITERS = 100
 
     def __init__(self, in_channels, out_channels, kernel_size, rank: int | None = None, *, stride=1, padding=0,
                  dilation=1, bias=True, device=None, dtype=None):
@@ -424,7 +424,7 @@ def _mttkrp(T: torch.Tensor, factors: list[torch.Tensor], mode: int) -> torch.Te
 
 
 @torch.no_grad()
-def cp_als(T: torch.Tensor, rank: int, iters: int = 200, tol: float = 1e-9, seed: int = 0) -> list[torch.Tensor]:
+def cp_als(T: torch.Tensor, rank: int, iters: int = 100, tol: float = 1e-8, seed: int = 0) -> list[torch.Tensor]:
     """CP-ALS of a 4-way tensor: factors (dims × rank) with T ≈ Σ_r ⊗ factors[:, r]. Initialized by the leading
     eigenvectors of each mode's Gram T_(n) T_(n)ᵀ (random columns beyond the mode's size); each step solves one
     factor exactly given the others (normal equations with the Hadamard product of the others' Grams)."""
