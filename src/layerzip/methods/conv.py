@@ -141,6 +141,7 @@ class ConvConfig(CompressConfig):
                                 "(Gram of its input patches) instead of the kernel's")
 
     layer: ClassVar[type] = LowRankConv
+    objectives: ClassVar[tuple] = OBJECTIVES
     correct_ok: ClassVar[bool] = False
     sequential_ok: ClassVar[bool] = False
     stream_ok: ClassVar[bool] = False
@@ -236,9 +237,24 @@ class ConvConfig(CompressConfig):
 
     # ------------------------------------------------------------------------------------------------ the walk
     def restructure_(self, model: nn.Module, calib, progress: bool) -> dict:
+        return self.apply_(model, calib=calib, progress=progress)
+
+    def calibrate(self, model: nn.Module, calib, progress: bool = True) -> dict[str, ConvStats]:
+        """{name: ConvStats} of every target conv over `calib` (patch Grams with `whiten`; always the input sizes):
+        pass it to `apply_` to decompose at several settings from one calibration."""
+        targets = {n: m for n, m in self.select(model).items() if not isinstance(m, FactorizedConv)}
+        return collect_conv_stats(model, targets, calib, {n: numeric_padding(m) for n, m in targets.items()},
+                                  grams=self.whiten, progress=progress)
+
+    def apply_(self, model: nn.Module, calib=None, stats: dict[str, ConvStats] | None = None,
+               progress: bool = True) -> dict:
+        """Factorize the target convs of `model` in place (what compress_ runs); `stats` from `calibrate` (of this
+        model's targets, before any change) instead of `calib`. Returns the report entries."""
         targets = {n: m for n, m in self.select(model).items() if not isinstance(m, FactorizedConv)}
         pads = {n: numeric_padding(m) for n, m in targets.items()}
-        if calib:
+        if stats is not None:
+            stats = {n: stats[n] for n in targets}
+        elif calib:
             stats = collect_conv_stats(model, targets, calib, pads, grams=self.whiten, progress=progress)
         elif self.objective == "flops":
             raise LayerzipError("--objective flops counts each convolution at its feature-map size: pass "
@@ -289,9 +305,8 @@ class ConvConfig(CompressConfig):
             modules[name] = new.spec()
             ranks[name] = p["shapes"][j]
             flops_after += new.flops(p["in_hw"])
-            if p["stats"] is not None:
-                p["stats"] = None                     # free the Gram
-        per = "per image" if calib else "per output position"
+            p["stats"] = None                         # this walk's reference to the Gram
+        per = "per image" if stats else "per output position"
         return {"modules": modules, "ranks": ranks, "objective": self.objective,
                 "flops_before": flops_before, "flops_after": flops_after, "flops_counted": per,
                 "flops_kept": flops_after / max(flops_before, 1), "convolutions": len(plan),

