@@ -66,19 +66,29 @@ def _options(sigma: torch.Tensor, m: int, n: int, weight: float, normalize: bool
 
 
 def global_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor], keep: float,
-                 weights: dict[str, float] | None = None, min_rank: int = 1, normalize: bool = True
-                 ) -> dict[str, int | None]:
+                 weights: dict[str, float] | None = None, min_rank: int = 1, normalize: bool = True,
+                 max_ranks: dict[str, int] | None = None) -> dict[str, int | None]:
     """Ranks minimizing the summed normalized layer loss with Σ cost ≤ keep · Σ mn (see module doc).
 
     `spectra[name]`: the singular values whose squared tail is the module's loss at each rank (descending).
     `weights[name]`: an optional sensitivity multiplying the module's normalized loss (default 1).
     `normalize=False`: the spectra are already in one unit across modules (e.g. Fisher-weighted): no division.
+    `max_ranks[name]`: the largest rank allowed (0: none, the module stays dense) — `--objective latency` passes
+    the ranks above which a factorized module would not be faster than its dense one (speed.max_ranks), so the
+    budget is spent only where factorizing buys speed.
+
+    >>> s = {"a": torch.tensor([4., 2., 1.]), "b": torch.tensor([4., 2., 1.])}
+    >>> shapes = {"a": (8, 8), "b": (8, 8)}
+    >>> global_ranks(shapes, s, keep=0.75), global_ranks(shapes, s, keep=0.75, max_ranks={"a": 0, "b": 3})
+    ({'a': 3, 'b': 3}, {'a': None, 'b': 2})
     """
     budget = keep * sum(m * n for m, n in shapes.values())
     names = list(shapes)
     opts = {k: _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0), normalize) for k in names}
-    for k in names:   # options below min_rank are not allowed: give them infinite loss
+    for k in names:   # options below min_rank (and above max_ranks[k]) are not allowed: give them infinite loss
         opts[k][1][: max(min_rank, 1) - 1] = math.inf
+        if max_ranks is not None and k in max_ranks:
+            opts[k][1][max(max_ranks[k], 0): -1] = math.inf
 
     def pick(lam: float) -> dict[str, int]:
         return {k: int(torch.argmin(l + lam * c)) for k, (c, l) in opts.items()}
@@ -106,20 +116,26 @@ def global_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Te
     return out
 
 
+def _next_allowed(losses: torch.Tensor, i: int) -> int | None:
+    """The next option after i with a finite loss (disallowed ranks are skipped, dense is always allowed)."""
+    later = torch.isfinite(losses[i + 1:]).nonzero()
+    return i + 1 + int(later[0]) if len(later) else None
+
+
 def _greedy_fill(opts, choice: dict[str, int], left: float) -> None:
     """Spend the budget left after bisection one step at a time, best loss drop per parameter first."""
     while True:
-        best, best_gain = None, 0.0
+        best, best_gain, best_j = None, 0.0, None
         for k, i in choice.items():
             c, l = opts[k]
-            if i + 1 < c.numel():
-                dc = (c[i + 1] - c[i]).item()
+            j = _next_allowed(l, i)
+            if j is not None:
+                dc = (c[j] - c[i]).item()
                 if dc <= left:
-                    gain = (l[i] - l[i + 1]).item() / dc
+                    gain = (l[i] - l[j]).item() / dc
                     if gain > best_gain:
-                        best, best_gain = k, gain
+                        best, best_gain, best_j = k, gain, j
         if best is None:
             return
-        i = choice[best]
-        left -= (opts[best][0][i + 1] - opts[best][0][i]).item()
-        choice[best] = i + 1
+        left -= (opts[best][0][best_j] - opts[best][0][choice[best]]).item()
+        choice[best] = best_j

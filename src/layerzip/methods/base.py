@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .. import allocate
+from .. import allocate, speed
 from ..errors import LayerzipError
 from ..models import select_targets
 from ..nn import LowRankLinear
@@ -29,6 +29,7 @@ from ..registry import METHODS
 from .correct import refit_left
 
 ALLOCATORS = ("uniform", "global")
+OBJECTIVES = ("params", "latency")
 register_method = METHODS.register
 
 
@@ -42,6 +43,9 @@ class CompressConfig:
     """Common options. `keep`: fraction of the targeted modules' parameters kept, in (0, 1]."""
     keep: float = option(0.5, "fraction of the targeted modules' parameters kept, in (0, 1]")
     alloc: str = option("uniform", "rank allocation: uniform | global (default: the method's best)")
+    objective: str = option("params", "what --alloc global spends --keep on: params (least loss) | latency (also "
+                                      "keep a module dense where its factorized form is not measurably faster; "
+                                      "cached per machine). Conv methods: params | flops")
     include: str | None = option(None, "regex: compress only the linear layers whose name matches")
     exclude: str | None = option(None, "regex: leave matching layers dense")
     sequential: bool = option(False, "calibrate each block on the already compressed blocks' output")
@@ -50,6 +54,7 @@ class CompressConfig:
     name: ClassVar[str] = "?"
     uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
     sequential_ok: ClassVar[bool] = True
+    objectives: ClassVar[tuple] = OBJECTIVES
     correct_ok: ClassVar[bool] = True
     stream_ok: ClassVar[bool] = True          # works on a streamed model, one block in memory at a time
 
@@ -58,6 +63,10 @@ class CompressConfig:
             raise LayerzipError(f"--keep must be in (0, 1] (the fraction of parameters kept), got {self.keep}")
         if self.alloc is not None and self.alloc not in ALLOCATORS:
             raise LayerzipError(f"--alloc must be one of {', '.join(ALLOCATORS)}, got {self.alloc!r}")
+        if self.objective not in self.objectives:
+            raise LayerzipError(f"--objective must be one of {', '.join(self.objectives)}, got {self.objective!r}")
+        if self.objective == "latency" and self.alloc == "uniform":
+            raise LayerzipError(f"--objective latency chooses ranks globally; add --alloc global (method {self.name})")
         if self.correct and not self.correct_ok:
             raise LayerzipError(f"method {self.name} cannot run --correct; drop that flag")
         if self.sequential and not self.sequential_ok:
@@ -122,7 +131,8 @@ class CompressConfig:
         """Ranks at `keep` of the weights; `spectrum_of(name)` -> that module's spectrum (when `needs_spectra`)."""
         if self.alloc == "global":
             spectra = {n: spectrum_of(n) for n in shapes}
-            return allocate.global_ranks(shapes, spectra, keep, normalize=not self.loss_units)
+            fast = speed.max_ranks(shapes, progress=True) if self.objective == "latency" else None
+            return allocate.global_ranks(shapes, spectra, keep, normalize=not self.loss_units, max_ranks=fast)
         return allocate.uniform_ranks(shapes, keep)
 
     # ----------------------------------------------------------------------------------------- its whole-model part

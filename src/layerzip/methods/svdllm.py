@@ -76,7 +76,7 @@ class SVDLLM(CompressConfig):
             return self                     # nothing left to decide (and the caller's instance is kept)
         sequences = sum(len(b["input_ids"]) for b in calib or [])
         best = is_causal(model) or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
-        return replace(self, alloc=self.alloc or ("global" if best else "uniform"),
+        return replace(self, alloc=self.alloc or ("global" if best or self.objective == "latency" else "uniform"),
                        fisher=best if self.fisher is None else self.fisher)
 
     @property
