@@ -200,3 +200,37 @@ def test_tiny_transformers_resnet_round_trips(tmp_path):
         native = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / str(k)).eval()
         assert type(native.resnet.embedder.embedder.convolution) is type(model.resnet.embedder.embedder.convolution)
         assert torch.allclose(native(pixel_values=x).logits, out, atol=1e-5)
+
+
+def _cli(capsys, *argv):
+    from layerzip.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return e.value.code or 0, cap.out, cap.err
+
+
+def test_cli_on_a_transformers_resnet_with_calibration_images(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+    import json
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    torch.manual_seed(0)
+    transformers.ResNetModel(cfg).save_pretrained(tmp_path / "resnet")
+    (tmp_path / "imgs").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(3):
+        px = (torch.rand(40 + 10 * k, 50, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(tmp_path / "imgs" / f"{k}.png")
+    code, out, err = _cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "o"), "--method",
+                          "spatial-svd", "--keep", "0.6", "--calib", str(tmp_path / "imgs"), "--objective", "flops",
+                          "--alloc", "global", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["factorized"] >= 1 and rep["flops_counted"] == "per image" and rep["flops_kept"] <= 0.6 + 1e-9
+    assert json.loads((tmp_path / "o" / "layerzip.json").read_text())["calibration"]["images"] == 3
+    assert isinstance(lz.load(tmp_path / "o"), transformers.ResNetModel)
+    code, out, err = _cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "p"), "--method",
+                          "tucker2", "--calib", str(tmp_path / "missing"))
+    assert code == 2 and err.count("\n") == 1 and "--calib" in err and not (tmp_path / "p").exists()

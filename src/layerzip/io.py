@@ -134,7 +134,12 @@ def _from_pretrained(path: Path, gguf_file: str | None = None, dtype: torch.dtyp
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
-        tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(path, **kw)
+        except (OSError, ValueError, KeyError):
+            if getattr(model, "main_input_name", "input_ids") == "input_ids":
+                raise
+            tok = None                    # a vision model (pixel_values): no tokenizer
     except (OSError, ValueError, SafetensorError, json.JSONDecodeError, RuntimeError, KeyError) as e:
         raise LayerzipError(f"cannot load a model from {path}{'/' + gguf_file if gguf_file else ''} "
                             f"({_first_line(e)}); check that the files are complete") from None

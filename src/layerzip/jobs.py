@@ -22,6 +22,7 @@ from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
+from .images import image_batches
 from .io import (BUILTIN, META, check_bits, check_out_dir, load_model, read_meta, save, size_on_disk, source_path,
                  tensor_bytes, weights_dtype, write_analysis, written_bytes)
 from .executors import make_executor
@@ -105,8 +106,11 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "--no-stream, or compress with --bits 16")
     bytes_before = tensor_bytes(loaded.model)
     # streamed: batches of 2 sequences, so one block's activations stay small (the Grams are the same sums)
-    batches = (calibration_batches(loaded, calib, calib_samples, seq_len, batch_size=2 if streamed else 8)
-               if config.needs_stats else None)
+    if getattr(loaded.model, "main_input_name", None) == "pixel_values":      # a vision model: images, if given
+        batches = image_batches(calib, calib_samples, loaded.path) if calib != "builtin" else None
+    else:
+        batches = (calibration_batches(loaded, calib, calib_samples, seq_len, batch_size=2 if streamed else 8)
+                   if config.needs_stats else None)
     work, resumed = None, 0
     if streamed:
         path = Path(loaded.path).resolve()
