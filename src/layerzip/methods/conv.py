@@ -132,8 +132,6 @@ def _tail(s: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ConvConfig(CompressConfig):
     """Factorize every plain 2-D convolution (k×k with the method's layer, 1×1 as a low-rank pair)."""
-    objective: str = option("params", "conv methods: what --keep and --alloc global count: params | flops (each "
-                                      "convolution at its feature-map size on the calibration images)")
     energy: float | None = option(None, "conv methods, cur: rank from this fraction of the (whitened) spectrum's "
                                         "energy (instead of --keep)")
     pointwise: bool = option(True, "conv methods: also factorize 1×1 convolutions (a 1×1 pair of rank r)")
@@ -149,8 +147,6 @@ class ConvConfig(CompressConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.objective not in OBJECTIVES:
-            raise LayerzipError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.energy is not None and not (isinstance(self.energy, (int, float)) and 0 < self.energy <= 1):
             raise LayerzipError(f"--energy must be in (0, 1], got {self.energy}")
         if self.alloc == "global" and not self.global_ok:
