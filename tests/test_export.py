@@ -15,7 +15,9 @@ pytest.importorskip("onnxruntime")
 import layerzip as lz  # noqa: E402
 from layerzip.errors import LayerzipError  # noqa: E402
 from layerzip.export import _Graph, dense_initializers, ort_session  # noqa: E402
-from layerzip.nn import FactorizedLayer, LowRankLinear  # noqa: E402
+from layerzip.models import linear_shape, select_targets, set_module  # noqa: E402
+from layerzip.nn import STRUCTURES, FactorizedLayer, LowRankLinear, choose_shape  # noqa: E402
+from layerzip.registry import LAYERS  # noqa: E402
 
 from conftest import ARCHS, tiny_model  # noqa: E402
 from test_cli import assert_bad, digest, run  # noqa: E402
@@ -72,17 +74,36 @@ def test_every_architecture(arch, tmp_path):
 
 
 @pytest.mark.parametrize("method", [pytest.param(n, marks=[] if n == "svd-llm" else pytest.mark.slow)
-                                    for n, (_, kind) in ROWS.items() if kind != "depth"])
-def test_every_method(method, tmp_path):
-    """Low-rank methods on a causal LM and an encoder; structured ones (their own MatMuls, no dense W) on the LM."""
-    archs = ["llama", "bert"] if ROWS[method][1] == "lowrank" else ["llama"]
-    for arch in archs:
+                                    for n, (_, kind) in ROWS.items() if kind == "lowrank"])
+def test_every_lowrank_method(method, tmp_path):
+    for arch in ("llama", "bert"):
         model = compressed(arch, method, **ROWS[method][0])
         path = tmp_path / f"{arch}.onnx"
         rep = lz.export_onnx(model, path, progress=False)
         assert rep["max_abs_diff"] <= TOL
         assert onnx_vs_torch(model, path) <= TOL
         assert_factored(model, path)
+
+
+@pytest.mark.parametrize("layer", [pytest.param(n, marks=[] if n in ("lowrank", "btt") else pytest.mark.slow)
+                                   for n in STRUCTURES])
+def test_every_structure(layer, tmp_path):
+    """Each structured layer type (random factors of the shape compress would choose at keep 0.5: the export does
+    not depend on the values) exports as its own contractions: no initializer of a dense weight's shape."""
+    model = tiny_model("llama")
+    for name, mod in select_targets(model).items():
+        out_f, in_f = linear_shape(mod)
+        torch.manual_seed(0)
+        new = LAYERS[layer](in_f, out_f, bias=mod.bias is not None, **choose_shape(layer, in_f, out_f, 0.5))
+        with torch.no_grad():
+            for p in new.parameters():
+                p.normal_(0, 0.2)
+        set_module(model, name, new)
+    path = tmp_path / "m.onnx"
+    rep = lz.export_onnx(model, path, progress=False)
+    assert rep["max_abs_diff"] <= TOL and rep["factorized_layers"] == 14
+    assert onnx_vs_torch(model, path) <= TOL
+    assert_factored(model, path)
 
 
 def test_bf16_and_lowbit_models_export_in_float32(tmp_path):
