@@ -375,7 +375,10 @@ def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None
         lz.models.set_module(model, name, new)
 
 
-def run(task: Task, keeps, methods, peers: bool, threads: int) -> list[dict]:
+VARIANTS = ("plain", "act", "act+global", "act+global flops")
+
+
+def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS) -> list[dict]:
     torch.set_num_threads(threads)
     dense = task.model
     base = {"flops": flops(dense, task.bench_input), "conv_params": conv_params(dense)}
@@ -385,17 +388,16 @@ def run(task: Task, keeps, methods, peers: bool, threads: int) -> list[dict]:
     stats = lz.Tucker2().calibrate(dense, task.calib)          # one calibration for every layerzip row
     t_cal = time.perf_counter() - t
     print(f"{task.name}: calibrated in {t_cal:.1f}s", file=sys.stderr)
-    variants = []
+    todo = []
     for keep in keeps:
         for m in methods:
-            variants.append((m, dict(keep=keep, whiten=False), "plain"))
-            variants.append((m, dict(keep=keep), "act"))
+            todo.append((m, dict(keep=keep, whiten=False), "plain"))
+            todo.append((m, dict(keep=keep), "act"))
             if m != "cp":
-                variants.append((m, dict(keep=keep, alloc="global"), "act+global"))
-                variants.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
-        if peers:
-            variants += [("tltorch-" + f, dict(keep=keep), "peer") for f in ("cp", "tucker")]
-    for method, kw, label in variants:
+                todo.append((m, dict(keep=keep, alloc="global"), "act+global"))
+                todo.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
+        todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers]
+    for method, kw, label in [t for t in todo if t[2] in variants or t[2] == "peer"]:
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         try:
@@ -499,7 +501,9 @@ def main():
     ap.add_argument("--model", choices=list(TITLES))
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers", nargs="*", default=["cp", "tucker"], choices=["cp", "tucker"],
+                    help="tltorch factorizations to compare (none: --peers)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
     ap.add_argument("--report", action="store_true")
@@ -509,7 +513,7 @@ def main():
     if not a.model:
         ap.error("--model or --report")
     task = Task(a.model, a.quick)
-    rows = run(task, a.keeps, a.methods, not a.no_peers, a.threads)
+    rows = run(task, a.keeps, a.methods, a.peers, a.threads, a.variants)
     meta = {"title": TITLES[a.model][0], "about": TITLES[a.model][1], "keeps": a.keeps, "threads": a.threads,
             "torch": torch.__version__, "layerzip": lz.__version__,
             **({"photos": task.photos} if hasattr(task, "photos") else {})}

@@ -28,7 +28,8 @@ OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", 
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
               ("Streaming past RAM (Qwen2.5-Coder-1.5B, Gemma streamed vs in memory, Ray)", "bench/STREAM.md"),
-              ("ONNX export and latency-aware allocation (--objective params vs latency)", "bench/EXPORT.md"))
+              ("ONNX export and latency-aware allocation (--objective params vs latency)", "bench/EXPORT.md"),
+              ("Convolutions on real CNNs (MNIST CNN, EfficientNet-Lite0, CRAFT) vs tltorch", "bench/CONV.md"))
 
 
 def steps(a) -> list[list[str]]:

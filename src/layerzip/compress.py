@@ -68,8 +68,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         own = not hasattr(executor, "map")
         pool = make_executor(executor) if own else executor
         try:
-            modules, ranks, calibration, t_decompose = _decompose(model, targets, inner, calib, progress, listeners,
-                                                                  stats, pool)
+            modules, ranks, calibration, t_decompose, t_gradients = _decompose(
+                model, targets, inner, calib, progress, listeners, stats, pool)
         finally:
             if own:
                 pool.close()
@@ -81,7 +81,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     report.update({
         "params_after": count_params(model), "target_params_after": target_after, "keep": config.keep,
         "keep_achieved": target_after / target_before, "targets": len(targets), "factorized": len(modules),
-        "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose})
+        "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
+        "seconds_gradients": t_gradients})
     if extra:
         report["seconds_restructure"] = t_restructure - t0
     if inner is not None and inner is not config:
@@ -125,7 +126,7 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
 
 def _decompose(model, targets, config, calib, progress, listeners, given=None, executor=None):
     """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, seconds spent
-    decomposing: the rest is calibration, with which a walk interleaves it)."""
+    decomposing (the rest is calibration, with which a walk interleaves it), seconds of the gradient pass)."""
     if given is not None and config.sequential:
         raise LayerzipError("precollected statistics cannot be used with --sequential (it recollects them)")
     source = source_of(model)
@@ -135,11 +136,12 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     keep = _weight_keep(config, shapes, module_params(targets.values()))
     collect = config.needs_stats and given is None
     saved = _Progress(source.workdir, config) if source is not None else None
-    grads = None
+    grads, t_gradients = None, time.perf_counter()
     if collect and config.gradients:
         def collect_gradients():
             return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
         grads = saved.cached("gradients", collect_gradients) if saved else collect_gradients()
+    t_gradients = time.perf_counter() - t_gradients
 
     def attach(st: dict) -> dict:
         if not config.reads_gram:
@@ -192,7 +194,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     else:
         for name in tqdm(chosen, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
             decompose([name], {name: stats[name]} if name in stats else {})
-    return modules, ranks, log.summary() if config.needs_stats else None, seconds
+    return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients
 
 
 def _spectra_walk(driver: BlockDriver, targets: dict, attach, spectrum) -> dict[str, torch.Tensor]:

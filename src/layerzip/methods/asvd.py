@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from ..nn import split_balanced
+from ..nn import singular_values, truncated_factors
 from ..stats import positive_floor
 from .base import CompressConfig, option, register_method
 
@@ -24,8 +24,7 @@ def column_scale(W: torch.Tensor, stats, alpha: float) -> torch.Tensor:
 @torch.no_grad()
 def asvd_factors(W: torch.Tensor, stats, rank: int, alpha: float = 0.5):
     s = column_scale(W, stats, alpha)
-    U, S, Vh = torch.linalg.svd(W * s, full_matrices=False)
-    A, B = split_balanced(U, S, Vh, rank)
+    A, B = truncated_factors(W * s, rank)
     return A, B / s
 
 
@@ -40,4 +39,4 @@ class ASVD(CompressConfig):
         return asvd_factors(W, stats, rank, self.alpha)
 
     def spectrum(self, W, stats):
-        return torch.linalg.svdvals(W * column_scale(W, stats, self.alpha))
+        return singular_values(W * column_scale(W, stats, self.alpha))

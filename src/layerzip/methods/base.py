@@ -24,7 +24,7 @@ from torch import nn
 from .. import allocate, speed
 from ..errors import LayerzipError
 from ..models import select_targets
-from ..nn import LowRankLinear
+from ..nn import LowRankLinear, singular_values
 from ..registry import METHODS
 from .correct import refit_left
 
@@ -93,7 +93,7 @@ class CompressConfig:
 
     def spectrum(self, W: torch.Tensor, stats) -> torch.Tensor:
         """Singular values whose squared tail is this method's layer loss at each rank (for --alloc global)."""
-        return torch.linalg.svdvals(W)
+        return singular_values(W)
 
     @property
     def reads_gram(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from .. import allocate
 from ..errors import LayerzipError
+from ..nn import singular_values
 from ..stats import positive_floor
 from .base import CompressConfig, option, register_method
 
@@ -54,7 +55,7 @@ def cur_factors(W: torch.Tensor, stats, rank: int):
 
 def score_singular_values(W: torch.Tensor, stats) -> torch.Tensor:
     """Singular values of the score matrix (rank from retained energy; spectrum for global allocation)."""
-    return torch.linalg.svdvals(W * activation_scale(W, stats))
+    return singular_values(W * activation_scale(W, stats))
 
 
 @register_method("cur")

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from ..nn import split_balanced
+from ..nn import singular_values, truncated_factors
 from ..stats import positive_floor
 from .base import CompressConfig, register_method
 
@@ -27,8 +27,7 @@ def row_weights(fisher_rows: torch.Tensor) -> torch.Tensor:
 def fwsvd_factors(W: torch.Tensor, stats, rank: int):
     """(W out×in float64, stats with .fisher_rows, rank) -> (A, B)."""
     w = row_weights(stats.fisher_rows).to(W)
-    U, S, Vh = torch.linalg.svd(w[:, None] * W, full_matrices=False)
-    A, B = split_balanced(U, S, Vh, rank)
+    A, B = truncated_factors(w[:, None] * W, rank)
     return A / w[:, None], B
 
 
@@ -43,7 +42,7 @@ class FWSVD(CompressConfig):
         return fwsvd_factors(W, stats, rank)
 
     def spectrum(self, W, stats):
-        return torch.linalg.svdvals(row_weights(stats.fisher_rows).to(W)[:, None] * W)
+        return singular_values(row_weights(stats.fisher_rows).to(W)[:, None] * W)
 
     @property
     def gradients(self):

@@ -5,15 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..nn import split_balanced
+from ..nn import split_balanced, truncated_factors
 from .base import CompressConfig, register_method
 
 
 @torch.no_grad()
 def svd_factors(W: torch.Tensor, stats, rank: int):
     """(W out×in float64, stats unused, rank) -> (A, B) with ‖W − AB‖_F minimal (Eckart–Young)."""
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    return split_balanced(U, S, Vh, rank)
+    return truncated_factors(W, rank)
 
 
 @register_method("svd")

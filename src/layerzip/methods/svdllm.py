@@ -16,7 +16,7 @@ import torch
 from ..data import spread_sequences
 from ..errors import LayerzipError
 from ..models import is_causal
-from ..nn import split_balanced
+from ..nn import singular_values, truncated_factors
 from ..stats import Whitening, whiten
 from .base import CompressConfig, option, register_method
 from .correct import target_aware_factors
@@ -32,14 +32,13 @@ def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | Non
     solved exactly the same way: SVD of D W L, then A = D⁻¹ U_r Σ_r^½."""
     wt = whitening or whiten(stats.gram.to(W))
     DW = W if rows is None else rows.to(W)[:, None] * W
-    U, S, Vh = torch.linalg.svd(DW @ wt.L, full_matrices=False)
-    A, M = split_balanced(U, S, Vh, rank)
+    A, M = truncated_factors(DW @ wt.L, rank)
     return (A if rows is None else A / rows.to(W)[:, None]), wt.right_solve(M)
 
 
 def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows: torch.Tensor | None = None) -> torch.Tensor:
     """σ(D W L): σ_{r+1..}² summed is the exact (row-weighted) layer loss of rank r (for allocation and analysis)."""
-    return torch.linalg.svdvals((W if rows is None else rows.to(W)[:, None] * W) @ whitening.L)
+    return singular_values((W if rows is None else rows.to(W)[:, None] * W) @ whitening.L)
 
 
 @register_method("svd-llm")

@@ -27,7 +27,7 @@ from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
 from .lowrank import (LowBitLowRank, LowRankLinear, dequantize_factors_, quantize_factors_, restore_modules_,
-                      split_balanced)
+                      singular_values, split_balanced, truncated_factors)
 from .monarch import MonarchLinear
 from .shapes import choose_shape
 from .tt import TTLinear
@@ -40,4 +40,4 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "LowRankHadamardLinear", "LowRankLinear", "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear",
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
-           "restore_modules_", "split_balanced"]
+           "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]

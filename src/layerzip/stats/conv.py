@@ -1,5 +1,5 @@
 """Statistics of convolution inputs: the Gram of the input patches (im2col rows, width in·kh·kw, in the order of
-`W.flatten(1)`), streamed one image and 4096 positions at a time in float64, and the input's spatial size (for FLOPs).
+`W.flatten(1)`), unfolded a few images at a time (≤ 16M values) and summed in float64 1,024 rows at a time, and the input's spatial size (for FLOPs).
 
 For a kernel W (out × in·kh·kw as a matrix) and patches X, the layer's output error of any replacement W' is
 ‖(W − W') Xᵀ‖²_F = tr((W − W') G (W − W')ᵀ) with G = XᵀX: the methods in methods/conv.py minimize it.
@@ -23,7 +23,7 @@ class ConvStats:
     patches: ModuleStats
     in_hw: tuple[int, int] | None = None
     images: int = 0
-    POSITIONS: int = field(default=4096, repr=False)
+    PATCH_VALUES: int = field(default=1 << 24, repr=False)
 
     @property
     def gram(self) -> torch.Tensor:
@@ -36,11 +36,13 @@ class ConvStats:
     @torch.no_grad()
     def add(self, conv: nn.Conv2d, padding: tuple[int, int], x: torch.Tensor) -> None:
         self.in_hw = self.in_hw or tuple(x.shape[-2:])
-        for img in x.reshape(-1, *x.shape[-3:]).split(1):          # k² times an image, never the batch
-            cols = F.unfold(img, conv.kernel_size, conv.dilation, padding, conv.stride)[0]   # (in·kh·kw, L)
-            for c in cols.T.split(self.POSITIONS):
-                self.patches.add(c)
-            self.images += 1
+        x = x.reshape(-1, *x.shape[-3:])
+        n, per = self.patches.n, x[0].numel() * conv.kernel_size[0] * conv.kernel_size[1]
+        group = max(1, self.PATCH_VALUES // max(per, 1))      # images unfolded together: ≤ PATCH_VALUES values
+        for imgs in x.split(group):
+            cols = F.unfold(imgs, conv.kernel_size, conv.dilation, padding, conv.stride)   # (B, in·kh·kw, L)
+            self.patches.add(cols.transpose(1, 2).reshape(-1, n))
+            self.images += len(imgs)
 
 
 def run_calibration(model: nn.Module, calib, progress: bool = True, desc: str = "calibrating") -> None:
