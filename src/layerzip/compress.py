@@ -24,13 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .driver import BlockDriver
+from .embeddings import factorize_embeddings, split_embeddings, swap_
 from .errors import LayerzipError
 from .executors import LocalExecutor, make_executor
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      select_targets, set_module)
-from .nn import FactorizedLayer, dense_weight_and_bias, layer_from_spec
+from .nn import FactorizedLayer, TiedLowRankHead, dense_weight_and_bias, layer_from_spec
 from .stats import collect_fisher, collect_output_fisher, with_fisher
 
 
@@ -65,14 +66,18 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
         inner = inner.resolve(model, calib)
+        embeds, linear = split_embeddings(targets)      # embeddings: their own math and keep (embeddings.py)
+        new_embeds, embed_ranks = factorize_embeddings(model, embeds, inner, calib, inner.keep, progress)
         own = not hasattr(executor, "map")
         pool = make_executor(executor) if own else executor
         try:
             modules, ranks, calibration, t_decompose, t_gradients = _decompose(
-                model, targets, inner, calib, progress, listeners, stats, pool)
+                model, linear, inner, calib, progress, listeners, stats, pool) if linear else ({}, {}, None, 0.0, 0.0)
         finally:
             if own:
                 pool.close()
+        modules.update(swap_(model, new_embeds))
+        ranks.update(embed_ranks)
     else:
         modules, ranks, calibration, t_decompose = extra.get("modules", {}), extra.get("ranks", {}), None, 0.0
     t_end = time.perf_counter()
@@ -80,7 +85,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     report.update(extra)
     report.update({
         "params_after": count_params(model), "target_params_after": target_after, "keep": config.keep,
-        "keep_achieved": target_after / target_before, "targets": len(targets), "factorized": len(modules),
+        "keep_achieved": target_after / target_before, "keep_total": count_params(model) / report["params_before"],
+        "targets": len(targets), "factorized": len(modules),
         "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
         "seconds_gradients": t_gradients})
     if extra:
@@ -106,7 +112,7 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     """{name: statistics} of the original model that `config` decomposes from (activations through the block
     driver, gradient statistics attached), for every target; the model is left unchanged."""
     config = config.resolve(model, calib)
-    targets = targets or select_targets(model, config.include, config.exclude)
+    targets = split_embeddings(targets or select_targets(model, config.include, config.exclude))[1]
     grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
@@ -355,7 +361,11 @@ def merge_(model: nn.Module, kind: type = FactorizedLayer) -> nn.Module:
     >>> type(merge_(m)[0]).__name__
     'Linear'
     """
+    tied = [(n, m.tied_to) for n, m in model.named_modules() if isinstance(m, TiedLowRankHead)]
     for name, mod in list(model.named_modules()):
         if isinstance(mod, kind):
             set_module(model, name, mod.to_dense())
+    for head, emb in tied:                     # a tied head and its merged embedding: one weight again
+        if isinstance(getattr(model.get_submodule(emb), "weight", None), nn.Parameter):
+            model.get_submodule(head).weight = model.get_submodule(emb).weight
     return model

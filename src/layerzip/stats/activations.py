@@ -168,12 +168,21 @@ def batch_mask(batch: dict) -> torch.Tensor | None:
 def collect_stats(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict],
                   progress: bool = True) -> dict[str, ModuleStats]:
     """One forward pass of the whole model over `batches`, streaming statistics of every target's input (the block
-    driver does the same block by block; this is for targets outside the blocks and for checks)."""
+    driver does the same block by block; this is for targets outside the blocks and for checks). The LM head's
+    input is the backbone's last hidden state (the forward stops before the head: no vocabulary-wide logits)."""
     device = next(model.parameters()).device
     net = backbone(model)
+    head = model.get_output_embeddings() if net is not model and hasattr(model, "get_output_embeddings") else None
+    heads = {n: m for n, m in targets.items() if m is head}       # the backbone's output is what the head reads
     with StatsCollector(targets, {n: linear_shape(m)[1] for n, m in targets.items()}) as col:
-        for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
-            col.next_pass(batch_mask(batch))
-            net(**{k: v.to(device) for k, v in batch.items()})
+        hooks = [net.register_forward_hook(lambda mod, args, out, n=n, m=m: col._hook(n)(
+            m, (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0],))) for n, m in heads.items()]
+        try:
+            for batch in tqdm(batches, desc="calibrating", unit="batch", disable=not progress):
+                col.next_pass(batch_mask(batch))
+                net(**{k: v.to(device) for k, v in batch.items()})
+        finally:
+            for h in hooks:
+                h.remove()
     col.check_complete()
     return col.stats
