@@ -117,7 +117,7 @@ def test_bf16_and_lowbit_models_export_in_float32(tmp_path):
     assert {t.data_type for t in graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT}
 
 
-def test_cli_export_and_ort_latency(tiny_dirs, tmp_path, capsys):
+def test_cli_export_and_ort_latency(tiny_dirs, calib_file, tmp_path, capsys):
     src = tiny_dirs["gpt2"]
     lzdir = tmp_path / "gpt2-lz"
     code, out, err = run(capsys, "compress", str(src), "--method", "svd", "--keep", "0.5", "--out", str(lzdir),
@@ -130,7 +130,7 @@ def test_cli_export_and_ort_latency(tiny_dirs, tmp_path, capsys):
     assert rep["output"] == "logits" and rep["max_abs_diff"] <= TOL and rep["kind"] == "causal-lm"
     assert_factored(lz.load(lzdir), tmp_path / "g.onnx")
     code, out, err = run(capsys, "eval", str(lzdir), "--latency", "--runtime", "onnxruntime", "--latency-seq-len",
-                         "8", "--samples", "4", "--seq-len", "16", "--json")
+                         "8", "--samples", "4", "--seq-len", "16", "--text", str(calib_file), "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["latency_runtime"] == "onnxruntime" and res["latency_threads"] == 1
@@ -139,7 +139,7 @@ def test_cli_export_and_ort_latency(tiny_dirs, tmp_path, capsys):
         assert res[k] > 0, k
     assert res["flop_bound"] > 1                  # dense FLOPs ÷ the compressed model's
     code, out, err = run(capsys, "eval", str(src), "--latency", "--latency-seq-len", "8", "--samples", "4",
-                         "--seq-len", "16", "--json")     # a dense model: latencies, no speedup
+                         "--seq-len", "16", "--text", str(calib_file), "--json")     # dense: no speedup
     res = json.loads(out)
     assert code == 0 and res["latency_runtime"] == "torch" and "speedup_batch1" not in res
 
