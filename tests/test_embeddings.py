@@ -122,6 +122,8 @@ def test_tied_stays_tied_through_save_load_native(arch, tokenizer, tmp_path):
     native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert native.get_output_embeddings().A is native.get_input_embeddings().A
     assert (logits(native, ids) - logits(loaded, ids)).abs().max() <= 1e-5
+    with pytest.raises(lz.LayerzipError, match="not streamed; pass --no-stream"):
+        lz.io.load_model(tmp_path / "o", stream=True)
     lz.merge_(loaded)                                                  # dense and tied again
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     assert torch.allclose(logits(loaded, ids), ref, atol=1e-4)

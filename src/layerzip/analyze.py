@@ -140,7 +140,9 @@ def analyze(model: nn.Module, batches: list[dict], keep: float = 0.5, include: s
     blocks_name, blocks = find_blocks(model) or (None, None)
     if blocks is None:
         raise LayerzipError("the model has no repeated blocks to analyze")
-    targets = select_targets(model, include, exclude)
+    targets = {n: m for n, m in select_targets(model, include, exclude).items() if not isinstance(m, nn.Embedding)}
+    if not targets:
+        raise LayerzipError("analyze reads linear layers, and --include named only embeddings; add blocks")
     stats = collect_stats(model, targets, batches, progress)
     modules = module_spectra(model, targets, stats, progress)
     sim = block_similarity(model, batches, progress)

@@ -245,6 +245,9 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
     if isinstance(modules, dict) and any(isinstance(v, dict) and v.get("bits", 16) != 16 for v in modules.values()):
         raise LayerzipError(f"{path} holds low-bit factors (--bits {meta.get('bits', '8/4')}), which are read whole, "
                             "not streamed; pass --no-stream")
+    if isinstance(modules, dict) and any(isinstance(v, dict) and v.get("type") == "lowrank_embedding"
+                                         for v in modules.values()):
+        raise LayerzipError(f"{path} holds a factorized embedding, which is read whole, not streamed; pass --no-stream")
     if meta is not None:
         with init_empty_weights(include_buffers=False):
             model = build_skeleton(path, meta, dtype)

@@ -46,7 +46,8 @@ class CompressConfig:
     objective: str = option("params", "what --alloc global spends --keep on: params (least loss) | latency (also "
                                       "keep a module dense where its factorized form is not measurably faster; "
                                       "cached per machine). Conv methods: params | flops")
-    include: str | None = option(None, "regex: compress only the linear layers whose name matches")
+    include: str | None = option(None, "regex: compress only the linear layers whose name matches; or presets, "
+                                       "comma-separated: blocks (the default targets), embeddings, lm_head")
     exclude: str | None = option(None, "regex: leave matching layers dense")
     sequential: bool = option(False, "calibrate each block on the already compressed blocks' output")
     correct: bool = option(False, "refit each left factor by least squares toward the original outputs")
