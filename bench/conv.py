@@ -14,7 +14,7 @@ Models (all offline):
                 the text masks at score > 0.4) on scikit-image's page and text scans and on rendered text
 
 Every row: FLOPs measured by torch's FlopCounterMode on one input (whole model), parameters of the targeted convs,
-latency (median of 5 interleaved runs, 2 threads) and speedup / FLOP bound (the speedup FLOPs alone would give).
+latency (median of 5 (MNIST) or 3 interleaved runs, 2 threads) and speedup / FLOP bound (the speedup FLOPs alone would give).
 Targets: every plain conv (groups 1; depthwise convs stay dense, for the peers too); tltorch's float rank is the
 fraction of parameters kept, the same meaning as our keep; its `implementation="factorized"` forward.
 
@@ -280,7 +280,7 @@ class Task:
 
     def __init__(self, name: str, quick: bool = False):
         rng = random.Random(0)
-        self.name = name
+        self.name, self.reps = name, 5 if name == "mnist" else 3
         if name == "mnist":
             data = load_mnist()
             self.model = trained_mnist_cnn(data)
@@ -294,11 +294,11 @@ class Task:
             calib_names = names[::3]                 # every third photo calibrates, the others evaluate
             eval_names = [n for n in names if n not in calib_names]
             cal = [efficientnet_input(c) for n in calib_names for c in crops(photos[n], 8, 224, rng)]
-            ev = [efficientnet_input(c) for n in eval_names for c in crops(photos[n], 4 if quick else 16, 224, rng)]
+            ev = [efficientnet_input(c) for n in eval_names for c in crops(photos[n], 2 if quick else 6, 224, rng)]
             self.model = efficientnet_lite0()
             self.calib = list(torch.stack(cal).split(16))
             self.eval, self.labels = list(torch.stack(ev).split(32)), None
-            self.bench_input = torch.stack(ev[:8])
+            self.bench_input = torch.stack(ev[:4])
             self.photos = {"calibration": calib_names, "evaluation": eval_names}
         elif name == "craft":
             photos = skimage_photos(min_side=0)
@@ -415,7 +415,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
         row = {"method": method, "variant": label, "keep": kw["keep"], "params_kept": cparams / base["conv_params"],
                "flops_kept": f / base["flops"], "seconds": secs + (0 if label in ("plain", "peer") else t_cal),
                **task.score(model)}
-        d, c = latencies([dense, model], task.bench_input)
+        d, c = latencies([dense, model], task.bench_input, task.reps)
         row.update(latency_ms=1000 * c, dense_latency_ms=1000 * d, speedup=d / c, flop_bound=base["flops"] / f,
                    speedup_vs_bound=(d / c) / (base["flops"] / f))
         rows.append(row)
@@ -486,10 +486,10 @@ def _plot(docs):
 TITLES = {"mnist": ("MNIST CNN (4 convs, trained here)", "Test accuracy on 2,000 MNIST test digits (dense: see the "
                     "first row); calibration: 256 training digits; latency batch 256."),
           "efficientnet": ("EfficientNet-Lite0 (ImageNet weights)", "Top-1 agreement with the dense model and dense "
-                           "top-1 within the top-5, on 224×224 crops of scikit-image's photos (calibration crops from "
+                           "top-1 within the top-5, on 90 224×224 crops of scikit-image's photos (calibration crops from "
                            "other photos); its 3×3/5×5 convs are depthwise (dense for every method): only the stem "
                            "is k×k, the 1×1 expand / project / head convs get conv-svd's pair in every layerzip row "
-                           "(tltorch factorizes them with its own CP / Tucker); latency batch 8."),
+                           "(tltorch factorizes them with its own CP / Tucker); latency batch 4."),
           "craft": ("CRAFT (VGG16-BN backbone, text detection)", "Fidelity = 1 − relative L2 error of the region / "
                     "affinity score maps against the dense model, and IoU of the text masks (score > 0.4), on "
                     "scikit-image's page and text scans and rendered text at 256×256; calibration: 4 other rendered "

@@ -54,14 +54,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         raise LayerzipError(f"method {config.label} needs calibration text; pass --calib FILE or --calib builtin")
     if source_of(model) is not None and not config.stream_ok:
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
-    targets = config.select(model)
+    targets = config.targets_of(model)
     check_finite(targets)
     target_before = module_params(targets.values())
     report = {"method": config.label, "config": config.to_dict(), "params_before": count_params(model),
               "target_params_before": target_before}
     extra = config.restructure_(model, calib, progress)
     if extra:                                   # the architecture changed: what is left to decompose
-        targets = config.select(model)
+        targets = config.targets_of(model)
     t_restructure = time.perf_counter()
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
@@ -79,7 +79,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         modules.update(swap_(model, new_embeds))
         ranks.update(embed_ranks)
     else:
-        modules, ranks, calibration, t_decompose = extra.get("modules", {}), extra.get("ranks", {}), None, 0.0
+        modules, ranks, calibration = extra.get("modules", {}), extra.get("ranks", {}), None
+        t_decompose = t_gradients = 0.0
     t_end = time.perf_counter()
     target_after = module_params(model.get_submodule(n) for n in targets)
     report.update(extra)

@@ -93,7 +93,8 @@ def tucker2_factors(W: torch.Tensor, G: torch.Tensor, rank_in: int, rank_out: in
     K = refit_left(W.flatten(1), F_, G)                           # o × (r_in·k): exact given `first`
     if rank_out < o:
         wz = whiten(F_ @ G @ F_.T)
-        U = torch.linalg.svd(K @ wz.L, full_matrices=False)[0][:, :rank_out]
+        KL = K @ wz.L
+        U = torch.linalg.svd(KL, full_matrices=rank_out > min(KL.shape))[0][:, :rank_out]
     else:
         U = eye(o)
     return first, (U.T @ K).reshape(-1, rank_in, kh, kw), U
@@ -119,6 +120,18 @@ def cp_refit_last(layer: CPConv, W: torch.Tensor, G: torch.Tensor) -> None:
     E = torch.einsum("ri,rp,rq->ripq", layer.first, layer.vert[:, 0, :, 0], layer.horiz[:, 0, 0]).reshape(layer.rank, -1)
     with torch.no_grad():
         layer.last.copy_(refit_left(W.flatten(1), E, G))
+
+
+def tucker2_shapes(i: int, o: int, k: int) -> list[dict]:
+    """Tucker-2 ranks with r_in/in ≈ r_out/out, increasing, each rank at most what the other side can use
+    (r_out ≤ r_in·k, r_in ≤ r_out·k: beyond that the core cannot have more independent rows / columns)."""
+    n, out = max(i, o), []
+    for t in range(1, n + 1):
+        ri, ro = max(1, round(t * i / n)), max(1, round(t * o / n))
+        sh = {"rank_in": min(ri, ro * k), "rank_out": min(ro, ri * k)}
+        if sh not in out:
+            out.append(sh)
+    return out
 
 
 def _tail(s: torch.Tensor) -> torch.Tensor:
@@ -153,7 +166,7 @@ class ConvConfig(CompressConfig):
             raise LayerzipError(f"method {self.name} supports --alloc uniform only (no loss estimate per rank)")
 
     # ------------------------------------------------------------------------------------------------ targets
-    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+    def targets_of(self, model: nn.Module) -> dict[str, nn.Module]:
         """Every plain nn.Conv2d (groups 1, zero padding; 1×1 ones only with `pointwise`) and every conv layerzip
         already factorized, matching `include` and not `exclude`."""
         def kind(m):
@@ -203,9 +216,7 @@ class ConvConfig(CompressConfig):
         G = stats.gram if stats is not None and self.whiten and stats.patches.tokens else None
         if not loss:
             if cls is Tucker2Conv:
-                n = max(i, o)
-                return [{"rank_in": max(1, round(t * i / n)), "rank_out": max(1, round(t * o / n))}
-                        for t in range(1, n + 1)], None
+                return tucker2_shapes(i, o, kh * kw), None
             top = cls.full_shape(i, o, (kh, kw))["rank"]
             return [{"rank": r} for r in range(1, top + 1)], None
         if cls is LowRankConv:
@@ -222,9 +233,7 @@ class ConvConfig(CompressConfig):
             s_in = torch.linalg.svdvals(M @ whiten(channel_gram(G, i, kh * kw)).L if G is not None else M)
             s_out = torch.linalg.svdvals(W.flatten(1) @ stats.whitening.L if G is not None else W.flatten(1))
             t_in, t_out = _tail(s_in), _tail(s_out)
-            n = max(i, o)
-            shapes = [{"rank_in": max(1, round(t * i / n)), "rank_out": max(1, round(t * o / n))}
-                      for t in range(1, n + 1)]
+            shapes = tucker2_shapes(i, o, kh * kw)
             loss = torch.stack([t_in[min(sh["rank_in"], len(t_in) - 1)] + t_out[min(sh["rank_out"], len(t_out) - 1)]
                                 for sh in shapes]) / 2
             return shapes, loss
@@ -238,7 +247,7 @@ class ConvConfig(CompressConfig):
     def calibrate(self, model: nn.Module, calib, progress: bool = True) -> dict[str, ConvStats]:
         """{name: ConvStats} of every target conv over `calib` (patch Grams with `whiten`; always the input sizes):
         pass it to `apply_` to decompose at several settings from one calibration."""
-        targets = {n: m for n, m in self.select(model).items() if not isinstance(m, FactorizedConv)}
+        targets = {n: m for n, m in self.targets_of(model).items() if not isinstance(m, FactorizedConv)}
         return collect_conv_stats(model, targets, calib, {n: numeric_padding(m) for n, m in targets.items()},
                                   grams=self.whiten, progress=progress)
 
@@ -246,7 +255,7 @@ class ConvConfig(CompressConfig):
                progress: bool = True) -> dict:
         """Factorize the target convs of `model` in place (what compress_ runs); `stats` from `calibrate` (of this
         model's targets, before any change) instead of `calib`. Returns the report entries."""
-        targets = {n: m for n, m in self.select(model).items() if not isinstance(m, FactorizedConv)}
+        targets = {n: m for n, m in self.targets_of(model).items() if not isinstance(m, FactorizedConv)}
         pads = {n: numeric_padding(m) for n, m in targets.items()}
         if stats is not None:
             stats = {n: stats[n] for n in targets}

@@ -302,8 +302,9 @@ class Tucker2Conv(FactorizedConv):
         V = torch.linalg.svd(M, full_matrices=False)[2][: self.rank_in].T if self.rank_in < i else \
             torch.eye(i, dtype=W.dtype, device=W.device)                # i × r_in, orthonormal columns
         K = torch.einsum("oipq,is->ospq", W, V).reshape(o, -1)          # o × (r_in·kh·kw)
-        U = torch.linalg.svd(K, full_matrices=False)[0][:, : self.rank_out] if self.rank_out < o else \
-            torch.eye(o, dtype=W.dtype, device=W.device)
+        # full_matrices: a rank_out above K's r_in·kh·kw rows' rank gets an orthonormal completion (zero core rows)
+        U = torch.linalg.svd(K, full_matrices=self.rank_out > min(K.shape))[0][:, : self.rank_out] \
+            if self.rank_out < o else torch.eye(o, dtype=W.dtype, device=W.device)
         self.set_factors_(V.T, U.T @ K, U)
 
 
