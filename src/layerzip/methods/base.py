@@ -112,7 +112,7 @@ class CompressConfig:
         """The calibration sequences the gradient statistics read: all of them unless the method reads fewer."""
         return calib
 
-    def select(self, model: nn.Module) -> dict[str, nn.Module]:
+    def targets_of(self, model: nn.Module) -> dict[str, nn.Module]:
         """The modules it replaces, {name: module}: the linear layers of the repeated blocks (`include` / `exclude`
         change that); the convolution methods pick convolutions instead (methods/conv.py)."""
         return select_targets(model, self.include, self.exclude)
