@@ -163,7 +163,7 @@ def test_cli_bad_inputs(tiny_dirs, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
-def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_export_leaves_nothing(tiny_dirs, tmp_path, monkeypatch, capsys):
     model = compressed("llama")
 
     def broken(net, args, f, **kw):
@@ -174,6 +174,9 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         lz.export_onnx(model, tmp_path / "m.onnx", progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"] and (tmp_path / "m.onnx").read_bytes() == b"old"
+    assert_bad(capsys, "export", str(tiny_dirs["bert"]), "--format", "onnx", "--out", str(tmp_path / "n.onnx"),
+               "--json", match="exporter crashed")              # the CLI: one line, exit 2
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_without_onnx_one_line(monkeypatch, tmp_path):

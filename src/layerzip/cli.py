@@ -210,10 +210,10 @@ def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hin
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx"]), help="output format")
 @click.option("--out", required=True, help="FILE.onnx (written atomically; past 2 GB its tensors go to FILE.onnx.data)")
 @click.option("--keep", type=float, help="elastic models only: the width to export")
-@click.option("--opset", default=18, show_default=True, help="ONNX opset")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(14, 20), help="ONNX opset")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="run the exported graph in onnxruntime and report max_abs_diff to torch")
-@force_opt
+@click.option("--force", is_flag=True, help="replace an existing --out file")
 @json_opt
 def export(model, fmt, out, keep, opset, verify, force, as_json):
     """Export MODEL (encoders: last hidden state; causal LMs: logits) to ONNX, batch and sequence axes dynamic,

@@ -124,14 +124,14 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, dynamo: 
         raise LayerzipError("ONNX export needs the whole model in memory; load it with --no-stream")
     t0 = time.perf_counter()
     path = Path(path)
-    steps = tqdm(total=3 if verify else 2, desc="export onnx", unit="step", disable=not progress)
     net = _Graph(_export_copy(model)).eval()
     out_name = "logits" if net.causal else "last_hidden_state"
     inputs = example_inputs(model)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             out_name: {0: "batch", 1: "sequence"}}
     n_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    with _atomic_file(path) as tmp:
+    with _atomic_file(path) as tmp, tqdm(total=3 if verify else 2, desc="export onnx", unit="step",
+                                         disable=not progress) as steps:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")              # tracer and deprecation warnings: the check below decides
             kw = ({"dynamic_shapes": {k: {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
@@ -147,7 +147,6 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, dynamo: 
         if verify:
             diff = _max_abs_diff(net, tmp, inputs)
             steps.update()
-    steps.close()
     graph = onnx.load(str(path), load_external_data=False)
     return {"out": str(path), "format": "onnx", "output": out_name, "opset": opset,
             "exporter": "dynamo" if dynamo else "torchscript", "bytes": _file_bytes(path),

@@ -335,6 +335,13 @@ def export_model(source: str, out: str | Path, fmt: str = "onnx", keep: float | 
             raise LayerzipError(f"--keep picks a width of an elastic model (compress --elastic), and {source} is "
                                 "not one; drop --keep")
     loaded = load_model(source, dtype="float32")
-    rep = export_onnx(loaded.model, out, opset=opset, verify=verify, progress=progress)
+    try:
+        rep = export_onnx(loaded.model, out, opset=opset, verify=verify, progress=progress)
+    except (LayerzipError, KeyboardInterrupt):
+        raise
+    except Exception as e:                       # the exporter's or the checker's own failure: one line
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise LayerzipError(f"exporting {source} to ONNX failed ({type(e).__name__}: {first}); nothing was "
+                            "written — please report it with the model's config.json") from None
     return {"model": str(source), "kind": "causal-lm" if loaded.causal else "encoder",
             "params": count_params(loaded.model), **rep}
