@@ -378,7 +378,8 @@ def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None
 VARIANTS = ("plain", "act", "act+global", "act+global flops")
 
 
-def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS) -> list[dict]:
+def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None) -> list[dict]:
+    """Every row; `save(rows)` after each (a long run keeps what it measured)."""
     torch.set_num_threads(threads)
     dense = task.model
     base = {"flops": flops(dense, task.bench_input), "conv_params": conv_params(dense)}
@@ -420,7 +421,48 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
                    speedup_vs_bound=(d / c) / (base["flops"] / f))
         rows.append(row)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
+        if save:
+            save(rows)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- memory of one conv
+def _decompose_one(which: str, keep: float, iters: int) -> dict:
+    """Peak memory (RSS above the loaded model) and seconds of one CP / Tucker decomposition of CRAFT's largest
+    conv (basenet.slice5.1: 1024×512×3×3, 4.7M weights), in this (fresh) process."""
+    import resource
+    conv = craft().basenet.slice5[1]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if which == "layerzip-cp":
+        lz.nn.CPConv.ALS_ITERS = iters
+        R = max(1, int(keep * conv.weight.numel() / (512 + 1024 + 6)))
+        lz.nn.CPConv.from_conv(conv, rank=R)
+    elif which == "layerzip-tucker2":
+        lz.Tucker2(keep=keep).apply_(nn.Sequential(conv), progress=False)
+    else:
+        import tltorch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tltorch.FactorizedConv.from_conv(conv, rank=keep, factorization=which.split("-")[1],
+                                             implementation="factorized", decompose_weights=True,
+                                             decomposition_kwargs={"n_iter_max": iters})
+    return {"what": which, "keep": keep, "iters": iters, "seconds": time.perf_counter() - t,
+            "peak_mib_above_model": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+            "kernel_mib": conv.weight.numel() * 8 / 2**20}
+
+
+def memory(keep: float = 0.3, iters: int = 10) -> None:
+    """Each decomposition in its own process (peak RSS is per process) -> results/conv_memory.json."""
+    import subprocess
+    rows = []
+    for which in ("layerzip-cp", "tltorch-cp", "layerzip-tucker2", "tltorch-tucker"):
+        p = subprocess.run([sys.executable, __file__, "--one", which, str(keep), str(iters)], capture_output=True,
+                           text=True)
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else
+                    {"what": which, "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
+        print(rows[-1], file=sys.stderr)
+    (OUT / "conv_memory.json").write_text(json.dumps(rows, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -455,6 +497,16 @@ def report() -> None:
             lines.append(f"| {r['method']} | {r.get('variant', '')} | {r['keep']} | {_fmt(r['params_kept'], True)} | "
                          f"{_fmt(r['flops_kept'], True)} | {_fmt(r.get(metric[0]))} | {_fmt(r.get(metric[1]))} | "
                          f"{_fmt(r.get('speedup'))} | {_fmt(r.get('speedup_vs_bound'))} | {r['seconds']:.1f} |")
+        lines.append("")
+    mem = OUT / "conv_memory.json"
+    if mem.is_file():
+        lines += ["## Memory of one decomposition", "",
+                  "CRAFT's largest convolution (1024×512×3×3, dilated; 36 MiB in float64), each decomposition in a "
+                  "fresh process, 10 ALS / HOOI iterations, peak RSS above the loaded model "
+                  "(`python bench/conv.py --memory`):", "", "| decomposition | keep | peak MiB | s |", "|---|---|---|---|"]
+        for r in json.loads(mem.read_text()):
+            lines.append(f"| {r['what']} | {r.get('keep', '')} | " + (f"{r['peak_mib_above_model']:.0f} | "
+                         f"{r['seconds']:.1f} |" if "error" not in r else f"error: {r['error'][:60]} | |"))
         lines.append("")
     (HERE / "CONV.md").write_text("\n".join(lines))
     _plot(docs)
@@ -492,8 +544,8 @@ TITLES = {"mnist": ("MNIST CNN (4 convs, trained here)", "Test accuracy on 2,000
                            "(tltorch factorizes them with its own CP / Tucker); latency batch 4."),
           "craft": ("CRAFT (VGG16-BN backbone, text detection)", "Fidelity = 1 − relative L2 error of the region / "
                     "affinity score maps against the dense model, and IoU of the text masks (score > 0.4), on "
-                    "scikit-image's page and text scans and rendered text at 256×256; calibration: 4 other rendered "
-                    "pages; latency batch 1.")}
+                    "scikit-image's page and text scans and 2 rendered pages (`--quick`; 8 without) at 256×256; "
+                    "calibration: 4 other rendered pages; latency batch 1.")}
 
 
 def main():
@@ -507,18 +559,27 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="peak memory of one CP / Tucker decomposition of CRAFT's "
+                    "largest conv, layerzip vs tltorch (results/conv_memory.json)")
+    ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.one:
+        return print(json.dumps(_decompose_one(a.one[0], float(a.one[1]), int(a.one[2]))))
+    if a.memory:
+        return memory()
     if a.report:
         return report()
     if not a.model:
         ap.error("--model or --report")
     task = Task(a.model, a.quick)
-    rows = run(task, a.keeps, a.methods, a.peers, a.threads, a.variants)
     meta = {"title": TITLES[a.model][0], "about": TITLES[a.model][1], "keeps": a.keeps, "threads": a.threads,
-            "torch": torch.__version__, "layerzip": lz.__version__,
+            "quick": a.quick, "torch": torch.__version__, "layerzip": lz.__version__,
             **({"photos": task.photos} if hasattr(task, "photos") else {})}
     OUT.mkdir(exist_ok=True)
-    (OUT / f"conv_{a.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    def save(rows):
+        (OUT / f"conv_{a.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save(run(task, a.keeps, a.methods, a.peers, a.threads, a.variants, save))
 
 
 if __name__ == "__main__":
