@@ -4,7 +4,8 @@ nn.Module (layerzip.nn.conv has the layers and their plain, calibration-free pro
 With calibration images, each conv's layer loss is ‖(W − W') Xᵀ‖² over its input patches X (im2col, G = XᵀX =
 L Lᵀ; stats/conv.py), and:
 
-    conv-svd      W' = A B (k×k to r, then 1×1): SVD of W L, B = Σ_r^½ V_rᵀ L⁻¹ — the optimal rank-r layer loss
+    conv-svd      W' = A B (k×k to r, then 1×1): A = U_r from W G Wᵀ = (W L)(W L)ᵀ, B = U_rᵀ W — the optimal rank-r
+                  layer loss
                   (SVD-LLM on the im2col matrix; Zhang et al. 2015's channel decomposition with whitening)
     tucker2       the input basis from the channel Gram G_c (the diagonal blocks of G): first = V_rᵀ L_c⁻¹ with V
                   from the SVD of W_(in) L_c; then the reduced kernel K = W G Fᵀ (F G Fᵀ)⁻¹ (F = first ⊗ I: the exact
@@ -31,9 +32,8 @@ from tqdm.auto import tqdm
 
 from ..errors import LayerzipError
 from ..models import select_modules, set_module
-from ..nn import split_balanced
 from ..nn.conv import (CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, conv_out_hw,
-                       dense_conv_flops, factorizable, numeric_padding)
+                       dense_conv_flops, factorizable, leading_left, numeric_padding, singular_values)
 from ..stats import Whitening, whiten
 from ..stats.conv import ConvStats, collect_conv_stats
 from .base import CompressConfig, option, register_method
@@ -67,14 +67,13 @@ def vertical_gram(G: torch.Tensor, in_channels: int, kh: int, kw: int) -> torch.
 
 
 @torch.no_grad()
-def conv_svd_factors(W: torch.Tensor, G: torch.Tensor | None, rank: int, wt: Whitening | None = None):
-    """(A out×r, B r×(in·kh·kw)): W' = A B with the smallest layer loss (G None: the smallest ‖W − W'‖)."""
+def conv_svd_factors(W: torch.Tensor, G: torch.Tensor | None, rank: int):
+    """(A out×r, B r×(in·kh·kw)): W' = A B with the smallest layer loss (G None: the smallest ‖W − W'‖).
+    A = U_r, the leading eigenvectors of W G Wᵀ (= the left singular vectors of W L), B = U_rᵀ W: the projection
+    U_r U_rᵀ W L is the truncated SVD of W L (Eckart–Young), computed from an out×out eigensolve."""
     Wm = W.flatten(1)
-    if G is None:
-        return split_balanced(*torch.linalg.svd(Wm, full_matrices=False), rank)
-    wt = wt or whiten(G)
-    A, M = split_balanced(*torch.linalg.svd(Wm @ wt.L, full_matrices=False), rank)
-    return A, wt.right_solve(M)
+    U = leading_left(Wm, rank, gram=None if G is None else Wm @ G @ Wm.T)
+    return U, U.T @ Wm
 
 
 @torch.no_grad()
@@ -86,15 +85,13 @@ def tucker2_factors(W: torch.Tensor, G: torch.Tensor, rank_in: int, rank_out: in
     if rank_in < i:
         wc = whiten(channel_gram(G, i, k))
         M = W.permute(0, 2, 3, 1).reshape(-1, i)                  # rows (o, p, q), columns i
-        first = wc.right_solve(torch.linalg.svd(M @ wc.L, full_matrices=False)[2][:rank_in])
+        first = wc.right_solve(leading_left((M @ wc.L).T, rank_in).T)   # V_rᵀ L_c⁻¹
     else:
         first = eye(i)
     F_ = torch.kron(first.contiguous(), eye(k))                               # (r_in·k) × (in·k)
     K = refit_left(W.flatten(1), F_, G)                           # o × (r_in·k): exact given `first`
     if rank_out < o:
-        wz = whiten(F_ @ G @ F_.T)
-        KL = K @ wz.L
-        U = torch.linalg.svd(KL, full_matrices=rank_out > min(KL.shape))[0][:, :rank_out]
+        U = leading_left(K, rank_out, gram=K @ (F_ @ G @ F_.T) @ K.T)  # left singular vectors of K L_z
     else:
         U = eye(o)
     return first, (U.T @ K).reshape(-1, rank_in, kh, kw), U
@@ -105,7 +102,7 @@ def spatial_factors(W: torch.Tensor, G: torch.Tensor, rank: int):
     """(Vv (in·kh)×r, H r×(out·kw)) with M ≈ Vv H (SpatialSVDConv.unfold), activation-aware (module doc)."""
     o, i, kh, kw = W.shape
     wv = whiten(vertical_gram(G, i, kh, kw))
-    U = torch.linalg.svd(wv.L.T @ SpatialSVDConv.unfold(W), full_matrices=False)[0][:, :rank]
+    U = leading_left(wv.L.T @ SpatialSVDConv.unfold(W), rank)
     Vv = _left_inv_t(wv, U)
     E = torch.kron(Vv.T.contiguous(), torch.eye(kw, dtype=W.dtype, device=W.device))   # (r·kw) × (in·kh·kw)
     Hm = refit_left(W.flatten(1), E, G)                                    # o × (r, q)
@@ -194,7 +191,7 @@ class ConvConfig(CompressConfig):
             return cls.from_dense(W, bias, **geom, **shape)
         layer = cls(W.shape[1], W.shape[0], W.shape[2:], **geom, **shape, bias=bias is not None, dtype=W.dtype)
         if cls is LowRankConv:
-            layer.set_factors_(*conv_svd_factors(W, G, shape["rank"], stats.whitening))
+            layer.set_factors_(*conv_svd_factors(W, G, shape["rank"]))
         elif cls is Tucker2Conv:
             layer.set_factors_(*tucker2_factors(W, G, shape["rank_in"], shape["rank_out"]))
         elif cls is SpatialSVDConv:
@@ -220,18 +217,22 @@ class ConvConfig(CompressConfig):
             top = cls.full_shape(i, o, (kh, kw))["rank"]
             return [{"rank": r} for r in range(1, top + 1)], None
         if cls is LowRankConv:
-            s = torch.linalg.svdvals(W.flatten(1) @ stats.whitening.L if G is not None else W.flatten(1))
+            Wm = W.flatten(1)
+            s = singular_values(Wm @ G @ Wm.T if G is not None else Wm @ Wm.T)
             top = min(o, i * kh * kw)
             return [{"rank": r} for r in range(1, top + 1)], _tail(s)[1: top + 1]
         if cls is SpatialSVDConv:
             M = SpatialSVDConv.unfold(W)
-            s = torch.linalg.svdvals(whiten(vertical_gram(G, i, kh, kw)).L.T @ M if G is not None else M)
+            A = whiten(vertical_gram(G, i, kh, kw)).L.T @ M if G is not None else M
+            s = singular_values(A @ A.T if A.shape[0] <= A.shape[1] else A.T @ A)
             top = min(i * kh, o * kw)
             return [{"rank": r} for r in range(1, top + 1)], _tail(s)[1: top + 1]
         if cls is Tucker2Conv:
             M = W.permute(0, 2, 3, 1).reshape(-1, i)
-            s_in = torch.linalg.svdvals(M @ whiten(channel_gram(G, i, kh * kw)).L if G is not None else M)
-            s_out = torch.linalg.svdvals(W.flatten(1) @ stats.whitening.L if G is not None else W.flatten(1))
+            A = M @ whiten(channel_gram(G, i, kh * kw)).L if G is not None else M
+            s_in = singular_values(A.T @ A)
+            Wm = W.flatten(1)
+            s_out = singular_values(Wm @ G @ Wm.T if G is not None else Wm @ Wm.T)
             t_in, t_out = _tail(s_in), _tail(s_out)
             shapes = tucker2_shapes(i, o, kh * kw)
             loss = torch.stack([t_in[min(sh["rank_in"], len(t_in) - 1)] + t_out[min(sh["rank_out"], len(t_out) - 1)]
