@@ -63,7 +63,14 @@ def main():
     lim = speed.limit(loaded, calib)
     res = {"model": bench.title, "bench": bench.name, "calib_sequences": n_seq, "calib_tokens": lim["calib_tokens"], "limit": lim,
            "eval_windows": a.eval_windows, "eval_seq_len": bench.eval_seq_len, "env": common.env(), "rows": []}
-    res["dense"] = score(loaded.model, loaded.tokenizer, sets, a.eval_windows, bench.eval_seq_len)
+    prev = common.read_json(f"fisher_tokens_{bench.name}") if \
+        (common.RESULTS / f"fisher_tokens_{bench.name}.json").is_file() else {}
+    same = {k: prev.get(k) for k in ("calib_tokens", "eval_windows", "eval_seq_len")} == \
+        {k: res[k] for k in ("calib_tokens", "eval_windows", "eval_seq_len")}
+    if same:                                   # rows of earlier runs with the same data are kept (merged by key)
+        res["dense"], res["rows"] = prev["dense"], prev["rows"]
+    else:
+        res["dense"] = score(loaded.model, loaded.tokenizer, sets, a.eval_windows, bench.eval_seq_len)
     print("dense", res["dense"], flush=True)
 
     t = time.perf_counter()
@@ -84,6 +91,7 @@ def main():
                    "keep": keep, "keep_achieved": rep["keep_achieved"], "seconds_fisher": sec,
                    "perplexity": score(m.model, m.tokenizer, sets, a.eval_windows, bench.eval_seq_len)}
             row["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in row["perplexity"].items()}
+            res["rows"] = [r for r in res["rows"] if (r["fisher_samples"], r["keep"]) != (row["fisher_samples"], keep)]
             res["rows"].append(row)
             print(row, flush=True)
             common.write_json(f"fisher_tokens_{bench.name}", res)

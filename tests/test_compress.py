@@ -100,6 +100,33 @@ def test_svdllm_defaults_depend_on_model_kind():
     assert rep["config"]["alloc"] == "global" and rep["config"]["fisher"] is True
 
 
+def test_causal_fisher_reads_a_spread_subset_of_the_calibration(monkeypatch):
+    """A causal LM's default Fisher reads ≥ FISHER_MIN_TOKENS tokens and FISHER_FRACTION of the calibration,
+    sequences evenly spread (the report records how many); an encoder's reads every sequence; a given number wins."""
+    from conftest import tiny_model
+    from layerzip import compress as compress_mod
+    windows = [{"input_ids": torch.randint(100, 1000, (8, 256)), "attention_mask": torch.ones(8, 256, dtype=torch.long)}
+               for _ in range(4)]                                  # 32 windows, 8192 tokens
+    cfg = lz.SVDLLM().resolve(tiny_model("llama"), windows)
+    assert cfg.fisher_samples == 8                                 # 2048 tokens > 8192 / 8
+    many = [dict(windows[0], input_ids=windows[0]["input_ids"].repeat(32, 1),
+                 attention_mask=windows[0]["attention_mask"].repeat(32, 1))]      # 256 windows, 65536 tokens
+    assert lz.SVDLLM().resolve(tiny_model("llama"), many).fisher_samples == 32      # 1/8 of them
+    assert lz.SVDLLM(fisher_samples=3).resolve(tiny_model("llama"), windows).fisher_samples == 3
+    enc = [{"input_ids": torch.zeros(256, 4, dtype=torch.long)}] * 2
+    assert lz.SVDLLM().resolve(tiny_model("bert"), enc).fisher_samples is None     # every sequence
+    seen = []
+    real = compress_mod.gradients
+    monkeypatch.setattr(compress_mod, "gradients", lambda m, t, kind, batches, progress: seen.append(
+        [b["input_ids"] for b in batches]) or real(m, t, kind, batches, progress))
+    small = [dict(input_ids=w["input_ids"][:, :32], attention_mask=w["attention_mask"][:, :32]) for w in windows]
+    rep = lz.compress_(tiny_model("llama"), lz.SVDLLM(keep=0.5, fisher_samples=4), calib=small, progress=False)
+    assert rep["config"]["fisher_samples"] == 4
+    got = torch.cat(seen[0])
+    every = torch.cat([w["input_ids"][:, :32] for w in windows])
+    assert len(got) == 4 and torch.equal(got, every[[0, 10, 21, 31]])   # spread from the first to the last
+
+
 def test_resolved_config_is_kept_as_is():
     cfg = lz.SVDLLM(keep=0.5, alloc="global", fisher=False)
     from conftest import tiny_model
