@@ -29,7 +29,8 @@ OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", 
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
               ("Streaming past RAM (Qwen2.5-Coder-1.5B, Gemma streamed vs in memory, Ray)", "bench/STREAM.md"),
               ("ONNX export and latency-aware allocation (--objective params vs latency)", "bench/EXPORT.md"),
-              ("Convolutions on real CNNs (MNIST CNN, EfficientNet-Lite0, CRAFT) vs tltorch", "bench/CONV.md"))
+              ("Convolutions on real CNNs (MNIST CNN, EfficientNet-Lite0, CRAFT) vs tltorch", "bench/CONV.md"),
+              ("The default compression's cost against its limit; how many tokens the Fisher needs", "bench/COST.md"))
 
 
 def steps(a) -> list[list[str]]:
