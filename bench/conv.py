@@ -471,9 +471,7 @@ def _fmt(v, pct=False):
 
 
 def report() -> None:
-    docs = {}
-    for f in sorted(OUT.glob("conv_*.json")):
-        docs[f.stem.removeprefix("conv_")] = json.loads(f.read_text())
+    docs = {m: json.loads((OUT / f"conv_{m}.json").read_text()) for m in TITLES if (OUT / f"conv_{m}.json").is_file()}
     lines = ["# Convolutions on real CNNs", "",
              "Written by `python bench/conv.py --report` from `bench/results/conv_*.json` (see the script's docstring "
              "for models, data and metrics). *plain*: the kernel's own projection (no data); *act*: activation-aware "
@@ -522,6 +520,7 @@ def _plot(docs):
     fig, axes = plt.subplots(1, len(docs), figsize=(5 * len(docs), 4), squeeze=False)
     for ax, (name, doc) in zip(axes[0], docs.items()):
         key = {"mnist": "accuracy", "efficientnet": "agreement", "craft": "fidelity"}[name]
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
         groups = {}
         for r in doc["rows"]:
             if "error" not in r and r["method"] != "dense":

@@ -12,7 +12,8 @@ from layerzip.stats import ModuleStats, FisherStats
 from conftest import tiny_model
 
 # name: (config options, kind) — kind "lowrank": factors(W, stats, rank) exact at full rank, keep met within 1%;
-# "structured": one projected layer per target, ≤ keep; "depth": removes blocks
+# "structured": one projected layer per target, ≤ keep; "depth": removes blocks; "conv": convolutions only (these
+# language models have none, so they are refused in one line; tests/test_conv.py runs them on CNNs and a ResNet)
 ROWS = {
     "svd": ({}, "lowrank"),
     "asvd": ({"alpha": 0.5}, "lowrank"),
@@ -26,6 +27,10 @@ ROWS = {
     "blast": ({}, "structured"),
     "tt": ({}, "structured"),
     "drop-blocks": ({"blocks": 1}, "depth"),
+    "conv-svd": ({}, "conv"),
+    "tucker2": ({}, "conv"),
+    "cp": ({}, "conv"),
+    "spatial-svd": ({}, "conv"),
 }
 
 
@@ -59,6 +64,10 @@ def test_compress_save_load(name, arch, tmp_path):
     cfg = lz.config_from_dict({"method": name, "keep": 0.5, **options})
     assert lz.config_from_dict(cfg.to_dict()) == cfg
     calib = batches()
+    if kind == "conv":
+        with pytest.raises(lz.LayerzipError, match="no convolution"):
+            lz.compress_(model, cfg, calib=calib, progress=False)
+        return
     rep = lz.compress_(model, cfg, calib=calib, progress=False)
     keep = rep["keep_achieved"]
     if kind == "lowrank":
