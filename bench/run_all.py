@@ -232,7 +232,8 @@ def dense_rule_md(results: Path, models: list[str]) -> list[str]:
     return out + ["", "Two skinny GEMMs only pay off once they save enough FLOPs: near keep 0.9 (FLOP ratio ≈ 1.1) the "
                   "factorized layer is about as fast as the dense one or slower. `compress` still factorizes those "
                   "layers, because `--keep` is a parameter budget (keeping them dense would overshoot it); "
-                  "a latency-driven allocation (`--objective latency`, open) would keep them dense. Timings on a shared, loaded machine are noisy: single cases far above "
+                  "`--alloc global --objective latency` keeps them dense (see the section on ONNX export and "
+                  "latency-aware allocation below). Timings on a shared, loaded machine are noisy: single cases far above "
                   "their FLOP ratio are preemption of the dense run, not real gains.", ""]
 
 
