@@ -501,10 +501,11 @@ def report() -> None:
         lines += ["## Memory of one decomposition", "",
                   "CRAFT's largest convolution (1024×512×3×3, dilated; 36 MiB in float64), each decomposition in a "
                   "fresh process, 10 ALS / HOOI iterations, peak RSS above the loaded model "
-                  "(`python bench/conv.py --memory`):", "", "| decomposition | keep | peak MiB | s |", "|---|---|---|---|"]
+                  "(`python bench/conv.py --memory`):", "", "| decomposition | keep | peak MiB | s | |", "|---|---|---|---|---|"]
         for r in json.loads(mem.read_text()):
             lines.append(f"| {r['what']} | {r.get('keep', '')} | " + (f"{r['peak_mib_above_model']:.0f} | "
-                         f"{r['seconds']:.1f} |" if "error" not in r else f"error: {r['error'][:60]} | |"))
+                         f"{r['seconds']:.1f} |" if "error" not in r else f"error: {r['error'][:60]} | |")
+                         + (f" {r['note']} |" if r.get("note") else ""))
         lines.append("")
     (HERE / "CONV.md").write_text("\n".join(lines))
     _plot(docs)
