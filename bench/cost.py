@@ -70,7 +70,9 @@ def report() -> Path:
     if (common.RESULTS / "cost.json").is_file():
         lines += ["**The default compression against its limit** (`SVDLLM(keep=K)` with its defaults; limit = one "
                   "plain forward over the calibration tokens + bare float64 SVDs of every target, measured in the same "
-                  "process; the median over the repeats).", "",
+                  "process; the median over the repeats). Before the Fisher read a subset and the SVDs came from symmetric "
+                  "eigensolves (commit a2a7e86, BENCHMARKS.md's compression-time table): Gemma-3-270M 4.34, "
+                  "MiniLM 2.08.", "",
                   "| model | code | keep | config | calib tokens | forward s | statistics s (gradients) | "
                   "decomposition s | save s | limit s | total / limit | quality |", "|---" * 12 + "|"]
         for r in common.read_json("cost")["rows"]:
@@ -78,7 +80,7 @@ def report() -> Path:
             cfg = f"{c['alloc']}{' + fisher' if c.get('fisher') else ''}"
             if c.get("fisher") and c.get("fisher_samples"):
                 cfg += f" ({c['fisher_samples']} seq.)"
-            q = ", ".join(f"{k} {v:.4g}" for k, v in r["quality"].items())
+            q = ", ".join(f"{k} {v:.5g}" for k, v in r["quality"].items())
             lines.append(f"| {r['title']} | {r['code']} | {r['keep']} | {cfg} | {r['calib_tokens']} | "
                          f"{s['calibration_forward']:.1f} | {s['statistics']:.1f} ({s['gradients']:.1f}) | "
                          f"{s['decomposition']:.1f} | {s['save']:.1f} | {s['limit']:.1f} | "
@@ -91,7 +93,8 @@ def report() -> Path:
                   f"sequences, evenly spread; held-out perplexity ÷ dense on {res['eval_windows']} windows of "
                   f"{res['eval_seq_len']} tokens per set; dense: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in res["dense"].items())
-                  + f"). Gram pass {res['seconds_grams']:.0f} s; plot `bench/results/{f.stem}.png`.", "",
+                  + f"). Plot `bench/results/{f.stem}.png`. The seconds were taken beside other jobs on the 2 shared "
+                  "cores and are not comparable across rows; the Fisher's cost is proportional to its tokens.", "",
                   "| Fisher sequences | Fisher tokens | Fisher s | keep | " + " | ".join(res["dense"]) + " |",
                   "|---" * (4 + len(res["dense"])) + "|"]
         for r in sorted(res["rows"], key=lambda r: (-r["keep"], -r["fisher_samples"])):
