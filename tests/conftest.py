@@ -72,3 +72,13 @@ def calib_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "calib.txt"
     p.write_text("\n".join(builtin_documents("calib", limit=40)))
     return p
+
+
+def run_cli(capsys, *argv):
+    """`layerzip ARGV` in this process: (exit code, stdout, stderr)."""
+    from layerzip.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return e.value.code or 0, cap.out, cap.err

@@ -10,13 +10,7 @@ from safetensors.torch import load_file, save_file
 from layerzip.cli import main
 from layerzip.io import FORMAT_VERSION
 
-
-def run(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return e.value.code or 0, cap.out, cap.err
+from conftest import run_cli
 
 
 def digest(path):
@@ -28,7 +22,7 @@ def digest(path):
 
 
 def assert_bad(capsys, *argv, match):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     lines = [l for l in err.splitlines() if l.strip()]
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("layerzip: error:"), err
@@ -52,13 +46,13 @@ def compressed(tiny_dirs, calib_file, tmp_path_factory):
 def test_compress_json_and_eval(compressed, tiny_dirs, capsys, calib_file):
     meta = json.loads((compressed / "layerzip.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION == 2 and meta["method"] == "svd-llm" and meta["modules"]
-    code, out, _ = run(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
+    code, out, _ = run_cli(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
     res = json.loads(out)
     assert code == 0 and res["params"] > 0 and res["perplexity"] > 1 and res["size_on_disk"] > 0
 
 
 def test_compress_prints_contract_keys(tiny_dirs, calib_file, tmp_path, capsys):
-    code, out, _ = run(capsys, "compress", str(tiny_dirs["bert"]), "--out", str(tmp_path / "o"), "--method", "asvd",
+    code, out, _ = run_cli(capsys, "compress", str(tiny_dirs["bert"]), "--out", str(tmp_path / "o"), "--method", "asvd",
                        "--keep", "0.6", "--calib", str(calib_file), "--calib-samples", "8", "--seq-len", "32",
                        "--json")
     rep = json.loads(out)
@@ -66,7 +60,7 @@ def test_compress_prints_contract_keys(tiny_dirs, calib_file, tmp_path, capsys):
                 "seconds", "method", "out"):
         assert key in rep
     assert code == 0 and rep["method"] == "asvd" and abs(rep["keep_achieved"] - 0.6) < 0.006
-    code, out, _ = run(capsys, "eval", str(tmp_path / "o"), "--reference", str(tiny_dirs["bert"]),
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "o"), "--reference", str(tiny_dirs["bert"]),
                        "--text", str(calib_file), "--samples", "8", "--json")
     assert -1 <= json.loads(out)["cosine_to_reference"] <= 1
 
@@ -116,7 +110,7 @@ def test_out_not_empty_needs_force(capsys, tiny_dirs, tmp_path, calib_file):
     (out / "keep.txt").write_text("precious")
     assert_bad(capsys, "compress", str(tiny_dirs["bert"]), "--out", str(out), "--method", "svd", match="--force")
     assert (out / "keep.txt").read_text() == "precious"
-    code, _, _ = run(capsys, "compress", str(tiny_dirs["bert"]), "--out", str(out), "--method", "svd", "--force",
+    code, _, _ = run_cli(capsys, "compress", str(tiny_dirs["bert"]), "--out", str(out), "--method", "svd", "--force",
                      "--json")
     assert code == 0 and (out / "layerzip.json").exists() and not (out / "keep.txt").exists()
     assert not list(tmp_path.glob(".o.*"))      # no temporary directories left behind
@@ -185,7 +179,7 @@ def test_lz_load_matches_cli_output(compressed, tiny_dirs, calib_file, capsys):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)
-    code, out, _ = run(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
+    code, out, _ = run_cli(capsys, "eval", str(compressed), "--text", str(calib_file), "--seq-len", "32", "--json")
     texts = lz.data.load_documents(str(calib_file))
     assert json.loads(out)["perplexity"] == pytest.approx(perplexity(model, loaded.tokenizer, texts, 32, 32, False),
                                                           rel=1e-5)

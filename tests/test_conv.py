@@ -16,6 +16,8 @@ from layerzip.methods.conv import conv_svd_factors, refit_left, spatial_factors,
 from layerzip.nn import CPConv, LowRankConv, SpatialSVDConv, Tucker2Conv, layer_from_spec
 from layerzip.nn.conv import cp_als, dense_conv_flops
 
+from conftest import run_cli
+
 D = torch.float64
 LAYERS = [LowRankConv, Tucker2Conv, CPConv, SpatialSVDConv]
 GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, bias)
@@ -202,15 +204,6 @@ def test_tiny_transformers_resnet_round_trips(tmp_path):
         assert torch.allclose(native(pixel_values=x).logits, out, atol=1e-5)
 
 
-def _cli(capsys, *argv):
-    from layerzip.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return e.value.code or 0, cap.out, cap.err
-
-
 def test_cli_on_a_transformers_resnet_with_calibration_images(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from PIL import Image
@@ -223,7 +216,7 @@ def test_cli_on_a_transformers_resnet_with_calibration_images(tmp_path, capsys):
     for k in range(3):
         px = (torch.rand(40 + 10 * k, 50, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(px).save(tmp_path / "imgs" / f"{k}.png")
-    code, out, err = _cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "o"), "--method",
+    code, out, err = run_cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "o"), "--method",
                           "spatial-svd", "--keep", "0.6", "--calib", str(tmp_path / "imgs"), "--objective", "flops",
                           "--alloc", "global", "--json")
     assert code == 0, err
@@ -231,6 +224,6 @@ def test_cli_on_a_transformers_resnet_with_calibration_images(tmp_path, capsys):
     assert rep["factorized"] >= 1 and rep["flops_counted"] == "per image" and rep["flops_kept"] <= 0.6 + 1e-9
     assert json.loads((tmp_path / "o" / "layerzip.json").read_text())["calibration"]["images"] == 3
     assert isinstance(lz.load(tmp_path / "o"), transformers.ResNetModel)
-    code, out, err = _cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "p"), "--method",
+    code, out, err = run_cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "p"), "--method",
                           "tucker2", "--calib", str(tmp_path / "missing"))
     assert code == 2 and err.count("\n") == 1 and "--calib" in err and not (tmp_path / "p").exists()

@@ -9,14 +9,13 @@ from safetensors import safe_open
 from torch import nn
 
 import layerzip as lz
-from layerzip.cli import main
 from layerzip.embeddings import token_counts
 from layerzip.methods.embedding import (embedding_factors, embedding_gram, embedding_spectrum, token_weights,
                                         weighted_error)
 from layerzip.models import count_params, select_targets
 from layerzip.nn import LowRankEmbedding, LowRankLinear, ScaledEmbedding, TiedLowRankHead, layer_from_spec
 
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 
 
 def batches_for(tokenizer, n=8, seq=32):
@@ -150,14 +149,6 @@ def test_svd_without_calibration_and_refusals(tokenizer):
     with pytest.raises(lz.LayerzipError, match="decomposed low rank"):
         lz.compress_(tiny_model("llama"), lz.config_from_dict({"method": "btt", "include": "embeddings"}),
                      progress=False)
-
-
-def run_cli(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-        raise SystemExit(0)
-    cap = capsys.readouterr()
-    return e.value.code or 0, cap.out, cap.err
 
 
 def test_cli_keep_total_and_bad_preset(tiny_dirs, calib_file, tmp_path, capsys):

@@ -65,14 +65,9 @@ class LowRankEmbedding(FactorizedLayer):
         out = F.embedding(ids, self.A, self.padding_idx) @ self.B
         return out if self.scale == 1.0 else out * torch.tensor(self.scale).to(out.dtype)
 
-    @staticmethod
-    def num_params(in_features: int, out_features: int, rank: int | None = None) -> int:
-        return (rank or min(in_features, out_features)) * (in_features + out_features)
-
-    @classmethod
-    def candidates(cls, in_features: int, out_features: int, budget: float):
-        for r in range(1, min(in_features, out_features) + 1):
-            yield {"rank": r}
+    # r·(vocab + dim) numbers and the ranks 1..min(vocab, dim): those of a rank-r linear map of the same shape
+    num_params = staticmethod(LowRankLinear.num_params)
+    candidates = classmethod(LowRankLinear.candidates.__func__)
 
     def flops(self) -> int:
         """Per token: the row of A is read, then r×dim multiply-adds."""
