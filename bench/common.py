@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,6 +185,14 @@ def env() -> dict:
             "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "layerzip": lz.__version__,
             "torch_threads": torch.get_num_threads()}
+
+
+def code_version() -> str:
+    """The commit the measured code is at (+ "dirty" with uncommitted changes under src/)."""
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "../src"], capture_output=True, text=True).stdout
+    return head + ("+dirty" if dirty.strip() else "")
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -27,15 +27,6 @@ ROOT = Path(__file__).resolve().parent
 DOC = ROOT / "COST.md"
 
 
-def code_version() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def measure(bench, keep: float, repeats: int) -> dict:
     loaded = bench.load()
     calib = bench.calib(loaded)
@@ -53,7 +44,7 @@ def measure(bench, keep: float, repeats: int) -> dict:
     ratios = [s["ratio_to_limit"] for s, _, _ in runs]
     stages, rep, m = runs[-1]
     ref = bench.reference(bench.load()) if not bench.causal else {}
-    return {"model": bench.name, "title": bench.title, "keep": keep, "code": code_version(),
+    return {"model": bench.name, "title": bench.title, "keep": keep, "code": common.code_version(),
             "config": rep["config"], "keep_achieved": rep["keep_achieved"], "calib_tokens": lim["calib_tokens"],
             "limit": lim, "stages": stages, "ratios": ratios, "ratio_to_limit": statistics.median(ratios),
             "quality": bench.evaluate(m, ref), "env": common.env()}

@@ -127,14 +127,6 @@ def bare_svds_seconds(model_dir: Path, blocks: int) -> float:
     return t * blocks
 
 
-def code_version() -> str:
-    """The commit the measured code is at (+ "dirty" with uncommitted changes)."""
-    git = ["git", "-C", str(Path(__file__).resolve().parent)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "../src"], capture_output=True, text=True).stdout
-    return head + ("+dirty" if dirty.strip() else "")
-
-
 def lz_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "layerzip.cli", *map(str, args)]
 
@@ -186,7 +178,7 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                                         "ranks_equal": a == b, "ranks_differing": sum(a[n] != b[n] for n in a),
                                         "perplexity_rel_diff": ev["report"]["perplexity"]
                                         / ev_mem["report"]["perplexity"] - 1}
-            row.update(calib_samples=calib_samples, code=code_version())
+            row.update(calib_samples=calib_samples, code=common.code_version())
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "compress"}, default=str), flush=True)
     res = {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": rows, "env": common.env()}
