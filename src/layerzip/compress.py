@@ -30,7 +30,7 @@ from .executors import LocalExecutor, make_executor
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
-                     select_targets, set_module)
+                     set_module)
 from .nn import FactorizedLayer, TiedLowRankHead, dense_weight_and_bias, layer_from_spec
 from .stats import collect_fisher, collect_output_fisher, with_fisher
 
@@ -113,7 +113,7 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     """{name: statistics} of the original model that `config` decomposes from (activations through the block
     driver, gradient statistics attached), for every target; the model is left unchanged."""
     config = config.resolve(model, calib)
-    targets = split_embeddings(targets or select_targets(model, config.include, config.exclude))[1]
+    targets = split_embeddings(targets or config.targets_of(model))[1]
     grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
