@@ -20,7 +20,8 @@ from layerzip.nn import STRUCTURES, FactorizedLayer, LowRankLinear, choose_shape
 from layerzip.registry import LAYERS  # noqa: E402
 
 from conftest import ARCHS, tiny_model  # noqa: E402
-from test_cli import assert_bad, digest, run  # noqa: E402
+from conftest import run_cli  # noqa: E402
+from test_cli import assert_bad, digest  # noqa: E402
 from test_method_matrix import ROWS, batches  # noqa: E402
 
 TOL = 1e-4
@@ -121,16 +122,16 @@ def test_bf16_and_lowbit_models_export_in_float32(tmp_path):
 def test_cli_export_and_ort_latency(tiny_dirs, calib_file, tmp_path, capsys):
     src = tiny_dirs["gpt2"]
     lzdir = tmp_path / "gpt2-lz"
-    code, out, err = run(capsys, "compress", str(src), "--method", "svd", "--keep", "0.5", "--out", str(lzdir),
+    code, out, err = run_cli(capsys, "compress", str(src), "--method", "svd", "--keep", "0.5", "--out", str(lzdir),
                          "--json")
     assert code == 0, err
-    code, out, err = run(capsys, "export", str(lzdir), "--format", "onnx", "--out", str(tmp_path / "g.onnx"),
+    code, out, err = run_cli(capsys, "export", str(lzdir), "--format", "onnx", "--out", str(tmp_path / "g.onnx"),
                          "--json")
     assert code == 0, err
     rep = json.loads(out)
     assert rep["output"] == "logits" and rep["max_abs_diff"] <= TOL and rep["kind"] == "causal-lm"
     assert_factored(lz.load(lzdir), tmp_path / "g.onnx")
-    code, out, err = run(capsys, "eval", str(lzdir), "--latency", "--runtime", "onnxruntime", "--latency-seq-len",
+    code, out, err = run_cli(capsys, "eval", str(lzdir), "--latency", "--runtime", "onnxruntime", "--latency-seq-len",
                          "8", "--samples", "4", "--seq-len", "16", "--text", str(calib_file), "--json")
     assert code == 0, err
     res = json.loads(out)
@@ -139,7 +140,7 @@ def test_cli_export_and_ort_latency(tiny_dirs, calib_file, tmp_path, capsys):
               "speedup_batch1", "speedup_batch16", "speedup_over_bound_batch16"):
         assert res[k] > 0, k
     assert res["flop_bound"] > 1                  # dense FLOPs ÷ the compressed model's
-    code, out, err = run(capsys, "eval", str(src), "--latency", "--latency-seq-len", "8", "--samples", "4",
+    code, out, err = run_cli(capsys, "eval", str(src), "--latency", "--latency-seq-len", "8", "--samples", "4",
                          "--seq-len", "16", "--text", str(calib_file), "--json")     # dense: no speedup
     res = json.loads(out)
     assert code == 0 and res["latency_runtime"] == "torch" and "speedup_batch1" not in res

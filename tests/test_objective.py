@@ -9,7 +9,8 @@ import layerzip as lz
 from layerzip import allocate, speed
 
 from conftest import tiny_model
-from test_cli import assert_bad, run
+from conftest import run_cli
+from test_cli import assert_bad
 from test_method_matrix import batches
 
 
@@ -72,7 +73,7 @@ def test_compress_with_latency_objective(fake_timing):
 
 def test_cli_objective(fake_timing, tiny_dirs, calib_file, tmp_path, capsys):
     out = tmp_path / "lz"
-    code, stdout, err = run(capsys, "compress", str(tiny_dirs["gpt2"]), "--out", str(out), "--keep", "0.6",
+    code, stdout, err = run_cli(capsys, "compress", str(tiny_dirs["gpt2"]), "--out", str(out), "--keep", "0.6",
                             "--objective", "latency", "--calib", str(calib_file), "--calib-samples", "4",
                             "--seq-len", "32", "--json")
     assert code == 0, err
