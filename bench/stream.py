@@ -75,6 +75,9 @@ def monitored(cmd: list[str]) -> dict:
                     stage[0] = "gradients: forward"
                 elif "gradients: backward" in seg:
                     stage[0] = "gradients: backward"
+                elif re.search(r"decomposing \(.*\d+%", seg):     # the second walk, statistics read from disk
+                    walks = len(WALKS)
+                    stage[0] = "save" if "100%" in seg else "decomposition (statistics from disk)"
                 elif re.search(r": blocks:\s+\d+%", seg):
                     if not in_walk:
                         walks, in_walk = walks + 1, True

@@ -134,6 +134,72 @@ def test_streamed_compression_equals_in_memory(sharded, arch, name, tmp_path):
     assert _rel(_output(back, batch, causal), _output(mem, batch, causal)) < 1e-6
 
 
+def _count_block_runs(monkeypatch):
+    import layerzip.driver as driver_mod
+    runs = [0]
+    real = driver_mod.run_block
+
+    def counting(*a, **k):
+        runs[0] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(driver_mod, "run_block", counting)
+    return runs
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_global_allocation_reads_its_statistics_from_disk(sharded, monkeypatch, on_disk):
+    """Streamed global allocation keeps each block's statistics from its first walk on disk, so the second walk
+    runs no block (one walk in all, as uniform ranks need); with no room on disk it walks twice. Same result."""
+    from layerzip.compress import _Progress
+    monkeypatch.setattr(_Progress, "STATS_DISK_SHARE", 0.5 if on_disk else 0.0)
+    batches = _batches(True)
+    runs = _count_block_runs(monkeypatch)
+    r_uni = lz.compress_(load_model(sharded["llama"], stream=True).model, CONFIGS["svd-llm uniform"](),
+                         calib=batches, progress=False)
+    one_walk, runs[0] = runs[0], 0
+    lazy = load_model(sharded["llama"], stream=True).model
+    r_lazy = lz.compress_(lazy, lz.SVDLLM(keep=0.6, alloc="global", fisher=False), calib=batches, progress=False)
+    assert one_walk == len(find_blocks(lazy)[1]) * len(batches) and r_uni["ranks"]
+    assert runs[0] == one_walk * (1 if on_disk else 2)
+    mem = load_model(sharded["llama"]).model
+    r_mem = lz.compress_(mem, lz.SVDLLM(keep=0.6, alloc="global", fisher=False), calib=batches, progress=False)
+    assert r_lazy["ranks"] == r_mem["ranks"] and r_lazy["calibration"] == r_mem["calibration"]
+    assert not list(source_of(lazy).workdir.glob("stats-*")), "the statistics are removed as blocks are done"
+
+
+def test_interrupted_spectra_walk_resumes_at_its_block(sharded, tmp_path):
+    """A run stopped inside global allocation's first walk (after block 0) continues that walk at block 1 and
+    ends with the ranks and factors of an uninterrupted run."""
+    batches = _batches(False)
+    whole = load_model(sharded["bert"], stream=True).model
+    r_whole = lz.compress_(whole, CONFIGS["svd-llm global+fisher"](), calib=batches, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_block_1(ev):
+        if ev.kind == "block_started" and ev.block == 1:
+            raise Stop
+    lazy = load_model(sharded["bert"], stream=True).model
+    with pytest.raises(Stop):
+        lz.compress_(lazy, CONFIGS["svd-llm global+fisher"](), calib=batches, progress=False,
+                     listeners=[stop_at_block_1])
+    work = source_of(lazy).workdir
+    assert json.loads((work / "progress.json").read_text())["spectra_blocks"] == 1
+    again = load_model(sharded["bert"], stream=True).model
+    source_of(again).workdir = work
+    started = []
+    r = lz.compress_(again, CONFIGS["svd-llm global+fisher"](), calib=batches, progress=False,
+                     listeners=[lambda ev: started.append(ev.block) if ev.kind == "block_started" else None])
+    assert started[0] == 1
+    assert r["ranks"] == r_whole["ranks"] and r["modules"] == r_whole["modules"]
+    lz.save(again, tmp_path / "again")
+    lz.save(whole, tmp_path / "whole")
+    sd, sd_whole = lz.load(tmp_path / "again").state_dict(), lz.load(tmp_path / "whole").state_dict()
+    for k, v in sd_whole.items():
+        assert _rel(sd[k], v) < 1e-6 or v.abs().max() == 0, k
+
+
 def test_half_precision_source_computes_in_float32_and_is_written_back_in_its_dtype(tmp_path, tokenizer):
     """A bf16 checkpoint streamed on the CPU: weights held in float32 (the in-memory model loaded in float32 gives
     the same ranks and factors), the output shards in bf16 and equal to the in-memory factors cast to bf16."""

@@ -9,13 +9,15 @@ global allocation first collects every module's statistics (its spectra), then a
 `merge_` turns every factorized layer back into `nn.Linear` (PEFT's `merge_and_unload`).
 
 Streamed models (lazy.source_of(model)): the gradient statistics come from the driver's block-wise backward;
-global allocation makes two walks, the first keeping only each module's spectrum; every block is written to the
+global allocation makes two walks, the first keeping each module's spectrum (and, where the disk has room, each
+block's statistics, so that the second reads them instead of running the blocks); every block is written to the
 work directory (`source.workdir`) as soon as it is decomposed, with what a restart needs (`_Progress`): a run
 killed at block k and started again on the same work directory continues from block k.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      set_module)
 from .nn import FactorizedLayer, TiedLowRankHead, dense_weight_and_bias, layer_from_spec
-from .stats import collect_fisher, collect_output_fisher, with_fisher
+from .stats import collect_fisher, collect_output_fisher, stats_from_tensors, stats_tensors, with_fisher
 
 
 @torch.no_grad()
@@ -164,8 +166,8 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
         W, _ = dense_weight_and_bias(targets[name])
         return config.spectrum(W.detach().to(torch.float64), st).cpu()
     spectrum_of = None
-    if config.needs_spectra and saved is not None:      # streamed: a first walk keeps only the spectra
-        spectrum_of = saved.cached("spectra", lambda: _spectra_walk(driver, targets, attach, spectrum)).__getitem__
+    if config.needs_spectra and saved is not None:      # streamed: a first walk keeps the spectra (stats on disk)
+        spectrum_of = saved.spectra_walk(driver, targets, attach, spectrum).__getitem__
     elif config.needs_spectra:
         if collect:
             stats = attach(driver.collect(targets))
@@ -199,27 +201,24 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
         driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
                     paired=config.sequential and config.correct)
     else:
-        for name in tqdm(chosen, desc=f"decomposing ({config.name})", unit="module", disable=not progress):
-            decompose([name], {name: stats[name]} if name in stats else {})
+        groups: dict[int, list[str]] = {}        # modules that read one input together, as a walk gives them
+        for name in chosen:
+            groups.setdefault(id(stats[name]) if name in stats else id(name), []).append(name)
+        for names in tqdm(groups.values(), desc=f"decomposing ({config.name})", unit="input", disable=not progress):
+            decompose(names, {n: stats[n] for n in names if n in stats})
     return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients
-
-
-def _spectra_walk(driver: BlockDriver, targets: dict, attach, spectrum) -> dict[str, torch.Tensor]:
-    """Global allocation's first walk over a streamed model: each module's spectrum, its statistics freed."""
-    spectra: dict[str, torch.Tensor] = {}
-
-    def keep(names, st):
-        st = attach(st)
-        for n in names:
-            spectra[n] = spectrum(n, st.get(n))
-    driver.walk(targets, keep)
-    return spectra
 
 
 class _Progress:
     """What a streamed compression keeps in its work directory, so that a killed run resumes where it stopped:
 
         gradients.safetensors, spectra.safetensors   the first passes' results, once computed
+        spectra-0000k.safetensors, spectra-streams.safetensors
+                                                     global allocation's first walk, block by block (resumable)
+        stats-0000k.safetensors                      block k's activation statistics from that walk, when the disk
+                                                     has room for all of them: the second walk then reads them
+                                                     instead of running the blocks again (not with --sequential,
+                                                     whose statistics come from the compressed stream)
         block-0000k.safetensors                      block k as decomposed (the model reads it from there)
         streams.safetensors                          the hidden states after the last finished block
         progress.json                                the config, blocks done, their module specs, the stats log
@@ -236,17 +235,75 @@ class _Progress:
         if self.state and self.state.get("config") != config.to_dict():
             self.state = {}                  # another configuration: start again
 
+    STATS_DISK_SHARE = 0.5        # the statistics go to disk when all blocks' take at most this share of free space
+
     def _save_tensors(self, name: str, tensors: dict) -> None:
         from safetensors.torch import save_file
         tmp = self.dir / f"{name}.tmp"
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(self.dir / name)
 
-    def cached(self, name: str, compute) -> dict[str, torch.Tensor]:
+    def _load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
+        return load_file(str(self.dir / name))
+
+    def _save_streams(self, name: str, streams: dict) -> None:
+        self._save_tensors(name, {f"{k}.{i}": t for k, v in streams.items() if v for i, t in enumerate(v)})
+
+    def _load_streams(self, name: str) -> dict:
+        raw = self._load_tensors(name)
+        return {k: [raw[f"{k}.{i}"] for i in range(sum(x.startswith(k + ".") for x in raw))] or None
+                for k in ("orig", "cur")}
+
+    def spectra_walk(self, driver: BlockDriver, targets: dict, attach, spectrum) -> dict[str, torch.Tensor]:
+        """Global allocation's first walk over a streamed model: each module's spectrum. Each block's statistics
+        are written to disk (before anything frees their Grams) when all blocks' fit in STATS_DISK_SHARE of the
+        free space, judged at the first block; the second walk then needs no forward. Resumes block by block."""
+        if "spectra" in self.state.get("cached", []):
+            return self._load_tensors("spectra.safetensors")
+        blocks = find_blocks(driver.model)[1]
+        start = self.state.get("spectra_blocks", 0)
+        spectra: dict[str, torch.Tensor] = {}
+        for l in range(start):   # noqa: E741
+            spectra.update(self._load_tensors(f"spectra-{l:05d}.safetensors"))
+        streams = self._load_streams("spectra-streams.safetensors") if start else None
+        block, pending = [None], {}
+
+        def keep(names, st):
+            if self.state.get("stats_on_disk") is None:
+                need = sum(t.numel() * t.element_size() for t in stats_tensors(st).values()) * len(blocks)
+                self._commit(stats_on_disk=need < self.STATS_DISK_SHARE * shutil.disk_usage(self.dir).free)
+            if self.state["stats_on_disk"]:
+                self._save_tensors(f"stats-{block[0]:05d}.safetensors", stats_tensors(st))
+            st = attach(st)
+            pending.update({n: spectrum(n, st.get(n)) for n in names})
+
+        def listener(ev):
+            if ev.block is None:
+                return
+            if ev.kind == "block_started":
+                block[0] = ev.block
+            elif ev.kind == "block_done":
+                self._save_tensors(f"spectra-{ev.block:05d}.safetensors", pending)
+                spectra.update(pending)
+                pending.clear()
+                self._save_streams("spectra-streams.safetensors", ev.streams)
+                self._commit(spectra_blocks=ev.block + 1)
+        driver.listeners.append(listener)
+        try:
+            driver.walk(targets, keep, start=start, streams=streams, all_blocks=True)
+        finally:
+            driver.listeners.remove(listener)
+        self._save_tensors("spectra.safetensors", spectra)
+        self._commit(cached=sorted(set(self.state.get("cached", [])) | {"spectra"}))
+        for f in [*self.dir.glob("spectra-*.safetensors")]:
+            f.unlink()
+        return spectra
+
+    def cached(self, name: str, compute) -> dict[str, torch.Tensor]:
         f = self.dir / f"{name}.safetensors"
         if f.is_file() and name in self.state.get("cached", []):
-            return load_file(str(f))
+            return self._load_tensors(f.name)
         out = compute()
         self._save_tensors(f.name, out)
         self._commit(cached=sorted(set(self.state.get("cached", [])) | {name}))
@@ -261,7 +318,6 @@ class _Progress:
     def _restore(self, model, source, blocks, prefix: str, modules: dict, log: "_StatsLog") -> tuple[int, dict | None]:
         """Blocks already done: their factorized modules put in place (on meta) and read from their shards."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
         done = self.state.get("blocks_done", 0)
         for l in range(done):   # noqa: E741
             pre = f"{prefix}.{l}."
@@ -274,12 +330,9 @@ class _Progress:
             with safe_open(str(shard), framework="pt") as h:
                 source.adopt(pre, list(h.keys()), shard)
         log.__dict__.update(self.state.get("log", {}))
-        if not done:
-            return 0, None
-        raw = load_file(str(self.dir / "streams.safetensors"))
-        streams = {k: [raw[f"{k}.{i}"] for i in range(sum(x.startswith(k + ".") for x in raw))] or None
-                   for k in ("orig", "cur")}
-        return done, streams
+        if not done or not (self.dir / "streams.safetensors").is_file():    # none when the stats were on disk
+            return done, None
+        return done, self._load_streams("streams.safetensors")
 
     def walk(self, model, driver, chosen, config, collect, decompose, attach, modules, log) -> None:
         source = source_of(model)
@@ -289,11 +342,12 @@ class _Progress:
         def block_done(l, streams):   # noqa: E741
             source.offload(blocks[l], self.dir / f"block-{l:05d}.safetensors")
             if streams is not None:
-                self._save_tensors("streams.safetensors", {f"{k}.{i}": t for k, v in streams.items() if v
-                                                            for i, t in enumerate(v)})
+                self._save_streams("streams.safetensors", streams)
             self._commit(blocks_done=l + 1, modules=modules, log=dict(log.__dict__))
+            (self.dir / f"stats-{l:05d}.safetensors").unlink(missing_ok=True)
 
-        if collect:
+        on_disk = collect and not config.sequential and self.state.get("stats_on_disk")
+        if collect and not on_disk:
             def listener(ev):
                 if ev.kind == "block_done" and ev.block is not None:
                     block_done(ev.block, ev.streams)
@@ -309,8 +363,13 @@ class _Progress:
                       disable=not driver.progress):
             with driver.hold(blocks[l]):
                 pre = f"{prefix}.{l}."
-                check_finite({n: m for n, m in chosen.items() if n.startswith(pre)})
-                decompose([n for n in chosen if n.startswith(pre)], {})
+                names = [n for n in chosen if n.startswith(pre)]
+                check_finite({n: chosen[n] for n in names})
+                st = {}
+                if on_disk and names:
+                    st = stats_from_tensors(self._load_tensors(f"stats-{l:05d}.safetensors"))
+                    st = attach({n: st[n] for n in names})
+                decompose(names, st)
                 block_done(l, None)
 
 

@@ -1,7 +1,7 @@
 """Statistics the methods decompose from: activation Grams (and their whitening), gradient Fisher, paired streams
 for the correction, residual-stream similarity across blocks."""
 from .activations import (ModuleStats, StatsCollector, Whitening, batch_mask, collect_stats, positive_floor,
-                          whiten)
+                          stats_from_tensors, stats_tensors, whiten)
 from .fisher import (FisherStats, Frozen, add_row_fisher, collect_fisher, collect_output_fisher, lm_labels,
                      output_fisher_hooks, sensitivity_loss, with_fisher, zeros_for_missing)
 from .paired import PairedStats, grams
@@ -9,4 +9,4 @@ from .similarity import block_similarity
 
 __all__ = ["FisherStats", "Frozen", "add_row_fisher", "output_fisher_hooks", "zeros_for_missing", "ModuleStats", "PairedStats", "StatsCollector", "Whitening", "batch_mask",
            "block_similarity", "collect_fisher", "collect_output_fisher", "collect_stats", "grams", "lm_labels",
-           "positive_floor", "sensitivity_loss", "whiten", "with_fisher"]
+           "positive_floor", "sensitivity_loss", "stats_from_tensors", "stats_tensors", "whiten", "with_fisher"]

@@ -104,6 +104,12 @@ class ModuleStats:
             if isinstance(v, torch.Tensor):
                 setattr(self, k, v.to(device))
 
+    @classmethod
+    def restored(cls, gram: torch.Tensor, abs_sum: torch.Tensor, tokens: int) -> "ModuleStats":
+        st = cls.__new__(cls)
+        st.n, st.gram, st.abs_sum, st.tokens, st.keep_gram = gram.shape[0], gram, abs_sum, int(tokens), True
+        return st
+
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.tokens, 1)
@@ -115,6 +121,34 @@ class ModuleStats:
         if not self.keep_gram:
             self.gram = None
         return wt
+
+
+def stats_tensors(stats: dict[str, ModuleStats]) -> dict[str, torch.Tensor]:
+    """`stats` as flat tensors (safetensors), each shared input once: `{i}.gram`, `{i}.abs_sum`, `{i}.tokens`, and
+    `{name}@` = i for every module. `stats_from_tensors` gives them back, sharing included."""
+    out, ids = {}, {}
+    for name, st in stats.items():
+        i = ids.setdefault(id(st), len(ids))
+        if f"{i}.gram" not in out:
+            out.update({f"{i}.gram": st.gram, f"{i}.abs_sum": st.abs_sum, f"{i}.tokens": torch.tensor(st.tokens)})
+        out[f"{name}@"] = torch.tensor(i)
+    return out
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, ModuleStats]:
+    """The inverse of `stats_tensors`.
+
+    >>> a = ModuleStats(3); a.add(torch.ones(2, 3))
+    >>> back = stats_from_tensors(stats_tensors({"q": a, "k": a}))
+    >>> back["q"] is back["k"], back["q"].tokens, torch.equal(back["q"].gram, a.gram)
+    (True, 2, True)
+    """
+    shared = {}
+    for k, v in tensors.items():
+        if k.endswith(".gram"):
+            i = k[:-len(".gram")]
+            shared[i] = ModuleStats.restored(v, tensors[f"{i}.abs_sum"], tensors[f"{i}.tokens"].item())
+    return {k[:-1]: shared[str(v.item())] for k, v in tensors.items() if k.endswith("@")}
 
 
 class StatsCollector:
