@@ -163,6 +163,33 @@ def test_low_bit_compress_bytes_outputs_native(arch, tiny_dirs, tmp_path, capfd)
         assert (output(native, ids) - y).abs().max() <= 1e-5
 
 
+def test_dense_block_linears_are_stored_low_bit_too(tmp_path):
+    """Global allocation leaves some block Linears dense; --bits writes them as LowBitLinear (weight_q + scales),
+    and lz.load / native loading give nn.Linear layers holding the round-to-nearest weights."""
+    model = tiny_model("llama")
+    rep = lz.compress_(model, lz.SVDLLM(keep=0.85, alloc="global", fisher=False), calib=[
+        {"input_ids": torch.randint(5, 1000, (4, 32), generator=torch.Generator().manual_seed(1))}], progress=False)
+    dense = [n for n, r in rep["ranks"].items() if r is None]
+    assert dense and len(dense) < len(rep["ranks"]), rep["ranks"]
+    lz.save(model, tmp_path / "o", bits=4)
+    meta = json.loads((tmp_path / "o" / "layerzip.json").read_text())
+    assert all(meta["modules"][n] == {"type": "lowbit_linear", "in": model.get_submodule(n).in_features,
+                                      "out": model.get_submodule(n).out_features, "bias": False, "bits": 4,
+                                      "group_size": 128} for n in dense)
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), framework="pt") as h:
+        assert f"{dense[0]}.weight_q" in h.keys() and f"{dense[0]}.weight" not in h.keys()
+    W = model.get_submodule(dense[0]).weight.detach()
+    loaded = lz.load(tmp_path / "o")
+    got = loaded.get_submodule(dense[0])
+    assert type(got) is torch.nn.Linear
+    assert torch.equal(got.weight.detach(), dequantize_groups(*quantize_groups(W, 4), 4, W.shape[1]))
+    ids = torch.randint(0, 1000, (2, 8))
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert type(native.get_submodule(dense[0])) is torch.nn.Linear
+    assert (output(native, ids) - output(loaded, ids)).abs().max() <= 1e-5
+    assert rep["ranks"] and type(model.get_submodule(dense[0])) is torch.nn.Linear       # the model is unchanged
+
+
 def test_bf16_model_low_bit(tmp_path):
     """Factors dequantized to the model's dtype (bf16 stays bf16); scales are float32 on disk."""
     model = tiny_model("llama").to(torch.bfloat16)

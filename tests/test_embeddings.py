@@ -9,6 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 import layerzip as lz
+from layerzip.nn.lowbit import dequantize_groups, quantize_groups
 from layerzip.embeddings import token_counts
 from layerzip.methods.embedding import (embedding_factors, embedding_gram, embedding_spectrum, token_weights,
                                         weighted_error)
@@ -126,6 +127,42 @@ def test_tied_stays_tied_through_save_load_native(arch, tokenizer, tmp_path):
     lz.merge_(loaded)                                                  # dense and tied again
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     assert torch.allclose(logits(loaded, ids), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_tied_embedding_one_copy_load_and_native(bits, tokenizer, tmp_path):
+    """--bits also stores the embedding's factors low-bit, once for the tied pair: on disk vocab×r takes one byte
+    (int8) or half a byte (int4) per value; lz.load and native transformers give the same logits, tied again,
+    close to the unquantized model's; the model saved is left as it was."""
+    model = tiny_model("gemma3")
+    lz.compress_(model, lz.SVDLLM(keep=0.5, include="blocks,embeddings", alloc="uniform", fisher=False),
+                 calib=batches_for(tokenizer), progress=False)
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, 1000, (2, 9))
+    ref = logits(model, ids)
+    lz.save(model, tmp_path / "o", tokenizer=tokenizer, bits=bits)
+    assert type(model.get_input_embeddings()) is LowRankEmbedding and model.get_output_embeddings().A is emb.A
+    with safe_open(str(tmp_path / "o" / "model.safetensors"), "pt") as f:
+        vocab_sized = {k: f.get_slice(k).get_shape() for k in f.keys()
+                       if f.get_slice(k).get_shape()[0] == emb.num_embeddings}
+    assert sorted(k.rsplit(".", 1)[1] for k in vocab_sized) == ["A_q", "A_scale"]     # one copy, low-bit
+    q = next(v for k, v in vocab_sized.items() if k.endswith("A_q"))
+    assert q == [emb.num_embeddings, emb.rank if bits == 8 else -(-emb.rank // 2)]
+    meta = json.loads((tmp_path / "o" / "layerzip.json").read_text())
+    assert {meta["modules"][n]["bits"] for n in meta["modules"]} == {bits}
+    loaded = lz.load(tmp_path / "o")
+    l_emb, l_head = loaded.get_input_embeddings(), loaded.get_output_embeddings()
+    assert type(l_emb) is LowRankEmbedding and type(l_head) is TiedLowRankHead and l_head.A is l_emb.A
+    for name in ("A", "B"):           # the factors are exactly the round-to-nearest grid values of the originals
+        W = getattr(emb, name).detach()
+        want = dequantize_groups(*quantize_groups(W, bits), bits, W.shape[1], dtype=W.dtype)
+        assert torch.equal(getattr(l_emb, name).detach(), want), name
+    got = logits(loaded, ids)
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < {8: 2e-2, 4: 0.6}[bits], rel
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert native.get_output_embeddings().A is native.get_input_embeddings().A
+    assert (logits(native, ids) - got).abs().max() <= 1e-5
 
 
 def test_untied_head_on_llama(tokenizer, tmp_path):

@@ -35,7 +35,7 @@ from .errors import LayerzipError
 from .evaluate import flops, latency
 from .lazy import source_of
 from .models import backbone, is_causal
-from .nn import FactorizedLayer, LowBitLowRank, dequantize_factors_, is_linear_like
+from .nn import LOWBIT_TYPES, FactorizedLayer, dequantize_factors_, is_linear_like
 
 OPSET = 18
 RUNTIMES = ("torch", "onnxruntime")
@@ -80,7 +80,7 @@ def example_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8, padd
 def _export_copy(model: nn.Module) -> nn.Module:
     """The model itself when it is float32 with plain factors, else a float32 copy with dequantized factors."""
     float32 = all(p.dtype == torch.float32 for p in model.parameters())
-    lowbit = any(isinstance(m, LowBitLowRank) for m in model.modules())
+    lowbit = any(isinstance(m, LOWBIT_TYPES) for m in model.modules())
     if float32 and not lowbit:
         return model
     twin = copy.deepcopy(model)

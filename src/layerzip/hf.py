@@ -27,7 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import LayerzipError
 from .io import FORMAT_VERSION, GUARD, LOWBIT_FORMAT, QUANT_METHOD, place_factorized
-from .nn import dequantize_factors_, tie_heads_
+from .nn import LowBitTiedHead, dequantize_factors_, tie_heads_
 
 logger = logging.get_logger(__name__)
 
@@ -89,7 +89,8 @@ def _tied_factor_keys(model) -> None:
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     keys = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items() if t in names and s in names}
     for head, emb in tie_heads_(model):
-        keys.update({f"{emb}.{p}": f"{head}.{p}" for p in ("A", "B")})
+        if not isinstance(model.get_submodule(head), LowBitTiedHead):     # a low-bit one holds no tensors
+            keys.update({f"{emb}.{p}": f"{head}.{p}" for p in ("A", "B")})
     model.all_tied_weights_keys = keys
 
 

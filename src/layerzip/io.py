@@ -38,7 +38,7 @@ from ._version import __version__
 from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
-from .nn import (BITS, GROUP_SIZE, FactorizedLayer, LowBitLowRank, dequantize_factors_, layer_from_spec,
+from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, FactorizedLayer, dequantize_factors_, layer_from_spec,
                  quantize_factors_, restore_modules_, tie_heads_)
 from .report import render
 
@@ -337,8 +337,9 @@ def check_bits(bits: int, group_size: int = GROUP_SIZE) -> None:
 def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None, bits: int = 16,
          group_size: int = GROUP_SIZE) -> Path:
     """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`. `bits` 8 or 4: every
-    low-rank layer's factors are written as int8 / packed int4 with a float32 scale per `group_size` values along
-    each factor's input dimension (nn/lowbit.py); `model` itself is left as it was.
+    low-rank factor (embeddings' too) and every nn.Linear of the repeated blocks left dense is written as int8 /
+    packed int4 with a float32 scale per `group_size` values along its input dimension (nn/lowbit.py, quantize.py);
+    `model` itself is left as it was.
 
     >>> import layerzip as lz
     >>> lz.save(model, "my-model-lz", tokenizer=tok)   # doctest: +SKIP
@@ -349,7 +350,9 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
         return _save(model, out, tokenizer, meta)
     if source_of(model) is not None:
         raise LayerzipError("--bits 8 or 4 needs the whole model in memory; pass --no-stream (or --bits 16)")
-    replaced = quantize_factors_(model, bits, group_size)
+    found = find_blocks(model)
+    dense = tuple(f"{found[0]}.{n}" for n, m in found[1].named_modules() if type(m) is nn.Linear) if found else ()
+    replaced = quantize_factors_(model, bits, group_size, dense)
     try:
         return _save(model, out, tokenizer, {**(meta or {}), "bits": bits, "group_size": group_size})
     finally:
@@ -371,7 +374,7 @@ def _save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None =
         # a streamed model computes in float32 but is written in its own dtype
         dtype = str(source.storage_dtype if source else next(model.parameters()).dtype).removeprefix("torch.")
         modules = factorized_specs(model)
-        version = LOWBIT_FORMAT if any(isinstance(m, LowBitLowRank) for m in model.modules()) else FORMAT_VERSION
+        version = LOWBIT_FORMAT if any(isinstance(m, LOWBIT_TYPES) for m in model.modules()) else FORMAT_VERSION
         _write_hf_keys(tmp / "config.json", dtype, modules, version)
         doc = {"format_version": version, "layerzip_version": __version__,
                "architecture": type(model).__name__, "dtype": dtype, **(meta or {}), "modules": modules}

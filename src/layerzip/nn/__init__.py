@@ -25,14 +25,15 @@ from ._common import StructuredLinear, balanced_factors, layer_flops
 from .base import FactorizedLayer, dense_weight_and_bias, is_conv1d, is_linear_like, layer_from_spec, register_layer
 from .blast import BlastLinear
 from .btt import BTTLinear
-from .embedding import LowRankEmbedding, ScaledEmbedding, TiedLowRankHead, tie_heads_
+from .embedding import (LowBitLowRankEmbedding, LowBitTiedHead, LowRankEmbedding, ScaledEmbedding, TiedLowRankHead,
+                        tie_heads_)
 from .conv import CONV_LAYERS, CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, factorizable
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
-from .lowrank import (LowBitLowRank, LowRankLinear, dequantize_factors_, quantize_factors_, restore_modules_,
-                      singular_values, split_balanced, truncated_factors)
+from .lowrank import LowBitLowRank, LowRankLinear, singular_values, split_balanced, truncated_factors
 from .monarch import MonarchLinear
+from .quantize import LOWBIT_TYPES, LowBitLinear, dequantize_factors_, quantize_factors_, restore_modules_
 from .shapes import choose_shape
 from .tt import TTLinear
 
@@ -45,4 +46,5 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
            "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
-__all__ += ["LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
+__all__ += ["LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead", "LowRankEmbedding", "ScaledEmbedding",
+            "TiedLowRankHead", "tie_heads_"]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FactorizedLayer, register_layer
+from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
 from .lowrank import LowRankLinear, truncated_factors
 
 
@@ -122,7 +123,9 @@ class LowRankEmbedding(FactorizedLayer):
                 "rank": self.rank, "padding_idx": self.padding_idx, "scale": self.scale}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowRankEmbedding":
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowRankEmbedding | LowBitLowRankEmbedding":
+        if spec.get("bits", 16) != 16:                 # low-bit factors on disk
+            return LowBitLowRankEmbedding.from_spec(spec, dtype=dtype, device=device)
         return cls(spec["in"], spec["out"], spec["rank"], spec.get("padding_idx"), spec.get("scale", 1.0),
                    device=device, dtype=dtype)
 
@@ -161,13 +164,141 @@ class TiedLowRankHead(LowRankLinear):
         return {**super().spec(), "type": "lowrank_tied_head", "tied_to": self.tied_to}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype=None, device=None) -> "TiedLowRankHead":
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "TiedLowRankHead | LowBitTiedHead":
         if not isinstance(spec.get("tied_to"), str):
             raise ValueError("tied_to must name the embedding module")
+        if spec.get("bits", 16) != 16:
+            return LowBitTiedHead.from_spec(spec, dtype=dtype, device=device)
         return cls(spec["in"], spec["out"], spec["rank"], spec["tied_to"], device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tied_to={self.tied_to}"
+
+
+class LowBitLowRankEmbedding(FactorizedLayer):
+    """A `LowRankEmbedding` whose A (vocab×r, groups along r) and B (r×dim, groups along dim) are stored with `bits`
+    (8 or 4) and float32 scales per group (lowbit.py), as `LowBitLowRank` stores a head of the same shape: its
+    storage form (`save(..., bits=8|4)`); a loaded model holds the `LowRankEmbedding` (`to_lowrank`). The forward
+    dequantizes only the rows of A it looks up.
+
+    >>> lr = LowRankEmbedding.from_embedding(nn.Embedding(300, 16), rank=8)
+    >>> q = LowBitLowRankEmbedding.from_lowrank(lr, bits=8)
+    >>> ids = torch.tensor([[1, 2, 299]])
+    >>> bool(torch.allclose(q(ids), lr(ids), atol=0.05)), q.spec()["bits"], type(q.to_lowrank()).__name__
+    (True, 8, 'LowRankEmbedding')
+    """
+
+    layer_type = "lowrank_embedding"
+    bias = None
+    num_params = staticmethod(LowRankLinear.num_params)
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+                 scale: float = 1.0, bits: int = 8, group_size: int = GROUP_SIZE, device=None, dtype=None):
+        super().__init__()
+        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
+        if not 0 < rank <= min(num_embeddings, embedding_dim):
+            raise ValueError(f"rank must be in [1, {min(num_embeddings, embedding_dim)}], got {rank}")
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.in_features, self.out_features = num_embeddings, embedding_dim
+        self.padding_idx, self.scale, self.bits, self.group_size = padding_idx, float(scale), bits, group_size
+        self.dtype = dtype or torch.get_default_dtype()
+        for name, (rows, cols) in (("A", (num_embeddings, rank)), ("B", (rank, embedding_dim))):
+            qshape, qdtype, sshape = storage_shapes(rows, cols, bits, group_size)
+            self.register_buffer(f"{name}_q", torch.zeros(qshape, dtype=qdtype, device=device))
+            self.register_buffer(f"{name}_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+
+    @classmethod
+    @torch.no_grad()
+    def from_lowrank(cls, emb: LowRankEmbedding, bits: int, group_size: int = GROUP_SIZE) -> "LowBitLowRankEmbedding":
+        new = cls(emb.num_embeddings, emb.embedding_dim, emb.rank, emb.padding_idx, emb.scale, bits, group_size,
+                  device=emb.A.device, dtype=emb.A.dtype)
+        for name in ("A", "B"):
+            q, s = quantize_groups(getattr(emb, name).detach(), bits, group_size)
+            getattr(new, f"{name}_q").copy_(q)
+            getattr(new, f"{name}_scale").copy_(s)
+        return new
+
+    def factor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        cols = self.rank if name == "A" else self.embedding_dim
+        return dequantize_groups(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, cols,
+                                 self.group_size, dtype or self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize_groups(self.A_q[flat], self.A_scale[flat], self.bits, self.rank, self.group_size, self.dtype)
+        out = (rows @ self.factor("B")).view(*ids.shape, self.embedding_dim)
+        return out if self.scale == 1.0 else out * torch.tensor(self.scale).to(out.dtype)
+
+    def to_lowrank(self) -> LowRankEmbedding:
+        return LowRankEmbedding.from_factors(self.factor("A"), self.factor("B"), self.padding_idx, self.scale,
+                                             dtype=self.dtype)
+
+    dequantized = to_lowrank          # what loading turns every low-bit storage form into (nn/quantize.py)
+
+    def dense_weight(self) -> torch.Tensor:
+        return (self.factor("A") @ self.factor("B")).T
+
+    def flops(self) -> int:
+        return 2 * self.rank * self.embedding_dim
+
+    def spec(self) -> dict:
+        return {"type": "lowrank_embedding", "in": self.num_embeddings, "out": self.embedding_dim, "rank": self.rank,
+                "padding_idx": self.padding_idx, "scale": self.scale, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowBitLowRankEmbedding":
+        return cls(spec["in"], spec["out"], spec["rank"], spec.get("padding_idx"), spec.get("scale", 1.0),
+                   spec["bits"], spec["group_size"], device=device, dtype=dtype)
+
+
+class LowBitTiedHead(FactorizedLayer):
+    """The storage form of a `TiedLowRankHead` beside a `LowBitLowRankEmbedding`: it holds no tensors (the
+    embedding's low-bit factors are the one copy on disk), only its spec; dequantizing gives the TiedLowRankHead,
+    which `tie_heads_` ties to the dequantized embedding. It has no forward of its own."""
+
+    layer_type = "lowrank_tied_head"
+    bias = None
+
+    def __init__(self, in_features: int, out_features: int, rank: int, tied_to: str = "", bits: int = 8,
+                 group_size: int = GROUP_SIZE, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.tied_to = in_features, out_features, rank, tied_to
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype or torch.get_default_dtype()
+
+    @classmethod
+    def of(cls, emb: LowBitLowRankEmbedding, tied_to: str) -> "LowBitTiedHead":
+        head = cls(emb.embedding_dim, emb.num_embeddings, emb.rank, tied_to, emb.bits, emb.group_size, dtype=emb.dtype)
+        head.tie_(emb)
+        return head
+
+    def tie_(self, emb: LowBitLowRankEmbedding) -> None:
+        if ((emb.num_embeddings, emb.embedding_dim, emb.rank, emb.bits, emb.group_size)
+                != (self.out_features, self.in_features, self.rank, self.bits, self.group_size)):
+            raise ValueError(f"low-bit head {self.out_features}×{self.in_features} rank {self.rank} cannot tie to "
+                             f"embedding {emb.num_embeddings}×{emb.embedding_dim} rank {emb.rank}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("a low-bit tied head is a storage form; layerzip.nn.dequantize_factors_(model) first")
+
+    def dense_weight(self) -> torch.Tensor:
+        raise RuntimeError("a low-bit tied head is a storage form; layerzip.nn.dequantize_factors_(model) first")
+
+    def to_lowrank(self) -> TiedLowRankHead:
+        """An untied TiedLowRankHead (on meta): `tie_heads_` gives it the dequantized embedding's factors."""
+        return TiedLowRankHead(self.in_features, self.out_features, self.rank, self.tied_to, device="meta",
+                               dtype=self.dtype)
+
+    dequantized = to_lowrank
+
+    def spec(self) -> dict:
+        return {"type": "lowrank_tied_head", "in": self.in_features, "out": self.out_features, "rank": self.rank,
+                "bias": False, "tied_to": self.tied_to, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowBitTiedHead":
+        return cls(spec["in"], spec["out"], spec["rank"], spec["tied_to"], spec["bits"], spec["group_size"],
+                   dtype=dtype)
 
 
 def embedding_scale(emb: nn.Module) -> float:
@@ -185,10 +316,11 @@ def tie_heads_(model: nn.Module) -> list[tuple[str, str]]:
     """Every TiedLowRankHead of `model` shares its embedding's factors again; returns [(head, embedding)]."""
     pairs = []
     for name, mod in model.named_modules():
-        if isinstance(mod, TiedLowRankHead):
+        if isinstance(mod, (TiedLowRankHead, LowBitTiedHead)):
             emb = model.get_submodule(mod.tied_to)
-            if not isinstance(emb, LowRankEmbedding):
-                raise ValueError(f"{name} is tied to {mod.tied_to}, which is not a low-rank embedding")
+            kind = LowBitLowRankEmbedding if isinstance(mod, LowBitTiedHead) else LowRankEmbedding
+            if not isinstance(emb, kind):
+                raise ValueError(f"{name} is tied to {mod.tied_to}, which is not a {kind.__name__}")
             mod.tie_(emb)
             pairs.append((name, mod.tied_to))
     return pairs

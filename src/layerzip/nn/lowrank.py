@@ -218,6 +218,8 @@ class LowBitLowRank(FactorizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.factor("B", x.dtype)), self.factor("A", x.dtype), self.bias)
 
+    dequantized = to_lowrank          # what loading turns every low-bit storage form into (nn/quantize.py)
+
     def dense_weight(self) -> torch.Tensor:
         return self.factor("A") @ self.factor("B")
 
@@ -240,30 +242,3 @@ class LowBitLowRank(FactorizedLayer):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def quantize_factors_(model: nn.Module, bits: int, group_size: int = GROUP_SIZE) -> dict[str, nn.Module]:
-    """Replace every LowRankLinear of `model` by its LowBitLowRank; returns {name: the replaced module}."""
-    old = {n: m for n, m in model.named_modules() if type(m) is LowRankLinear}
-    for name, m in old.items():
-        _swap(model, name, LowBitLowRank.from_lowrank(m, bits, group_size))
-    return old
-
-
-def restore_modules_(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Put back the modules `quantize_factors_` replaced."""
-    for name, m in modules.items():
-        _swap(model, name, m)
-
-
-def dequantize_factors_(model: nn.Module) -> int:
-    """Replace every LowBitLowRank of `model` by a LowRankLinear in its dtype; returns how many."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowBitLowRank)]
-    for name, m in found:
-        _swap(model, name, m.to_lowrank())
-    return len(found)

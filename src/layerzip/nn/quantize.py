@@ -1,0 +1,120 @@
+"""Low-bit storage of a model (`save(..., bits=8|4)`): each low-rank layer swapped for its storage form and back.
+LowRankLinear -> LowBitLowRank; LowRankEmbedding -> LowBitLowRankEmbedding, and the TiedLowRankHead beside it ->
+LowBitTiedHead, which holds no tensors (tied weights stay one copy on disk); the dense nn.Linear layers the caller
+names (io.save: those of the repeated blocks that stayed dense) -> LowBitLinear. Loading dequantizes each to the
+layer it stores, in the model's dtype (`dequantize_factors_`)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import FactorizedLayer, register_layer
+from .embedding import LowBitLowRankEmbedding, LowBitTiedHead, LowRankEmbedding, TiedLowRankHead, tie_heads_
+from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
+from .lowrank import LowBitLowRank, LowRankLinear
+
+
+@register_layer("lowbit_linear")
+class LowBitLinear(FactorizedLayer):
+    """A dense `nn.Linear` whose weight is stored with `bits` (8 or 4) and a float32 scale per group of
+    `group_size` input columns (lowbit.py); the bias stays in `dtype`. Its storage form only: loading gives the
+    nn.Linear back (`dequantized`).
+
+    >>> lin = nn.Linear(300, 8)
+    >>> q = LowBitLinear.from_linear(lin, bits=8)
+    >>> x = torch.randn(2, 300)
+    >>> bool(torch.allclose(q(x), lin(x), atol=0.02)), type(q.dequantized()).__name__, q.spec()["bits"]
+    (True, 'Linear', 8)
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
+                 group_size: int = GROUP_SIZE, device=None, dtype=None):
+        super().__init__()
+        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.dtype = dtype or torch.get_default_dtype()
+        qshape, qdtype, sshape = storage_shapes(out_features, in_features, bits, group_size)
+        self.register_buffer("weight_q", torch.zeros(qshape, dtype=qdtype, device=device))
+        self.register_buffer("weight_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.dtype)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, lin: nn.Linear, bits: int = 8, group_size: int = GROUP_SIZE) -> "LowBitLinear":
+        new = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size,
+                  device=lin.weight.device, dtype=lin.weight.dtype)
+        q, s = quantize_groups(lin.weight.detach(), bits, group_size)
+        new.weight_q.copy_(q)
+        new.weight_scale.copy_(s)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias)
+        return new
+
+    def dense_weight(self) -> torch.Tensor:
+        return dequantize_groups(self.weight_q, self.weight_scale, self.bits, self.in_features, self.group_size,
+                                 self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def dequantized(self) -> nn.Linear:
+        return self.to_dense()
+
+    num_params = staticmethod(lambda in_features, out_features, **shape: in_features * out_features)
+
+    def flops(self) -> int:
+        return 2 * self.in_features * self.out_features
+
+    def spec(self) -> dict:
+        return {"type": "lowbit_linear", "in": self.in_features, "out": self.out_features,
+                "bias": self.bias is not None, "bits": self.bits, "group_size": self.group_size}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "LowBitLinear":
+        return cls(spec["in"], spec["out"], spec["bias"], spec["bits"], spec["group_size"], device=device,
+                   dtype=dtype)
+
+
+LOWBIT_TYPES = (LowBitLowRank, LowBitLowRankEmbedding, LowBitTiedHead, LowBitLinear)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_factors_(model: nn.Module, bits: int, group_size: int = GROUP_SIZE,
+                      dense: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """Replace every low-rank layer of `model`, and the nn.Linear layers named in `dense`, by their low-bit storage
+    form; returns {name: the replaced module}."""
+    old = {n: m for n, m in model.named_modules()
+           if type(m) in (LowRankLinear, LowRankEmbedding, TiedLowRankHead) or (n in dense and type(m) is nn.Linear)}
+    for name, m in old.items():
+        if type(m) is nn.Linear:
+            _swap(model, name, LowBitLinear.from_linear(m, bits, group_size))
+        elif type(m) is LowRankLinear:
+            _swap(model, name, LowBitLowRank.from_lowrank(m, bits, group_size))
+        elif type(m) is LowRankEmbedding:
+            _swap(model, name, LowBitLowRankEmbedding.from_lowrank(m, bits, group_size))
+    for name, m in old.items():                 # heads once their embeddings are swapped
+        if type(m) is TiedLowRankHead:
+            _swap(model, name, LowBitTiedHead.of(model.get_submodule(m.tied_to), m.tied_to))
+    return old
+
+
+def restore_modules_(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Put back the modules `quantize_factors_` replaced."""
+    for name, m in modules.items():
+        _swap(model, name, m)
+
+
+def dequantize_factors_(model: nn.Module) -> int:
+    """Replace every low-bit storage form in `model` by its low-rank layer in its dtype (tied heads tied again);
+    returns how many."""
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, LOWBIT_TYPES)]
+    for name, m in found:
+        _swap(model, name, m.dequantized())
+    tie_heads_(model)
+    return len(found)
