@@ -17,6 +17,7 @@ Allocations are nested: a smaller keep never gets a larger rank (what `--elastic
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -104,6 +105,10 @@ class AllocationPath:
     prefix, and within one move a larger partial step, so no module's rank ever decreases as the budget grows:
     the allocations are nested. The budget left unspent is under one rank of one module (m+n parameters).
 
+    With `max_ranks` (--objective latency, never --elastic) a capped module's move to dense may have no rank between
+    to take partly; the budget such a move leaves is then filled greedily (best loss drop per parameter among the
+    next choices that fit), which spends it but may not nest.
+
     >>> path = AllocationPath({"a": (8, 8)}, {"a": torch.tensor([4., 2., 1.])})
     >>> [path.ranks(b)["a"] for b in (16, 40, 48, 63, 64)]
     [1, 2, 3, 3, None]
@@ -115,7 +120,8 @@ class AllocationPath:
         self.names = list(shapes)
         self.shapes = dict(shapes)
         self.dense_params = sum(m * n for m, n in shapes.values())
-        self.costs, self.allowed, self.start = {}, {}, {}
+        self.costs, self.allowed, self.start, self.opts = {}, {}, {}, {}
+        self.capped = max_ranks is not None
         moves = []                                   # (-rate, module index, position on its hull, name, from, to)
         for mi, k in enumerate(self.names):
             c, l = _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0), normalize)
@@ -125,6 +131,7 @@ class AllocationPath:
                 ok[max(max_ranks[k], 0): -1] = False
             idx = ok.nonzero().flatten().tolist()     # dense (the last option) is always allowed
             self.costs[k], self.allowed[k], self.start[k] = c.tolist(), idx, idx[0]
+            self.opts[k] = (c, torch.where(ok, l, torch.full_like(l, math.inf)))
             hull = _lower_hull([(c[i].item(), l[i].item()) for i in idx])
             rate_cap = math.inf
             for pos, (a, b) in enumerate(zip(hull, hull[1:])):
@@ -142,7 +149,6 @@ class AllocationPath:
 
     def choice(self, budget: float) -> dict[str, int]:
         """{name: option index} (index r-1: rank r; the last index: dense) at `budget` parameters."""
-        import bisect
         p = bisect.bisect_right(self.cum, budget + 1e-9)       # moves 0..p-1 fit whole
         choice = dict(self.start)
         for k, _, j in self.moves[:p]:
@@ -154,6 +160,9 @@ class AllocationPath:
             for t in self.allowed[k]:
                 if i < t < j and c[t] - c[i] <= budget - used + 1e-9:
                     choice[k] = t
+            used = sum(self.costs[n][choice[n]] for n in self.names)
+            if self.capped:     # a capped module's jump to dense has no ranks between to fill with: greedy fill
+                _greedy_fill(self.opts, choice, budget - used)
         return choice
 
     def ranks(self, budget: float) -> dict[str, int | None]:
@@ -177,3 +186,28 @@ def _lower_hull(points: list[tuple[float, float]]) -> list[int]:
                 break
         hull.append(i)
     return hull
+
+
+def _next_allowed(losses: torch.Tensor, i: int) -> int | None:
+    """The next option after i with a finite loss (disallowed ranks are skipped, dense is always allowed)."""
+    later = torch.isfinite(losses[i + 1:]).nonzero()
+    return i + 1 + int(later[0]) if len(later) else None
+
+
+def _greedy_fill(opts, choice: dict[str, int], left: float) -> None:
+    """Spend the budget left one step at a time, best loss drop per parameter first."""
+    while True:
+        best, best_gain, best_j = None, 0.0, None
+        for k, i in choice.items():
+            c, l = opts[k]
+            j = _next_allowed(l, i)
+            if j is not None:
+                dc = (c[j] - c[i]).item()
+                if dc <= left:
+                    gain = (l[i] - l[j]).item() / dc
+                    if gain > best_gain:
+                        best, best_gain, best_j = k, gain, j
+        if best is None:
+            return
+        left -= (opts[best][0][best_j] - opts[best][0][choice[best]]).item()
+        choice[best] = best_j

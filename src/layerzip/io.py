@@ -165,7 +165,7 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
     dtype = weights_dtype(dtype)
     s = str(source)
     if keep is not None or elastic_form:
-        info = _elastic_settings(source)
+        info = elastic_settings(source)
         elastic.check_keep(info, keep, str(source))
     if s in BUILTIN:
         path = builtin_path(s)
@@ -205,7 +205,7 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
     return Loaded(model, tok, is_causal(model), s, path, summary)
 
 
-def _elastic_settings(source) -> dict:
+def elastic_settings(source) -> dict:
     """The elastic settings of MODEL, or a one-line error when it is not an elastic directory."""
     path = source_path(source)
     meta = read_meta(path) if path is not None and path.is_dir() and (path / META).is_file() else {}

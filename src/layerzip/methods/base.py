@@ -80,6 +80,9 @@ class CompressConfig:
             raise LayerzipError(f"method {self.name} cannot run --sequential; drop that flag")
         if self.elastic:
             self._check_elastic()
+        elif (self.keep_min, self.keep_max) != (0.3, 1.0):
+            raise LayerzipError("--keep-min / --keep-max set the range of an elastic model; add --elastic or drop "
+                                "them")
         if self.sequential and not self.needs_stats:
             raise LayerzipError(f"--sequential changes the statistics, which method {self.name} does not use; add "
                                 "--correct (refit toward the original outputs) or pick svd-llm, asvd or cur")
