@@ -108,20 +108,21 @@ class ElasticLinear(FactorizedLayer):
         r = self.width
         return F.linear(F.linear(x, self.B[:r]), self.A[:, :r], self.bias)
 
+    @torch.no_grad()
     def at_width(self, rank: int | None) -> nn.Module:
-        """The plain module of that width: LowRankLinear(A[:, :r], B[:r]) or, None, an nn.Linear of W (copies)."""
+        """The plain module of that width: LowRankLinear(A[:, :r], B[:r]) or, None, an nn.Linear of W (copies; built
+        empty on the meta device and given the tensors, so no initialization is computed and thrown away)."""
         self.set_width(rank)
-        bias = None if self.bias is None else self.bias.detach()
         if rank is None:
-            W = self._dense().detach()
-            lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=W.device,
-                            dtype=W.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(W)
-                if bias is not None:
-                    lin.bias.copy_(bias)
-            return lin
-        return LowRankLinear.from_factors(self.A.detach()[:, :rank], self.B.detach()[:rank], bias)
+            new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+            new.weight = nn.Parameter(self._dense().detach().clone())
+        else:
+            new = LowRankLinear(self.in_features, self.out_features, rank, self.bias is not None, device="meta")
+            new.A = nn.Parameter(self.A.detach()[:, :rank].clone())
+            new.B = nn.Parameter(self.B.detach()[:rank].clone())
+        if self.bias is not None:
+            new.bias = nn.Parameter(self.bias.detach().clone())
+        return new
 
     def active_params(self) -> int:
         """Parameters of the module at its current width (what `at_width(width)` holds)."""
