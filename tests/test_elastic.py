@@ -158,7 +158,14 @@ def test_every_size_equals_a_direct_compression(arch, calib, tokenizer, tmp_path
         assert lz.models.count_params(loaded.model) == dr["params_after"]
         ref = _out(direct, x)
         assert torch.allclose(_out(loaded.model, x), ref, atol=2e-5 * ref.abs().max().item()), keep
-        if keep == 0.5:                  # the in-memory model right after compress_ is the default size
+        if keep == 0.5:                  # read directly (load_elastic_size) = the ElasticLinear modules materialized
+            whole = lz.load_model(tmp_path / "el", elastic_form=True)
+            assert whole.elastic["ranks"] == dr["ranks"] and elastic.is_elastic(whole.model)
+            elastic.materialize_(whole.model, keep)
+            assert torch.equal(_out(whole.model, x), _out(loaded.model, x))
+            assert {n: type(m) for n, m in whole.model.named_modules()} == \
+                {n: type(m) for n, m in loaded.model.named_modules()} or arch == "gpt2"   # GPT-2: nn.Linear vs Conv1D
+            # the in-memory model right after compress_ is the default size
             assert rep["ranks"] == dr["ranks"] and rep["keep_achieved"] == pytest.approx(dr["keep_achieved"])
             assert torch.allclose(_out(me, x), ref, atol=2e-5 * ref.abs().max().item())
     if arch == "llama":                  # native loading: the default size, and keep=K
@@ -240,6 +247,16 @@ def test_cli_compress_eval_sweep_export(tiny_dirs, calib_file, tmp_path, capsys)
     assert torch.equal(_out(lz.load(small), x), _out(lz.load(el, keep=0.6), x))
     native = transformers.AutoModelForCausalLM.from_pretrained(small)
     assert torch.equal(_out(native, x), _out(lz.load(small), x))
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    code, out, err = run_cli(capsys, "export", str(el), "--format", "onnx", "--keep", "0.6", "--out",
+                             str(tmp_path / "m.onnx"), "--json")
+    assert code == 0, err
+    onnx_rep = json.loads(out)
+    assert onnx_rep["keep_achieved"] == at["keep_achieved"] and onnx_rep["max_abs_diff"] < 1e-3
 
 
 def assert_bad(capsys, *argv, match):

@@ -130,14 +130,14 @@ class AllocationPath:
             if max_ranks is not None and k in max_ranks:
                 ok[max(max_ranks[k], 0): -1] = False
             idx = ok.nonzero().flatten().tolist()     # dense (the last option) is always allowed
-            self.costs[k], self.allowed[k], self.start[k] = c.tolist(), idx, idx[0]
+            cs, ls = c.tolist(), l.tolist()
+            self.costs[k], self.allowed[k], self.start[k] = cs, idx, idx[0]
             self.opts[k] = (c, torch.where(ok, l, torch.full_like(l, math.inf)))
-            hull = _lower_hull([(c[i].item(), l[i].item()) for i in idx])
+            hull = [idx[h] for h in _lower_hull([(cs[i], ls[i]) for i in idx])]
             rate_cap = math.inf
             for pos, (a, b) in enumerate(zip(hull, hull[1:])):
-                (ca, la), (cb, lb) = (c[idx[a]].item(), l[idx[a]].item()), (c[idx[b]].item(), l[idx[b]].item())
-                rate_cap = min(rate_cap, (la - lb) / (cb - ca))    # non-increasing along a hull, also in floats
-                moves.append((-rate_cap, mi, pos, k, idx[a], idx[b]))
+                rate_cap = min(rate_cap, (ls[a] - ls[b]) / (cs[b] - cs[a]))   # non-increasing along a hull (floats)
+                moves.append((-rate_cap, mi, pos, k, a, b))
         moves.sort(key=lambda t: t[:3])
         self.moves = [(k, i, j) for _, _, _, k, i, j in moves]
         self.base = sum(self.costs[k][self.start[k]] for k in self.names)

