@@ -133,6 +133,7 @@ def _out(model, x):
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_every_size_equals_a_direct_compression(arch, calib, tokenizer, tmp_path):
     """One elastic compression, saved and loaded at several keeps, against a direct compression at each keep from
@@ -200,6 +201,7 @@ def test_keep_max_stores_less_and_bounds_the_sizes(calib, tokenizer, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.slow
 def test_cli_compress_eval_sweep_export(tiny_dirs, calib_file, tmp_path, capsys):
     src = tiny_dirs["llama"]
     el, small = tmp_path / "el", tmp_path / "small"

@@ -6,6 +6,9 @@ target becomes an `ElasticLinear` (nn/elastic.py) holding the method's factors u
 `from_pretrained(DIR, keep=K)`) rebuilds the global allocation at K from the stored spectra — the same function of
 the same numbers as a direct compression at K with the same calibration — and truncates each module to its rank:
 no statistics, no decomposition. The result is a plain compressed model (LowRankLinear / nn.Linear modules).
+`lz.load` reads that size directly (io.load_elastic_size: the spectra, then only the tensors of that size — the
+first r columns of A and rows of B, a dense module's weight); native loading and `eval --keep-sweep` read the
+ElasticLinear modules whole and `materialize_` / `materialized` them (the same model, tested).
 
 Why a truncation is exact: the methods that may be elastic (`prefix_ok`: svd, svd-llm — also with its output-Fisher
 row weights — asvd, fwsvd) take their rank-r factors as the first r components of one decomposition: the truncated
