@@ -23,14 +23,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py", "export_latency.py")
+OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py", "export_latency.py",
+          "elastic.py")
 OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
               ("Streaming past RAM (Qwen2.5-Coder-1.5B, Gemma streamed vs in memory, Ray)", "bench/STREAM.md"),
               ("ONNX export and latency-aware allocation (--objective params vs latency)", "bench/EXPORT.md"),
               ("Convolutions on real CNNs (MNIST CNN, EfficientNet-Lite0, CRAFT) vs tltorch", "bench/CONV.md"),
-              ("The default compression's cost against its limit; how many tokens the Fisher needs", "bench/COST.md"))
+              ("The default compression's cost against its limit; how many tokens the Fisher needs", "bench/COST.md"),
+              ("Elastic size: one file, every keep (vs a direct compression at each keep)", "bench/ELASTIC.md"))
 
 
 def steps(a) -> list[list[str]]:

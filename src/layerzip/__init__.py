@@ -8,7 +8,7 @@
 >>> model = lz.load("minilm-lz")                                       # doctest: +SKIP
 >>> lz.merge_(model)                                                   # doctest: +SKIP
 
-Layers, each importing only those before it: nn -> models -> lazy -> data, stats -> allocate -> methods ->
+Layers, each importing only those before it: nn -> models -> lazy -> data, stats -> allocate -> methods -> elastic ->
 executors -> driver -> compress -> heal, evaluate, analyze, report, training -> export -> io -> hf -> jobs -> cli.
 Importing layerzip registers the transformers quantization method "layerzip" (hf.py), so
 `AutoModel*.from_pretrained(DIR)` loads a directory layerzip wrote.
@@ -31,11 +31,12 @@ from .jobs import analyze_model, compress_model, evaluate_model, export_model, h
 globals().update(CONFIGS)       # lz.SVD, lz.SVDLLM, lz.DropBlocks, ...: every registered method's config
 
 
-def load(source, stream: bool = False, device: str = "cpu"):
+def load(source, stream: bool = False, device: str = "cpu", keep: float | None = None):
     """A transformers model from a layerzip directory, a HF directory, a .gguf file or 'minilm'. `stream=True`:
     its blocks stay on disk and are read one at a time by compress_ and the evaluations (a safetensors
-    directory)."""
-    return load_model(source, stream=stream, device=device).model
+    directory). `keep`: the size built from an elastic directory (`compress --elastic`; None: its default size)
+    — a plain compressed model, as a direct compression at that keep gives; refused for any other MODEL."""
+    return load_model(source, stream=stream, device=device, keep=keep).model
 
 
 __all__ = ["CompressConfig", "Cuttlefish", "FactorizedLayer", "LAYERS", "LayerzipError", "LowRankLinear",

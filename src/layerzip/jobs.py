@@ -4,17 +4,21 @@
     evaluate_model   load -> perplexity | cosine to a reference | retrieval | latency
     analyze_model    load -> analyze -> analysis.json, plots, report.html
     heal_model       load both -> heal_ -> save
-    export_model     load (float32) -> export_onnx -> FILE.onnx
+    export_model     load (float32) -> export_onnx -> FILE.onnx; or one size of an elastic directory -> a plain
+                     compressed directory (export_size)
+    keep_sweep_model an elastic directory read once -> quality at several sizes, a PNG of the curve
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from . import elastic
 from .analyze import analyze, summary
 from .compress import compress_
 from .data import builtin_pairs, calibration_batches, load_documents
@@ -23,8 +27,8 @@ from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
 from .images import image_batches
-from .io import (BUILTIN, META, check_bits, check_out_dir, load_model, read_meta, save, size_on_disk, source_path,
-                 tensor_bytes, weights_dtype, write_analysis, written_bytes)
+from .io import (BUILTIN, META, check_bits, check_out_dir, elastic_settings, load_model, read_meta, save,
+                 size_on_disk, source_path, tensor_bytes, weights_dtype, write_analysis, written_bytes)
 from .executors import make_executor
 from .export import RUNTIMES, export_onnx, require_onnx, runtime_latency
 from .lazy import source_of
@@ -94,6 +98,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     device = resolve_device(device)
     weights_dtype(dtype)                                          # refused before the (slow) load
     check_bits(bits, group_size)
+    if config.elastic:
+        stream = _elastic_compress_checks(stream, bits, heal_steps)
     out = check_out_dir(out, force, source_path(source))
     loaded = load_model(source, stream=stream, device=device, budget_tokens=calib_samples * seq_len, dtype=dtype)
     streamed = source_of(loaded.model) is not None
@@ -151,6 +157,19 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     return report
 
 
+def _elastic_compress_checks(stream: bool | None, bits: int, heal_steps: int) -> bool:
+    """--elastic: what it cannot be combined with, refused before the load; it is never streamed."""
+    if bits != 16:
+        raise LayerzipError(f"--bits {bits} cannot be combined with --elastic yet (the low-bit groups of a factor "
+                            "change with its rank); compress with --bits 16, or drop --elastic")
+    if heal_steps:
+        raise LayerzipError("--heal-steps trains the factors of one size, and --elastic stores every size; heal "
+                            "one size afterwards (layerzip export DIR --format layerzip --keep K, then heal)")
+    if stream:
+        raise LayerzipError("--elastic needs the whole model in memory; pass --no-stream")
+    return False
+
+
 def _fewer_than_asked(used: dict, asked: int, causal: bool, what: str) -> list[str]:
     """A warning line when the text gave fewer windows (documents) than asked for."""
     got = used.get("windows", asked)
@@ -168,7 +187,8 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
                    seq_len: int = 512, progress: bool = True, loaded: Loaded | None = None,
                    ref_loaded: Loaded | None = None, retrieval: str | None = None,
                    latency: bool = False, latency_seq_len: int = 128, threads: int = 1, stream: bool | None = None,
-                   device: str = "cpu", runtime: str = "torch") -> dict:
+                   device: str = "cpu", runtime: str = "torch", keep: float | None = None,
+                   keep_sweep: list[float] | None = None, plot: str | Path | None = None) -> dict:
     """Parameters, size on disk; perplexity on `text` (causal LMs) or cosine of embeddings to `reference`.
     `stream`: run the blocks one at a time from disk (None: when the model would not fit in memory).
 
@@ -176,7 +196,14 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
     by cosine of mean-pooled embeddings among all docs). `latency`: median forward milliseconds at batch 1 and 16
     (`latency_seq_len` tokens, `threads` fixed) in `runtime` (torch | onnxruntime) and matmul FLOPs per token;
     with the dense model (`reference`, else the source a compressed directory records) also its latencies in the
-    same runtime, the speedups and their ratio to the FLOP bound (export.runtime_latency)."""
+    same runtime, the speedups and their ratio to the FLOP bound (export.runtime_latency).
+    `keep`: the size of an elastic directory evaluated (`keep`, `keep_achieved` reported); `keep_sweep`: several
+    sizes from one load (keep_sweep_model: a row each and a PNG of the curve at `plot`)."""
+    if keep_sweep is not None:
+        if keep is not None or latency or loaded is not None:
+            raise LayerzipError("--keep-sweep evaluates several sizes; drop --keep and --latency")
+        return keep_sweep_model(source, keep_sweep, reference, text, samples, seq_len, progress, ref_loaded,
+                                retrieval, device, plot)
     _check_sizes(samples, seq_len, "--samples")
     if latency and (threads < 1 or latency_seq_len < 1):
         raise LayerzipError(f"--threads and --latency-seq-len must be ≥ 1, got {threads} and {latency_seq_len}")
@@ -186,11 +213,13 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
         require_onnx()
     device = resolve_device(device)
     load = lambda s: load_model(s, stream=stream, device=device, statistics=False)   # noqa: E731
-    loaded = loaded or load(source)
+    loaded = loaded or load_model(source, stream=stream, device=device, statistics=False, keep=keep)
     if latency and source_of(loaded.model) is not None:
         raise LayerzipError("--latency times the whole model in memory; pass --no-stream")
     res = {"model": str(source), "params": count_params(loaded.model), "size_on_disk": size_on_disk(loaded.path),
            "kind": "causal-lm" if loaded.causal else "encoder", "streamed": source_of(loaded.model) is not None}
+    if loaded.elastic:
+        res.update(keep=loaded.elastic["keep"], keep_achieved=loaded.elastic["keep_achieved"])
     if loaded.causal:
         texts = heldout_texts(text, None)
         res.update(perplexity_scored(loaded.model, loaded.tokenizer, texts, seq_len, samples // 4 or 1, progress))
@@ -212,6 +241,86 @@ def evaluate_model(source: str, reference: str | None = None, text: str | None =
         res.update(runtime_latency(loaded.model, dense, runtime, latency_seq_len, threads, progress=progress))
         res["warnings"] = res.get("warnings", []) + warnings
     return res
+
+
+def parse_keeps(text: str | list) -> list[float]:
+    """"0.9,0.8,0.7" -> [0.9, 0.8, 0.7] (each in (0, 1]; at least one)."""
+    parts = text if isinstance(text, (list, tuple)) else [p for p in str(text).replace(" ", "").split(",") if p]
+    try:
+        keeps = [float(p) for p in parts]
+    except ValueError:
+        raise LayerzipError(f"--keep-sweep takes keeps separated by commas, such as 0.9,0.7,0.5; got {text!r}") \
+            from None
+    if not keeps or any(not 0 < k <= 1 for k in keeps):
+        raise LayerzipError(f"--keep-sweep takes keeps in (0, 1] separated by commas, such as 0.9,0.7,0.5; got "
+                            f"{text!r}")
+    return keeps
+
+
+SWEEP_METRICS = ("perplexity", "cosine_to_reference", "recall_at_1", "mrr")
+
+
+def keep_sweep_model(source: str, keeps, reference: str | None = None, text: str | None = None, samples: int = 128,
+                     seq_len: int = 512, progress: bool = True, ref_loaded: Loaded | None = None,
+                     retrieval: str | None = None, device: str = "cpu", plot: str | Path | None = None) -> dict:
+    """`eval DIR --keep-sweep K,K,...`: an elastic directory read once, evaluated at each size (the very model
+    `lz.load(DIR, keep=K)` builds: elastic.materialized), one row each; the curve drawn into `plot` (default:
+    DIR-keep-sweep.png beside DIR), written atomically."""
+    keeps = parse_keeps(keeps)
+    _check_sizes(samples, seq_len, "--samples")
+    device = resolve_device(device)
+    path = source_path(source)
+    plot = Path(plot) if plot else (path.parent / f"{path.name}-keep-sweep.png" if path is not None else None)
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise LayerzipError(f"--plot {plot} must be a file path ending in .png")
+    info = elastic_settings(source)
+    for k in keeps:                     # every keep checked before the (slow) load
+        elastic.check_keep(info, k, str(source))
+    base = load_model(source, device=device, statistics=False, elastic_form=True)
+    ref = ref_loaded or (load_model(reference, device=device, statistics=False) if reference else None)
+    rows, ref_ppl = [], None
+    for k in keeps:
+        with elastic.materialized(base.model, k) as summary:
+            r = evaluate_model(source, None, text, samples, seq_len, progress, loaded=base,
+                               ref_loaded=ref if (ref is not None and (not base.causal or ref_ppl is None)) else None,
+                               retrieval=retrieval, device=device)
+        ref_ppl = r.get("reference_perplexity", ref_ppl)
+        rows.append({"keep": k, "keep_achieved": summary["keep_achieved"], "params": r["params"],
+                     **{m: r[m] for m in SWEEP_METRICS if m in r}})
+    res = {"model": str(source), "kind": "causal-lm" if base.causal else "encoder",
+           "size_on_disk": size_on_disk(base.path), "keep_sweep": rows}
+    if ref_ppl is not None:
+        res["reference_perplexity"] = ref_ppl
+    if plot is not None and any(m in rows[0] for m in SWEEP_METRICS):
+        res["plot"] = str(_plot_sweep(res, plot))
+    return res
+
+
+def _plot_sweep(res: dict, out: Path) -> Path:
+    """Quality against keep_achieved, one panel per metric the sweep measured; written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = res["keep_sweep"]
+    metrics = [m for m in SWEEP_METRICS if m in rows[0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        pts = sorted((r["keep_achieved"], r[m]) for r in rows)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o")
+        if m == "perplexity" and "reference_perplexity" in res:
+            ax.axhline(res["reference_perplexity"], color="gray", ls="--", lw=1, label="reference")
+            ax.legend()
+        ax.set_xlabel("keep achieved (fraction of targeted parameters)")
+        ax.set_ylabel(m.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(res['model']).name}: one elastic file, every size", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 def _dense_of(loaded: Loaded, reference: str | None, ref_loaded: Loaded | None, load) -> tuple:
@@ -315,9 +424,12 @@ def export_model(source: str, out: str | Path, fmt: str = "onnx", keep: float | 
                  opset: int = 18, verify: bool = True, progress: bool = True) -> dict:
     """`layerzip export`: MODEL loaded in float32 (low-bit factors dequantized), written to `out` (FILE.onnx)
     atomically, checked by onnx.checker and, with `verify`, run in onnxruntime against torch (`max_abs_diff`).
-    `keep` selects a width of an elastic directory; any other MODEL refuses it."""
+    `keep` selects a size of an elastic directory; any other MODEL refuses it. `fmt` "layerzip": that size as a
+    plain compressed directory at `out` (export_size)."""
+    if fmt == "layerzip":
+        return export_size(source, out, keep, force, progress)
     if fmt != "onnx":
-        raise LayerzipError(f"--format must be onnx, got {fmt!r}")
+        raise LayerzipError(f"--format must be onnx or layerzip, got {fmt!r}")
     out = Path(out)
     if out.suffix != ".onnx":
         raise LayerzipError(f"--out {out} must be a file path ending in .onnx")
@@ -334,7 +446,7 @@ def export_model(source: str, out: str | Path, fmt: str = "onnx", keep: float | 
         if not meta.get("elastic"):
             raise LayerzipError(f"--keep picks a width of an elastic model (compress --elastic), and {source} is "
                                 "not one; drop --keep")
-    loaded = load_model(source, dtype="float32")
+    loaded = load_model(source, dtype="float32", keep=keep)
     try:
         rep = export_onnx(loaded.model, out, opset=opset, verify=verify, progress=progress)
     except (LayerzipError, KeyboardInterrupt):
@@ -344,4 +456,38 @@ def export_model(source: str, out: str | Path, fmt: str = "onnx", keep: float | 
         raise LayerzipError(f"exporting {source} to ONNX failed ({type(e).__name__}: {first}); nothing was "
                             "written — please report it with the model's config.json") from None
     return {"model": str(source), "kind": "causal-lm" if loaded.causal else "encoder",
-            "params": count_params(loaded.model), **rep}
+            "params": count_params(loaded.model), **_size_of(loaded), **rep}
+
+
+def _size_of(loaded: Loaded) -> dict:
+    return {"keep": loaded.elastic["keep"], "keep_achieved": loaded.elastic["keep_achieved"]} if loaded.elastic \
+        else {}
+
+
+def export_size(source: str, out: str | Path, keep: float | None = None, force: bool = False,
+                progress: bool = True) -> dict:
+    """`layerzip export DIR --format layerzip --keep K --out SMALL`: one size of an elastic directory written as a
+    plain compressed directory (atomically; what a direct compression at that keep writes, without recalibrating).
+    `keep` None: the directory's default size."""
+    src = source_path(source)
+    meta = read_meta(src) if src is not None and src.is_dir() and (src / META).is_file() else {}
+    if "elastic" not in meta:
+        raise LayerzipError(f"--format layerzip writes one size of an elastic model (compress --elastic), and "
+                            f"{source} is not one; compress it with --elastic, or copy it as it is")
+    out = check_out_dir(out, force, src)
+    if out.resolve().is_relative_to(src.resolve()):
+        raise LayerzipError(f"--out {out} is inside the input model {src}; write it elsewhere")
+    loaded = load_model(source, keep=keep)
+    size = loaded.elastic
+    report = {k: v for k, v in (meta.get("report") or {}).items() if k != "elastic"}
+    report.update(keep=size["keep"], keep_achieved=size["keep_achieved"], ranks=size["ranks"],
+                  target_params_after=size["target_params_after"], params_after=count_params(loaded.model))
+    keep_meta = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
+                                                            "dtype", "modules", "bits", "group_size", "elastic")}
+    keep_meta.update(keep=size["keep"], report=report,
+                     config={**(meta.get("config") or {}), "keep": size["keep"], "elastic": False},
+                     elastic_source={"path": str(src), "keep": size["keep"], **meta["elastic"]})
+    save(loaded.model, out, tokenizer=loaded.tokenizer, meta=keep_meta)
+    return {"model": str(source), "out": str(out), "format": "layerzip", "keep": size["keep"],
+            "keep_achieved": size["keep_achieved"], "params": count_params(loaded.model),
+            "size_on_disk_before": size_on_disk(src), "size_on_disk": size_on_disk(out)}

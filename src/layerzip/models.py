@@ -31,6 +31,7 @@ class Loaded:
     causal: bool
     source: str          # what the user named
     path: Path | None    # directory (or .gguf file) it came from
+    elastic: dict | None = None   # an elastic directory: the size loaded (keep, keep_achieved, ranks; elastic.py)
 
 
 def is_causal(model: nn.Module) -> bool:

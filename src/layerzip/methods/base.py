@@ -51,6 +51,11 @@ class CompressConfig:
     exclude: str | None = option(None, "regex: leave matching layers dense")
     sequential: bool = option(False, "calibrate each block on the already compressed blocks' output")
     correct: bool = option(False, "refit each left factor by least squares toward the original outputs")
+    elastic: bool = option(False, "store every size from --keep-min to --keep-max in one directory; choose one when "
+                                  "loading (eval/export --keep K, lz.load(DIR, keep=K)); --keep is the default size")
+    keep_min: float = option(0.3, "--elastic: the smallest keep the directory can be loaded at")
+    keep_max: float = option(1.0, "--elastic: the largest keep the directory can be loaded at (below 1: a smaller "
+                                  "file)")
 
     name: ClassVar[str] = "?"
     uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
@@ -58,6 +63,7 @@ class CompressConfig:
     objectives: ClassVar[tuple] = OBJECTIVES
     correct_ok: ClassVar[bool] = True
     stream_ok: ClassVar[bool] = True          # works on a streamed model, one block in memory at a time
+    prefix_ok: ClassVar[bool] = False         # rank-r factors = the first r of the full-rank ones (--elastic)
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
@@ -72,9 +78,37 @@ class CompressConfig:
             raise LayerzipError(f"method {self.name} cannot run --correct; drop that flag")
         if self.sequential and not self.sequential_ok:
             raise LayerzipError(f"method {self.name} cannot run --sequential; drop that flag")
+        if self.elastic:
+            self._check_elastic()
+        elif (self.keep_min, self.keep_max) != (0.3, 1.0):
+            raise LayerzipError("--keep-min / --keep-max set the range of an elastic model; add --elastic or drop "
+                                "them")
         if self.sequential and not self.needs_stats:
             raise LayerzipError(f"--sequential changes the statistics, which method {self.name} does not use; add "
                                 "--correct (refit toward the original outputs) or pick svd-llm, asvd or cur")
+
+    def _check_elastic(self) -> None:
+        """--elastic stores one decomposition whose prefixes are every keep's: refuse what breaks that."""
+        for name in ("keep_min", "keep_max"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+                raise LayerzipError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+        if not self.keep_min <= self.keep <= self.keep_max:
+            raise LayerzipError(f"--elastic: --keep {self.keep} (the default size) must lie in --keep-min "
+                                f"{self.keep_min} .. --keep-max {self.keep_max}; change one of them")
+        if not self.prefix_ok:
+            ok = ", ".join(n for n, c in METHODS.items() if getattr(c, "prefix_ok", False))
+            raise LayerzipError(f"method {self.name} cannot be --elastic (its rank-r factors are not a truncation of "
+                                f"its full-rank ones); use one of --method {ok} or drop --elastic")
+        if self.alloc == "uniform":
+            raise LayerzipError("--elastic chooses every size by the global allocation; add --alloc global (or "
+                                "drop --alloc uniform)")
+        if self.objective == "latency":
+            raise LayerzipError("--elastic cannot use --objective latency (its speed limits are measured per "
+                                "machine); use --objective params or drop --elastic")
+        if self.sequential or self.correct:
+            raise LayerzipError("--elastic stores one decomposition for every size, which --sequential and "
+                                "--correct (refit per rank) do not give; drop them or drop --elastic")
 
     @property
     def needs_stats(self) -> bool:
@@ -131,10 +165,14 @@ class CompressConfig:
     def ranks(self, shapes: dict[str, tuple[int, int]], keep: float, spectrum_of=None) -> dict[str, int | None]:
         """Ranks at `keep` of the weights; `spectrum_of(name)` -> that module's spectrum (when `needs_spectra`)."""
         if self.alloc == "global":
-            spectra = {n: spectrum_of(n) for n in shapes}
-            fast = speed.max_ranks(shapes, progress=True) if self.objective == "latency" else None
-            return allocate.global_ranks(shapes, spectra, keep, normalize=not self.loss_units, max_ranks=fast)
+            path = self.allocation({n: spectrum_of(n) for n in shapes}, shapes)
+            return path.ranks(keep * path.dense_params)
         return allocate.uniform_ranks(shapes, keep)
+
+    def allocation(self, spectra: dict, shapes: dict[str, tuple[int, int]]) -> allocate.AllocationPath:
+        """The global allocation of every budget (nested: allocate.AllocationPath) from the modules' spectra."""
+        fast = speed.max_ranks(shapes, progress=True) if self.objective == "latency" else None
+        return allocate.AllocationPath(shapes, spectra, normalize=not self.loss_units, max_ranks=fast)
 
     # ----------------------------------------------------------------------------------------- its whole-model part
     def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":

@@ -37,6 +37,7 @@ class FWSVD(CompressConfig):
     """Fisher-weighted SVD: rows weighted by √(Σ squared gradients of the loss)."""
     uses_stats: ClassVar[bool] = True
     sequential_ok: ClassVar[bool] = False
+    prefix_ok: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return fwsvd_factors(W, stats, rank)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,7 @@ def svd_factors(W: torch.Tensor, stats, rank: int):
 @dataclass
 class SVD(CompressConfig):
     """Truncated SVD of W (no calibration)."""
+    prefix_ok: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return svd_factors(W, stats, rank)

@@ -67,6 +67,7 @@ class SVDLLM(CompressConfig):
                                         "(default: causal LMs ≥ 2048 tokens and 1/8 of the calibration, "
                                         "encoders all)")
     uses_stats: ClassVar[bool] = True
+    prefix_ok: ClassVar[bool] = True          # A, B at rank r: the first r of one whitened SVD (also with fisher)
     ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
     FISHER_MIN_TOKENS: ClassVar[int] = 2048
     FISHER_FRACTION: ClassVar[float] = 1 / 8
@@ -90,7 +91,8 @@ class SVDLLM(CompressConfig):
                          for b in calib)
             want = max(self.FISHER_MIN_TOKENS, self.FISHER_FRACTION * tokens)
             samples = min(sequences, math.ceil(want * sequences / max(tokens, 1)))
-        resolved = {"alloc": self.alloc or ("global" if best or self.objective == "latency" else "uniform"),
+        resolved = {"alloc": self.alloc or ("global" if best or self.objective == "latency" or self.elastic
+                                           else "uniform"),
                     "fisher": fisher, "fisher_samples": samples}
         if all(getattr(self, k) == v for k, v in resolved.items()):
             return self                     # nothing left to decide (and the caller's instance is kept)

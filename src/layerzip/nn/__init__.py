@@ -10,6 +10,9 @@
 | BlastLinear | blocks Uᵢ diag(sᵢⱼ) Vⱼᵀ | r(b·p + b·q + b²) |
 | TTLinear | tensor-train matrix | Σ r_{k−1} m_k n_k r_k |
 
+ElasticLinear (elastic.py): one module of an elastic model (`compress --elastic`), low-rank factors whose
+prefixes are every width it can be loaded at (or its dense weight), and the spectrum that chooses the width.
+
 Embeddings (embedding.py): LowRankEmbedding (a row of A (vocab×r) looked up, times B (r×dim)), and TiedLowRankHead,
 the LowRankLinear LM head sharing its A and B (tied weights stay tied).
 
@@ -25,6 +28,7 @@ from ._common import StructuredLinear, balanced_factors, layer_flops
 from .base import FactorizedLayer, dense_weight_and_bias, is_conv1d, is_linear_like, layer_from_spec, register_layer
 from .blast import BlastLinear
 from .btt import BTTLinear
+from .elastic import ElasticLinear
 from .embedding import (LowBitLowRankEmbedding, LowBitTiedHead, LowRankEmbedding, ScaledEmbedding, TiedLowRankHead,
                         tie_heads_)
 from .conv import CONV_LAYERS, CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, factorizable
@@ -46,5 +50,5 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
            "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
-__all__ += ["LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead", "LowRankEmbedding", "ScaledEmbedding",
-            "TiedLowRankHead", "tie_heads_"]
+__all__ += ["ElasticLinear", "LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead",
+            "LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
