@@ -32,6 +32,7 @@ from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
 from .lowrank import (LowBitLowRank, LowRankLinear, dequantize_factors_, quantize_factors_, restore_modules_,
                       singular_values, split_balanced, truncated_factors)
+from .moe import DenseFFN, MoEFFN
 from .monarch import MonarchLinear
 from .shapes import choose_shape
 from .tt import TTLinear
@@ -46,3 +47,4 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
            "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
 __all__ += ["LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
+__all__ += ["DenseFFN", "MoEFFN"]
