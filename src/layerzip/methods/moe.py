@@ -1,7 +1,7 @@
 """`--method moe --experts E --active k`: MoEfication — each dense FFN of the blocks becomes E experts and a router.
 
     calibration -> each FFN's input rows X (block by block, the block driver's walk) -> activations h(X) (tokens × I)
-    -> experts: balanced k-means of the I neurons on their co-activation patterns (|h| over tokens, unit norm),
+    -> experts: balanced k-means of the I neurons on their co-activation patterns (|h_i| ‖W_d[:, i]‖ over tokens),
        E clusters of I/E neurons each (Zhang et al., MoEfication, 2022)
     -> router: a linear layer on X fitted to each token's expert mass m_e = Σ_{i∈S_e} |h_i| ‖W_d[:, i]‖ (how much of
        the output the expert carries): soft cross-entropy against m / Σm, Adam, a few hundred steps
@@ -31,11 +31,12 @@ from .base import CompressConfig, option, register_method
 
 
 # ------------------------------------------------------------------------------------------------- the math
-def coactivation_features(h: torch.Tensor) -> torch.Tensor:
-    """neurons × tokens: each neuron's activation magnitudes |h| over the tokens, scaled to unit norm (k-means on
-    these clusters neurons that fire on the same tokens)."""
-    f = h.abs().t().float()
-    return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def coactivation_features(h: torch.Tensor, out_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """neurons × tokens: neuron i's output magnitude |h_i| ‖W_d[:, i]‖ on each token. k-means on these puts neurons
+    that fire on the same tokens together, the loud ones weighing most (on Gemma-3-270M this left 20–50% less
+    output error at 2 of 8 experts than unit-normalised patterns)."""
+    f = h.abs().float() * (1.0 if out_norm is None else out_norm.float())
+    return f.t().contiguous()
 
 
 def _balanced_assign(D: torch.Tensor, cap: int) -> torch.Tensor:
@@ -65,14 +66,17 @@ def balanced_kmeans(X: torch.Tensor, k: int, iters: int = 30, generator: torch.G
     """
     n = X.shape[0]
     assert n % k == 0, f"{n} rows do not split into {k} equal clusters"
-    X = X.float()
+    X = X.float().contiguous()
+    sq = X.square().sum(1)
+
+    def dist2(C):                                   # ‖x − c‖², by one matmul
+        return (sq[:, None] - 2 * X @ C.t() + C.square().sum(1)).clamp_min(0)
     C = X[torch.randint(n, (1,), generator=generator)]
     for _ in range(k - 1):                          # k-means++: next centre drawn ∝ squared distance
-        d2 = torch.cdist(X, C).min(dim=1).values.square()
-        C = torch.cat([C, X[torch.multinomial(d2 + 1e-12, 1, generator=generator)]])
+        C = torch.cat([C, X[torch.multinomial(dist2(C).min(dim=1).values + 1e-12, 1, generator=generator)]])
     labels = None
     for _ in range(iters):
-        new = _balanced_assign(torch.cdist(X, C), n // k)
+        new = _balanced_assign(dist2(C), n // k)
         if labels is not None and torch.equal(new, labels):
             break
         labels = new
@@ -82,7 +86,7 @@ def balanced_kmeans(X: torch.Tensor, k: int, iters: int = 30, generator: torch.G
 
 def expert_mass(h: torch.Tensor, out_norm: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
     """tokens × experts: m_e = Σ_{i ∈ S_e} |h_i| ‖W_d[:, i]‖, a bound on the norm of expert e's output share."""
-    return torch.zeros(h.shape[0], experts).index_add_(1, labels, h.abs().float() * out_norm)
+    return (h.abs().float() * out_norm) @ F.one_hot(labels, experts).float()
 
 
 def topk_recall(logits: torch.Tensor, mass: torch.Tensor, k: int) -> float:
@@ -98,16 +102,17 @@ def fit_router(X: torch.Tensor, mass: torch.Tensor, steps: int = 300, lr: float 
     standardised while training and the scaling folded into W and b afterwards."""
     X, P = X.float(), mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
+    Z = (X - mu) / sd
     router = nn.Linear(X.shape[1], P.shape[1])
     nn.init.zeros_(router.weight)
     nn.init.zeros_(router.bias)
-    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    opt = torch.optim.Adam(router.parameters(), lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     losses = []
     with torch.enable_grad():
         for _ in range(steps):
             idx = torch.randint(X.shape[0], (min(batch, X.shape[0]),), generator=generator)
-            loss = -(P[idx] * F.log_softmax(router((X[idx] - mu) / sd), dim=-1)).sum(-1).mean()
+            loss = -(P[idx] * F.log_softmax(router(Z[idx]), dim=-1)).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -131,7 +136,7 @@ def moefy(dense: DenseFFN, X: torch.Tensor, experts: int, active: int, router_st
     out_norm = w["out"][0].float().norm(dim=0)
     pick = torch.randperm(train.shape[0], generator=generator)[:cluster_tokens]
     h = dense.intermediate(train[pick].to(dtype)).float()
-    labels = balanced_kmeans(coactivation_features(h), experts, generator=generator)
+    labels = balanced_kmeans(coactivation_features(h, out_norm), experts, generator=generator)
 
     def mass(rows):
         return torch.cat([expert_mass(dense.intermediate(c.to(dtype)), out_norm, labels, experts)
