@@ -42,10 +42,10 @@ def activation_name(module: nn.Module) -> str | None:
     """The ACT2FN name under which transformers builds `module` (same class, same values), or None."""
     from transformers.activations import ACT2CLS, ACT2FN
     probe = torch.linspace(-8, 8, 161)
-    for name in ACT2CLS:
-        cand = ACT2FN[name]
-        if type(cand) is type(module) and torch.allclose(cand(probe), module(probe), atol=1e-6):
-            return name
+    for name, cls in ACT2CLS.items():
+        if (cls[0] if isinstance(cls, tuple) else cls) is type(module):       # built only when the class matches
+            if torch.allclose(ACT2FN[name](probe), module(probe), atol=1e-6):
+                return name
     return None
 
 
