@@ -114,6 +114,9 @@ def test_compress_report(moefied):
         assert info["output_nmse"] < 1
     ids = batches()[0]["input_ids"]
     assert not torch.allclose(logits(model, ids), logits(original, ids))      # half the experts really skipped
+    from layerzip.evaluate import flops                                      # eval --latency counts routed FLOPs
+    moes = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    assert flops(model, 16)["flops_per_token_factorized"] == pytest.approx(sum(m.flops() for m in moes))
 
 
 def test_save_load_and_native_loading(moefied):
@@ -218,3 +221,9 @@ def test_cli_heal_steps(tiny_dirs, calib_file, tmp_path, capsys):
     model = lz.load(tmp_path / "o")
     assert isinstance(model.model.layers[0].mlp, MoEFFN)
     assert logits(model, torch.randint(5, 500, (1, 8))).isfinite().all()
+
+
+def test_onnx_export_is_refused(moefied, tmp_path):
+    model, *_ = moefied
+    with pytest.raises(lz.LayerzipError, match="export the merged model"):
+        lz.export_onnx(model, tmp_path / "m.onnx")

@@ -10,6 +10,9 @@
 | BlastLinear | blocks Uᵢ diag(sᵢⱼ) Vⱼᵀ | r(b·p + b·q + b²) |
 | TTLinear | tensor-train matrix | Σ r_{k−1} m_k n_k r_k |
 
+MoEFFN (moe.py): a whole FFN (GLU or two-layer MLP) as E experts of its intermediate neurons and a linear router,
+top-k experts per token, a sparse forward; `to_dense()` gives the original FFN back as a DenseFFN.
+
 Embeddings (embedding.py): LowRankEmbedding (a row of A (vocab×r) looked up, times B (r×dim)), and TiedLowRankHead,
 the LowRankLinear LM head sharing its A and B (tied weights stay tied).
 
