@@ -86,7 +86,7 @@ def balanced_kmeans(X: torch.Tensor, k: int, iters: int = 30, generator: torch.G
 
 def expert_mass(h: torch.Tensor, out_norm: torch.Tensor, labels: torch.Tensor, experts: int) -> torch.Tensor:
     """tokens × experts: m_e = Σ_{i ∈ S_e} |h_i| ‖W_d[:, i]‖, a bound on the norm of expert e's output share."""
-    return (h.abs().float() * out_norm) @ F.one_hot(labels, experts).float()
+    return (h.abs().float() * out_norm.to(h.device)) @ F.one_hot(labels, experts).float().to(h.device)
 
 
 def topk_recall(logits: torch.Tensor, mass: torch.Tensor, k: int) -> float:
@@ -136,12 +136,13 @@ def moefy(dense: DenseFFN, X: torch.Tensor, experts: int, active: int, router_st
     out_norm = w["out"][0].float().norm(dim=0)
     pick = torch.randperm(train.shape[0], generator=generator)[:cluster_tokens]
     h = dense.intermediate(train[pick].to(dtype)).float()
-    labels = balanced_kmeans(coactivation_features(h, out_norm), experts, generator=generator)
+    # activations on the FFN's device; clustering and the router's fit (small) on the CPU
+    labels = balanced_kmeans(coactivation_features(h, out_norm).cpu(), experts, generator=generator)
 
     def mass(rows):
-        return torch.cat([expert_mass(dense.intermediate(c.to(dtype)), out_norm, labels, experts)
+        return torch.cat([expert_mass(dense.intermediate(c.to(dtype)), out_norm, labels, experts).cpu()
                           for c in rows.split(4096)]) if rows.shape[0] else torch.zeros(0, experts)
-    W, b, losses = fit_router(train, mass(train), router_steps, generator=generator)
+    W, b, losses = fit_router(train.cpu(), mass(train), router_steps, generator=generator)
     moe = MoEFFN.from_dense_ffn(dense, labels, active, (W, b))
     k = max(1, min(5, len(losses) // 10))
     info = {"router_loss_first": sum(losses[:k]) / k, "router_loss_last": sum(losses[-k:]) / k,
@@ -149,7 +150,7 @@ def moefy(dense: DenseFFN, X: torch.Tensor, experts: int, active: int, router_st
     if test.shape[0]:
         t = test.to(dtype)
         ref = dense(t).float()
-        info.update(topk_recall=topk_recall(moe.route(t).float(), mass(test), active),
+        info.update(topk_recall=topk_recall(moe.route(t).float().cpu(), mass(test), active),
                     output_nmse=((moe(t).float() - ref).square().sum() / ref.square().sum().clamp_min(1e-30)).item())
     return moe, info
 
