@@ -10,6 +10,7 @@ load of a shared machine falls on both): a forward of `--latency-seq-len` tokens
 (one new token with a KV cache of that many tokens) at batch 1; plus one FFN alone at 1 and 32 tokens.
 
     python bench/moe.py [--quick] [--experts 8 16] [--calib-samples 32] [--eval-windows 4] [--lowrank 0.25 0.5]
+    python bench/moe.py --report-only        # PNG + MOE.md again from bench/results/moe_gemma.json
 Writes bench/results/moe_<model>.json, moe_<model>.png and bench/MOE.md.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 import common
 import layerzip as lz
 from layerzip.data import token_batches
-from layerzip.evaluate import latency, perplexity
+from layerzip.evaluate import flops, latency, perplexity
 from layerzip.nn import MoEFFN
 
 FFN = r"\.mlp\."
@@ -122,7 +123,9 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
     dense = loaded.model
     dense_ffn = sum(2 * m.weight.numel() for n, m in dense.named_modules()
                     if n.endswith(("gate_proj", "up_proj", "down_proj")))
-    res = {"model": b.name, "title": b.title, "dense": {"perplexity": dense_ppl, "seconds_eval": t.s},
+    res = {"model": b.name, "title": b.title, "dense": {"perplexity": dense_ppl, "seconds_eval": t.s,
+                                                      "ffn_flops_per_token": dense_ffn,
+                                                      **flops(dense, b.latency_seq_len)},
            "calib": {"windows": calib_samples, "seq_len": seq_len}, "eval": {"windows": b.eval_windows,
            "seq_len": b.eval_seq_len}, "latency": {"seq_len": b.latency_seq_len, "threads": threads,
            "repeats": repeats}, "rows": [], "env": common.env(), "code": common.code_version()}
@@ -221,7 +224,13 @@ def markdown(res: dict) -> str:
            f"{lat['threads']} thread, medians of {lat['repeats']} alternated pairs: a forward of {lat['seq_len']} "
            f"tokens (dense ≈ {dense_fwd:.0f} ms) and one decoding step with a {lat['seq_len']}-token KV cache "
            f"(dense ≈ {dense_dec:.1f} ms). FFN fraction: FLOPs the FFNs run per token ÷ dense (MoE: k/E + the "
-           "router).", "", f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
+           "router).", ""]
+    fl = res["dense"]
+    if "flops_per_token" in fl:
+        ffn, head = fl["ffn_flops_per_token"] / fl["flops_per_token"], fl["flops_per_token_lm_head"] / fl["flops_per_token"]
+        out += [f"The FFNs are {ffn:.0%} of a dense token's FLOPs and the LM head {head:.0%}, so even FFNs that cost nothing would make a whole forward at most "
+                f"{1 / (1 - ffn):.2f}× faster; the FFN alone (last table) shows the layer's own speedup.", ""]
+    out += [f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
            "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit (s) |",
            "|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["method"] != "moe", r.get("experts", 0), r["ffn_flops_fraction"])):
@@ -267,7 +276,19 @@ def main(argv=None):
     ap.add_argument("--lowrank", nargs="*", type=float, default=[0.125, 0.25, 0.375, 0.5])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--report-only", action="store_true", help="redraw the PNG and MOE.md from the saved JSON")
     a = ap.parse_args(argv)
+    if a.report_only:
+        res = common.read_json("moe_gemma")
+        if "flops_per_token" not in res["dense"]:       # a run before they were recorded: count them now
+            dense = common.benches(False, ["gemma"])[0].load().model
+            res["dense"].update(ffn_flops_per_token=sum(2 * m.weight.numel() for n, m in dense.named_modules()
+                                                        if n.endswith(("gate_proj", "up_proj", "down_proj"))),
+                                **flops(dense, res["latency"]["seq_len"]))
+            common.write_json("moe_gemma", res)
+        plot(res)
+        (common.RESULTS.parent / "MOE.md").write_text(markdown(res))
+        return
     b = common.benches(a.quick, ["tiny-gemma" if a.quick else "gemma"])[0]
     if a.quick:                 # the tiny model: 256 positions, 128 FFN neurons
         a.experts, a.calib_samples, a.seq_len, a.lowrank, a.repeats = [8], 8, 64, [0.25, 0.5], 2
