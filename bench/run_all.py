@@ -6,7 +6,7 @@
 
 Steps (each a subprocess, so one failure is reported and the rest still run): quality curves (+ compression time
 vs limit), latency vs FLOP bound, tltorch peers, peak memory; then the other engineers' scripts when present
-(bench/beat_svdllm.py, depth_and_heal.py, structures_speed.py, mnist_structures.py, export_latency.py;
+(bench/beat_svdllm.py, depth_and_heal.py, structures_speed.py, mnist_structures.py, export_latency.py, moe.py;
 `--skip-others` skips them).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py", "export_latency.py",
-          "elastic.py")
+          "elastic.py", "moe.py", "bytes.py")
 OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
@@ -32,7 +32,10 @@ OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", 
               ("ONNX export and latency-aware allocation (--objective params vs latency)", "bench/EXPORT.md"),
               ("Convolutions on real CNNs (MNIST CNN, EfficientNet-Lite0, CRAFT) vs tltorch", "bench/CONV.md"),
               ("The default compression's cost against its limit; how many tokens the Fisher needs", "bench/COST.md"),
-              ("Elastic size: one file, every keep (vs a direct compression at each keep)", "bench/ELASTIC.md"))
+              ("Elastic size: one file, every keep (vs a direct compression at each keep)", "bench/ELASTIC.md"),
+              ("MoEfication: FFNs as mixtures of experts vs low rank at equal FFN FLOPs", "bench/MOE.md"),
+              ("Bytes vs quality: low rank, int8 / int4 storage, the embedding, against quantization and the GGUF",
+               "bench/BYTES.md"))
 
 
 def steps(a) -> list[list[str]]:

@@ -13,7 +13,8 @@ from conftest import tiny_model
 
 # name: (config options, kind) — kind "lowrank": factors(W, stats, rank) exact at full rank, keep met within 1%;
 # "structured": one projected layer per target, ≤ keep; "depth": removes blocks; "conv": convolutions only (these
-# language models have none, so they are refused in one line; tests/test_conv.py runs them on CNNs and a ResNet)
+# language models have none, so they are refused in one line; tests/test_conv.py runs them on CNNs and a ResNet);
+# "moe": FFNs split into experts, every weight kept (the tiny BERT's FFN spans two modules: refused in one line)
 ROWS = {
     "svd": ({}, "lowrank"),
     "asvd": ({"alpha": 0.5}, "lowrank"),
@@ -31,6 +32,7 @@ ROWS = {
     "tucker2": ({}, "conv"),
     "cp": ({}, "conv"),
     "spatial-svd": ({}, "conv"),
+    "moe": ({"experts": 2, "active": 1, "keep": 1.0, "router_steps": 10}, "moe"),
 }
 
 
@@ -64,14 +66,16 @@ def test_compress_save_load(name, arch, tmp_path):
     cfg = lz.config_from_dict({"method": name, "keep": 0.5, **options})
     assert lz.config_from_dict(cfg.to_dict()) == cfg
     calib = batches()
-    if kind == "conv":
-        with pytest.raises(lz.LayerzipError, match="no convolution"):
+    if kind == "conv" or kind == "moe" and arch == "bert":
+        with pytest.raises(lz.LayerzipError, match="no convolution" if kind == "conv" else "no feed-forward"):
             lz.compress_(model, cfg, calib=calib, progress=False)
         return
     rep = lz.compress_(model, cfg, calib=calib, progress=False)
     keep = rep["keep_achieved"]
     if kind == "lowrank":
         assert abs(keep - 0.5) <= 0.01 * 0.5 and rep["factorized"] > 0
+    elif kind == "moe":
+        assert 1 < keep < 1.05 and rep["factorized"] == rep["targets"] == 2
     elif kind == "structured":
         assert 0 < keep <= 0.5 + 1e-9 and rep["factorized"] == rep["targets"]
     else:

@@ -182,7 +182,8 @@ def flops(model: nn.Module, seq_len: int = 128) -> dict:
                 counts["attention"] += 4.0 * heads * head_dim * ctx * tokens_of(x, x.shape[-1])
             else:
                 w = sum(p.numel() for p in m.parameters() if p.dim() > 1)
-                counts["factorized"] += 2.0 * w * tokens_of(x, m.in_features)
+                per = m.flops() if getattr(m, "sparse", False) else 2.0 * w   # MoE: the routed experts only
+                counts["factorized"] += per * tokens_of(x, m.in_features)
         return fn
 
     inside: tuple[str, ...] = ()          # factorized layers already counted: their submodules are not

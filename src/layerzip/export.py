@@ -122,6 +122,9 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, dynamo: 
     onnx, _ = require_onnx()
     if source_of(model) is not None:
         raise LayerzipError("ONNX export needs the whole model in memory; load it with --no-stream")
+    if any(getattr(m, "sparse", False) for m in model.modules()):
+        raise LayerzipError("a mixture-of-experts FFN (--method moe) routes each token through data-dependent "
+                            "control flow, which an ONNX trace would freeze; export the merged model (lz.merge_)")
     t0 = time.perf_counter()
     path = Path(path)
     net = _Graph(_export_copy(model)).eval()

@@ -12,6 +12,8 @@
 
 ElasticLinear (elastic.py): one module of an elastic model (`compress --elastic`), low-rank factors whose
 prefixes are every width it can be loaded at (or its dense weight), and the spectrum that chooses the width.
+MoEFFN (moe.py): a whole FFN (GLU or two-layer MLP) as E experts of its intermediate neurons and a linear router,
+top-k experts per token, a sparse forward; `to_dense()` gives the original FFN back as a DenseFFN.
 
 Embeddings (embedding.py): LowRankEmbedding (a row of A (vocab×r) looked up, times B (r×dim)), and TiedLowRankHead,
 the LowRankLinear LM head sharing its A and B (tied weights stay tied).
@@ -36,6 +38,7 @@ from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
 from .lowrank import LowBitLowRank, LowRankLinear, singular_values, split_balanced, truncated_factors
+from .moe import DenseFFN, MoEFFN
 from .monarch import MonarchLinear
 from .quantize import LOWBIT_TYPES, LowBitLinear, dequantize_factors_, quantize_factors_, restore_modules_
 from .shapes import choose_shape
@@ -52,3 +55,4 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
 __all__ += ["ElasticLinear", "LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead",
             "LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
+__all__ += ["DenseFFN", "MoEFFN"]

@@ -1,0 +1,305 @@
+"""MoEfication on Gemma-3-270M: held-out perplexity and CPU latency against the fraction of FFN FLOPs each token runs,
+for E = 8 and 16 experts (k = 1 … E/2 active), against dense and against low rank (`svd-llm` on the FFN
+projections only) at the same FFN FLOPs.
+
+Each E is fitted once (clustering and router do not depend on k); k is then set on every MoEFFN (`active`), which is
+what `--active k` would have saved. Low rank at FFN fraction f: `svd-llm --include '\\.mlp\\.' --keep f` (its
+default global ranks with the Fisher; a low-rank layer's FLOPs are 2× its weights, so keep = FLOP fraction), one
+calibration shared across the keeps. Latency (one thread, medians, dense and compressed alternated so that the
+load of a shared machine falls on both): a forward of `--latency-seq-len` tokens at batch 1, and one decoding step
+(one new token with a KV cache of that many tokens) at batch 1; plus one FFN alone at 1 and 32 tokens.
+
+    python bench/moe.py [--quick] [--experts 8 16] [--calib-samples 32] [--eval-windows 4] [--lowrank 0.25 0.5]
+    python bench/moe.py --report-only        # PNG + MOE.md again from bench/results/moe_gemma.json
+Writes bench/results/moe_<model>.json, moe_<model>.png and bench/MOE.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import common
+import layerzip as lz
+from layerzip.data import token_batches
+from layerzip.evaluate import flops, latency, perplexity
+from layerzip.nn import MoEFFN
+
+FFN = r"\.mlp\."
+
+
+def set_active(model, k: int) -> None:
+    for m in model.modules():
+        if isinstance(m, MoEFFN):
+            m.active = k
+
+
+def ffn_fraction(model, dense_ffn_flops: int) -> float:
+    """FFN FLOPs per token of `model` ÷ the dense FFNs' (MoE: routed experts + router; low rank: its factors)."""
+    got = 0
+    for name, m in model.named_modules():
+        if isinstance(m, MoEFFN):
+            got += m.flops()
+        elif name.endswith(("gate_proj", "up_proj", "down_proj")) and ".mlp." in name + ".":
+            got += m.flops() if isinstance(m, lz.FactorizedLayer) else 2 * m.weight.numel()
+    return got / dense_ffn_flops
+
+
+@torch.no_grad()
+def decode_ms(model, ids: torch.Tensor) -> float:
+    """One decoding step: the next token's forward with the KV cache of `ids` (batch 1)."""
+    past = model(input_ids=ids, use_cache=True).past_key_values
+    nxt = ids[:, -1:]
+    t = time.perf_counter()
+    model(input_ids=nxt, past_key_values=past, use_cache=True)
+    return 1000 * (time.perf_counter() - t)
+
+
+def paired(dense, model, fn, repeats: int) -> dict:
+    """fn(dense) and fn(model) alternated; medians and the median per-pair speedup."""
+    d, c = [], []
+    for _ in range(repeats):
+        d.append(fn(dense))
+        c.append(fn(model))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"dense_ms": med(d), "ms": med(c), "speedup": med([x / y for x, y in zip(d, c)])}
+
+
+def speed(dense, model, seq: int, repeats: int, threads: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (1, seq), generator=g)
+    torch.set_num_threads(threads)
+    fwd = paired(dense, model, lambda m: latency(m, 1, seq, 1, warmup=0, threads=threads), repeats)
+    dec = paired(dense, model, lambda m: decode_ms(m, ids), repeats)
+    return {"forward_ms": fwd["ms"], "forward_dense_ms": fwd["dense_ms"], "forward_speedup": fwd["speedup"],
+            "decode_ms": dec["ms"], "decode_dense_ms": dec["dense_ms"], "decode_speedup": dec["speedup"]}
+
+
+@torch.no_grad()
+def ffn_table(dense_mlp, moes: dict, lowrank: dict, repeats: int = 31) -> list[dict]:
+    """One FFN alone (block 0): dense vs MoE (E, k) vs low rank (keep), at 1 and 32 tokens, one thread."""
+    torch.set_num_threads(1)
+    rows = []
+    H = dense_mlp.down_proj.out_features
+    for tokens in (1, 32):
+        x = torch.randn(tokens, H)
+
+        def ms(f):
+            f(x)
+            ts = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                f(x)
+                ts.append(time.perf_counter() - t)
+            return 1000 * sorted(ts)[repeats // 2]
+        base = ms(dense_mlp)
+        rows.append({"tokens": tokens, "kind": "dense", "ms": base, "speedup": 1.0})
+        for (E, k), m in moes.items():
+            set_active(m, k)
+            t = ms(m)
+            rows.append({"tokens": tokens, "kind": f"moe E={E} k={k}", "fraction": k / E, "ms": t, "speedup": base / t})
+        for f, m in lowrank.items():
+            t = ms(m)
+            rows.append({"tokens": tokens, "kind": f"svd-llm keep {f:.3g}", "fraction": f, "ms": t, "speedup": base / t})
+    return rows
+
+
+def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, threads: int, repeats: int,
+        lowrank_fractions: list[float], progress: bool = True) -> dict:
+    loaded = b.load()
+    tok = loaded.tokenizer
+    texts = b._data()
+    calib = token_batches(tok, texts["calib"], True, calib_samples, seq_len, batch_size=8)
+    ev = texts["eval"]
+
+    def ppl(model):
+        return perplexity(model, tok, ev, b.eval_seq_len, b.eval_windows, progress=False)
+    torch.set_num_threads(common.DEFAULT_THREADS)
+    with common.Timer() as t:
+        dense_ppl = ppl(loaded.model)
+    dense = loaded.model
+    dense_ffn = sum(2 * m.weight.numel() for n, m in dense.named_modules()
+                    if n.endswith(("gate_proj", "up_proj", "down_proj")))
+    res = {"model": b.name, "title": b.title, "dense": {"perplexity": dense_ppl, "seconds_eval": t.s,
+                                                      "ffn_flops_per_token": dense_ffn,
+                                                      **flops(dense, b.latency_seq_len)},
+           "calib": {"windows": calib_samples, "seq_len": seq_len}, "eval": {"windows": b.eval_windows,
+           "seq_len": b.eval_seq_len}, "latency": {"seq_len": b.latency_seq_len, "threads": threads,
+           "repeats": repeats}, "rows": [], "env": common.env(), "code": common.code_version()}
+    block0 = {}
+    total = sum(E // 2 for E in experts) + len(lowrank_fractions)
+    bar = tqdm(total=total, desc=f"moe {b.name}", unit="model", disable=not progress)
+    for E in experts:
+        model = copy.deepcopy(dense)
+        torch.set_num_threads(common.DEFAULT_THREADS)
+        with common.Timer() as t:
+            rep = lz.compress_(model, lz.MoE(experts=E, active=max(1, E // 4)), calib=calib, progress=False)
+        layers = rep["moe_layers"].values()
+        fit = {"seconds": t.s, "router_loss_first": _mean(i["router_loss_first"] for i in layers),
+               "router_loss_last": _mean(i["router_loss_last"] for i in layers)}
+        for k in range(1, E // 2 + 1):
+            set_active(model, k)
+            torch.set_num_threads(common.DEFAULT_THREADS)
+            row = {"method": "moe", "experts": E, "active": k, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
+                   "perplexity": ppl(model), **fit}
+            row["ppl_ratio"] = row["perplexity"] / dense_ppl
+            row.update(speed(dense, model, b.latency_seq_len, repeats, threads))
+            res["rows"].append(row)
+            bar.update()
+            common.write_json(f"moe_{b.name}", res)
+        block0[E] = model.model.layers[0].mlp if hasattr(model, "model") else None
+        del model
+    lowrank0 = {}
+    cache: dict = {}
+    for f in lowrank_fractions:
+        model = copy.deepcopy(dense)
+        cfg = lz.SVDLLM(keep=f, include=FFN).resolve(model, calib)
+        torch.set_num_threads(common.DEFAULT_THREADS)
+        with common.Timer() as t:
+            lz.compress_(model, cfg, calib=calib, progress=False, stats=common.cached_stats(cfg, calib, model, cache))
+        row = {"method": "svd-llm (FFN only)", "keep": f, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
+               "perplexity": ppl(model), "seconds": t.s}
+        row["ppl_ratio"] = row["perplexity"] / dense_ppl
+        row.update(speed(dense, model, b.latency_seq_len, repeats, threads))
+        res["rows"].append(row)
+        lowrank0[f] = model.model.layers[0].mlp
+        bar.update()
+        common.write_json(f"moe_{b.name}", res)
+        del model
+    bar.close()
+    moes = {(E, k): m for E, m in block0.items() for k in (1, E // 4, E // 2)}
+    res["ffn_layer"] = ffn_table(dense.model.layers[0].mlp, moes, lowrank0)
+    return res
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def plot(res: dict, results=common.RESULTS):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.5, 4.4))
+    lines = {}
+    for r in res["rows"]:
+        name = f"MoE E={r['experts']}" if r["method"] == "moe" else r["method"]
+        lines.setdefault(name, []).append(r)
+    for name, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["ffn_flops_fraction"])
+        x = [r["ffn_flops_fraction"] for r in rows]
+        a1.plot(x, [r["ppl_ratio"] for r in rows], marker="o", label=name)
+        a2.plot(x, [r["decode_speedup"] for r in rows], marker="o", label=f"{name}, decode step")
+        a2.plot(x, [r["forward_speedup"] for r in rows], marker="s", ls="--",
+                label=f"{name}, forward {res['latency']['seq_len']} tokens")
+    a1.axhline(1.0, color="k", lw=1, label="dense")
+    a1.set_yscale("log")
+    a1.set_xlabel("fraction of FFN FLOPs run per token")
+    a1.set_ylabel("held-out perplexity ÷ dense")
+    a1.set_title(f"{res['title']}: quality", fontsize=10)
+    a2.axhline(1.0, color="k", lw=1)
+    a2.set_xlabel("fraction of FFN FLOPs run per token")
+    a2.set_ylabel("speedup over dense (batch 1, 1 thread)")
+    a2.set_title(f"{res['title']}: CPU latency", fontsize=10)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    return common.save_figure(fig, results / f"moe_{res['model']}.png")
+
+
+def markdown(res: dict) -> str:
+    d = res["dense"]["perplexity"]
+    lat = res["latency"]
+    dense_fwd = _mean(r["forward_dense_ms"] for r in res["rows"])
+    dense_dec = _mean(r["decode_dense_ms"] for r in res["rows"])
+    out = ["# MoEfication (`--method moe`) on " + res["title"], "",
+           f"Written by `python bench/moe.py` (code {res['code']}, {res['env']['date']}, {res['env']['cpu']}, "
+           f"load average {res['env']['load_average_1min']:.1f} on {res['env']['cores']} cores). Held-out python-docs "
+           f"perplexity ({res['eval']['windows']} windows of {res['eval']['seq_len']} tokens; dense {d:.2f}); "
+           f"calibration {res['calib']['windows']} windows of {res['calib']['seq_len']} tokens. Latency at batch 1, "
+           f"{lat['threads']} thread, medians of {lat['repeats']} alternated pairs: a forward of {lat['seq_len']} "
+           f"tokens (dense ≈ {dense_fwd:.0f} ms) and one decoding step with a {lat['seq_len']}-token KV cache "
+           f"(dense ≈ {dense_dec:.1f} ms). FFN fraction: FLOPs the FFNs run per token ÷ dense (MoE: k/E + the "
+           "router).", ""]
+    fl = res["dense"]
+    if "flops_per_token" in fl:
+        ffn, head = fl["ffn_flops_per_token"] / fl["flops_per_token"], fl["flops_per_token_lm_head"] / fl["flops_per_token"]
+        out += [f"The FFNs are {ffn:.0%} of a dense token's FLOPs and the LM head {head:.0%}, so even FFNs that cost nothing would make a whole forward at most "
+                f"{1 / (1 - ffn):.2f}× faster; the FFN alone (last table) shows the layer's own speedup.", ""]
+    out += [f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
+           "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit (s) |",
+           "|---|---|---|---|---|---|"]
+    for r in sorted(res["rows"], key=lambda r: (r["method"] != "moe", r.get("experts", 0), r["ffn_flops_fraction"])):
+        name = f"MoE E={r['experts']} k={r['active']}" if r["method"] == "moe" else f"{r['method']} keep {r['keep']:.3g}"
+        out.append(f"| {name} | {r['ffn_flops_fraction']:.3f} | {r['ppl_ratio']:.3g} | {r['forward_speedup']:.2f}× | "
+                   f"{r['decode_speedup']:.2f}× | {r['seconds']:.0f} |")
+    if res.get("ffn_layer"):
+        out += ["", "One FFN alone (block 0, 640 → 2048 → 640, one thread), median ms:", "",
+                "| FFN | 1 token | speedup | 32 tokens | speedup |", "|---|---|---|---|---|"]
+        by = {}
+        for r in res["ffn_layer"]:
+            by.setdefault(r["kind"], {})[r["tokens"]] = r
+        for kind, t in by.items():
+            out.append(f"| {kind} | {t[1]['ms']:.3f} | {t[1]['speedup']:.2f}× | {t[32]['ms']:.3f} | "
+                       f"{t[32]['speedup']:.2f}× |")
+    out += ["", "Where it wins and where it loses (from the rows above):", "", *verdict(res)]
+    return "\n".join(out) + "\n"
+
+
+def verdict(res: dict) -> list[str]:
+    """One line per low-rank fraction: MoE (each E with that k/E) against svd-llm at the same FFN FLOPs."""
+    lines = []
+    for lr in sorted((r for r in res["rows"] if r["method"] != "moe"), key=lambda r: r["keep"]):
+        same = [r for r in res["rows"] if r["method"] == "moe" and abs(r["active"] / r["experts"] - lr["keep"]) < 1e-9]
+        if not same:
+            continue
+        best = min(same, key=lambda r: r["ppl_ratio"])
+        q = "better" if best["ppl_ratio"] < lr["ppl_ratio"] else "worse"
+        lines.append(f"- {lr['keep']:.3g} of the FFN FLOPs: MoE E={best['experts']} k={best['active']} perplexity ÷ "
+                     f"dense {best['ppl_ratio']:.3g} vs svd-llm {lr['ppl_ratio']:.3g} ({q}); decode step "
+                     f"{best['decode_speedup']:.2f}× vs {lr['decode_speedup']:.2f}×, forward "
+                     f"{best['forward_speedup']:.2f}× vs {lr['forward_speedup']:.2f}× over dense.")
+    return lines
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny random Gemma (smoke run)")
+    ap.add_argument("--experts", nargs="*", type=int, default=[8, 16])
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--lowrank", nargs="*", type=float, default=[0.125, 0.25, 0.375, 0.5])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--report-only", action="store_true", help="redraw the PNG and MOE.md from the saved JSON")
+    a = ap.parse_args(argv)
+    if a.report_only:
+        res = common.read_json("moe_gemma")
+        if "flops_per_token" not in res["dense"]:       # a run before they were recorded: count them now
+            dense = common.benches(False, ["gemma"])[0].load().model
+            res["dense"].update(ffn_flops_per_token=sum(2 * m.weight.numel() for n, m in dense.named_modules()
+                                                        if n.endswith(("gate_proj", "up_proj", "down_proj"))),
+                                **flops(dense, res["latency"]["seq_len"]))
+            common.write_json("moe_gemma", res)
+        plot(res)
+        (common.RESULTS.parent / "MOE.md").write_text(markdown(res))
+        return
+    b = common.benches(a.quick, ["tiny-gemma" if a.quick else "gemma"])[0]
+    if a.quick:                 # the tiny model: 256 positions, 128 FFN neurons
+        a.experts, a.calib_samples, a.seq_len, a.lowrank, a.repeats = [8], 8, 64, [0.25, 0.5], 2
+    else:
+        b.eval_windows = a.eval_windows
+    res = run(b, a.experts, a.calib_samples, a.seq_len, a.threads, a.repeats, a.lowrank)
+    common.write_json(f"moe_{b.name}", res)
+    plot(res)
+    if not a.quick:
+        (common.RESULTS.parent / "MOE.md").write_text(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
