@@ -116,7 +116,7 @@ def run(eval_windows: int, grid: list[tuple]) -> dict:
                 del back
                 put(("lz", kb, ke, bits), {"bytes": nbytes, "perplexity": p, "ratio": p / dense_ppl,
                                            "keep_blocks_achieved": rep["keep_achieved"],
-                                           "params": sum(t.numel() for t in model.state_dict().values()),
+                                           "params": sum(t.numel() for t in model.parameters()),
                                            "seconds_blocks": t_blocks, "seconds_embedding": t_emb})
             if model is not blocks:
                 del model
@@ -179,7 +179,9 @@ def report() -> Path:
         ok = ratio <= 1.25 and r["bytes"] < gguf
         lines.append(f"| {label(r['key'])} | {r['bytes'] / mb:.0f} | {r['bytes'] / gguf:.2f} | "
                      f"{r['perplexity']:.2f} | {ratio:.3f} | {'**yes**' if ok else ''} |")
-    lines += ["", *res.get("notes", [])]
+    lines.append("")
+    for note in res.get("notes", []):
+        lines += [note, ""]
     out = Path(__file__).resolve().parent / "BYTES.md"
     out.write_text("\n".join(lines) + "\n")
     return out
