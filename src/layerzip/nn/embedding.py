@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FactorizedLayer, register_layer
-from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
+from .lowbit import GROUP_SIZE, add_lowbit_buffers, dequantize_groups, read_lowbit, store_lowbit_
 from .lowrank import LowRankLinear, truncated_factors
 
 
@@ -195,8 +195,6 @@ class LowBitLowRankEmbedding(FactorizedLayer):
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
                  scale: float = 1.0, bits: int = 8, group_size: int = GROUP_SIZE, device=None, dtype=None):
         super().__init__()
-        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
         if not 0 < rank <= min(num_embeddings, embedding_dim):
             raise ValueError(f"rank must be in [1, {min(num_embeddings, embedding_dim)}], got {rank}")
         self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
@@ -204,9 +202,7 @@ class LowBitLowRankEmbedding(FactorizedLayer):
         self.padding_idx, self.scale, self.bits, self.group_size = padding_idx, float(scale), bits, group_size
         self.dtype = dtype or torch.get_default_dtype()
         for name, (rows, cols) in (("A", (num_embeddings, rank)), ("B", (rank, embedding_dim))):
-            qshape, qdtype, sshape = storage_shapes(rows, cols, bits, group_size)
-            self.register_buffer(f"{name}_q", torch.zeros(qshape, dtype=qdtype, device=device))
-            self.register_buffer(f"{name}_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+            add_lowbit_buffers(self, name, rows, cols, bits, group_size, device)
 
     @classmethod
     @torch.no_grad()
@@ -214,15 +210,12 @@ class LowBitLowRankEmbedding(FactorizedLayer):
         new = cls(emb.num_embeddings, emb.embedding_dim, emb.rank, emb.padding_idx, emb.scale, bits, group_size,
                   device=emb.A.device, dtype=emb.A.dtype)
         for name in ("A", "B"):
-            q, s = quantize_groups(getattr(emb, name).detach(), bits, group_size)
-            getattr(new, f"{name}_q").copy_(q)
-            getattr(new, f"{name}_scale").copy_(s)
+            store_lowbit_(new, name, getattr(emb, name))
         return new
 
     def factor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         cols = self.rank if name == "A" else self.embedding_dim
-        return dequantize_groups(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, cols,
-                                 self.group_size, dtype or self.dtype)
+        return read_lowbit(self, name, cols, dtype or self.dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)

@@ -77,3 +77,28 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, bits: int, cols: int
 def storage_shapes(rows: int, cols: int, bits: int, group_size: int):
     qcols = math.ceil(cols / 2) if bits == 4 else cols
     return (rows, qcols), torch.uint8 if bits == 4 else torch.int8, (rows, math.ceil(cols / group_of(cols, group_size)))
+
+
+# --- a module's matrices in this storage: buffers `{name}_q` and `{name}_scale`; the module has .bits, .group_size
+def add_lowbit_buffers(module, name: str, rows: int, cols: int, bits: int, group_size: int, device=None) -> None:
+    """Register empty storage for a rows×cols matrix `name` on `module` (checks bits and group_size)."""
+    if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
+    qshape, qdtype, sshape = storage_shapes(rows, cols, bits, group_size)
+    module.register_buffer(f"{name}_q", torch.zeros(qshape, dtype=qdtype, device=device))
+    module.register_buffer(f"{name}_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+
+
+@torch.no_grad()
+def store_lowbit_(module, name: str, W: torch.Tensor) -> None:
+    """Quantize W into `module`'s storage for `name`."""
+    q, s = quantize_groups(W.detach(), module.bits, module.group_size)
+    getattr(module, f"{name}_q").copy_(q)
+    getattr(module, f"{name}_scale").copy_(s)
+
+
+def read_lowbit(module, name: str, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix `name` of `module` dequantized to `dtype` (`cols`: its width before packing)."""
+    return dequantize_groups(getattr(module, f"{name}_q"), getattr(module, f"{name}_scale"), module.bits, cols,
+                             module.group_size, dtype)
+

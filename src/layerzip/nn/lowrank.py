@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FactorizedLayer, register_layer
-from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
+from .lowbit import GROUP_SIZE, add_lowbit_buffers, read_lowbit, store_lowbit_
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:
@@ -177,17 +177,13 @@ class LowBitLowRank(FactorizedLayer):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, bits: int = 8,
                  group_size: int = GROUP_SIZE, device=None, dtype=None):
         super().__init__()
-        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.bits, self.group_size = bits, group_size
         self.dtype = dtype or torch.get_default_dtype()
         for name, (rows, cols) in (("A", (out_features, rank)), ("B", (rank, in_features))):
-            qshape, qdtype, sshape = storage_shapes(rows, cols, bits, group_size)
-            self.register_buffer(f"{name}_q", torch.zeros(qshape, dtype=qdtype, device=device))
-            self.register_buffer(f"{name}_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+            add_lowbit_buffers(self, name, rows, cols, bits, group_size, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.dtype)) if bias else None
 
     @classmethod
@@ -198,17 +194,14 @@ class LowBitLowRank(FactorizedLayer):
                   device=A.device, dtype=A.dtype)
         with torch.no_grad():
             for name, W in (("A", A), ("B", B)):
-                q, s = quantize_groups(W, bits, group_size)
-                getattr(new, f"{name}_q").copy_(q)
-                getattr(new, f"{name}_scale").copy_(s)
+                store_lowbit_(new, name, W)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
         return new
 
     def factor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         cols = self.rank if name == "A" else self.in_features
-        return dequantize_groups(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"), self.bits, cols,
-                                 self.group_size, dtype or self.dtype)
+        return read_lowbit(self, name, cols, dtype or self.dtype)
 
     def to_lowrank(self) -> LowRankLinear:
         """The plain LowRankLinear, factors dequantized to `dtype` (the bias in the dtype it holds)."""

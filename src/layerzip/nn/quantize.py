@@ -11,7 +11,7 @@ from torch import nn
 
 from .base import FactorizedLayer, register_layer
 from .embedding import LowBitLowRankEmbedding, LowBitTiedHead, LowRankEmbedding, TiedLowRankHead, tie_heads_
-from .lowbit import GROUP_SIZE, dequantize_groups, quantize_groups, storage_shapes
+from .lowbit import GROUP_SIZE, add_lowbit_buffers, read_lowbit, store_lowbit_
 from .lowrank import LowBitLowRank, LowRankLinear
 
 
@@ -31,13 +31,9 @@ class LowBitLinear(FactorizedLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8,
                  group_size: int = GROUP_SIZE, device=None, dtype=None):
         super().__init__()
-        if bits not in (8, 4) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"bits must be 8 or 4 and group_size ≥ 1, got {bits} and {group_size}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         self.dtype = dtype or torch.get_default_dtype()
-        qshape, qdtype, sshape = storage_shapes(out_features, in_features, bits, group_size)
-        self.register_buffer("weight_q", torch.zeros(qshape, dtype=qdtype, device=device))
-        self.register_buffer("weight_scale", torch.zeros(sshape, dtype=torch.float32, device=device))
+        add_lowbit_buffers(self, "weight", out_features, in_features, bits, group_size, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.dtype)) if bias else None
 
     @classmethod
@@ -45,16 +41,13 @@ class LowBitLinear(FactorizedLayer):
     def from_linear(cls, lin: nn.Linear, bits: int = 8, group_size: int = GROUP_SIZE) -> "LowBitLinear":
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, bits, group_size,
                   device=lin.weight.device, dtype=lin.weight.dtype)
-        q, s = quantize_groups(lin.weight.detach(), bits, group_size)
-        new.weight_q.copy_(q)
-        new.weight_scale.copy_(s)
+        store_lowbit_(new, "weight", lin.weight)
         if lin.bias is not None:
             new.bias.copy_(lin.bias)
         return new
 
     def dense_weight(self) -> torch.Tensor:
-        return dequantize_groups(self.weight_q, self.weight_scale, self.bits, self.in_features, self.group_size,
-                                 self.dtype)
+        return read_lowbit(self, "weight", self.in_features, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
