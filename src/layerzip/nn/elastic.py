@@ -151,9 +151,7 @@ class ElasticLinear(FactorizedLayer):
             return 2 * self.in_features * self.out_features
         return 2 * self.width * (self.in_features + self.out_features)
 
-    @staticmethod
-    def num_params(in_features: int, out_features: int, rank: int | None = None) -> int:
-        return LowRankLinear.num_params(in_features, out_features, rank)
+    num_params = staticmethod(LowRankLinear.num_params)
 
     def spec(self) -> dict:
         return {"type": "elastic", "in": self.in_features, "out": self.out_features, "rank": self.rank,
