@@ -52,22 +52,21 @@ class Whitening:
 @torch.no_grad()
 def whiten(G: torch.Tensor) -> Whitening:
     """A square-root factor of the Gram, robust to singular / indefinite G (see module doc). Reads G's lower
-    triangle (as Cholesky and eigh do), so it is not symmetrized; one n×n factor is allocated (a jittered copy
-    only when needed)."""
+    triangle (as Cholesky and eigh do), so it is not symmetrized; one n×n factor is allocated, jittered tries
+    reuse it."""
     n = G.shape[0]
     scale = G.diagonal().abs().mean().item()
     if not scale > 0:                   # no signal at all: whitening degenerates to plain SVD
         return Whitening(torch.eye(n, dtype=G.dtype, device=G.device), True, 1.0)
+    L = torch.empty_like(G)               # each try factors a (jittered) copy of G in place: G + one n×n at most
+    info = torch.empty((), dtype=torch.int32, device=G.device)
     for jitter in [0.0] + [scale * 10.0 ** k for k in range(-12, -1)]:
-        Gj = G
-        if jitter:
-            Gj = G.clone()
-            Gj.diagonal().add_(jitter)
-        L, info = torch.linalg.cholesky_ex(Gj)
-        del Gj
+        L.copy_(G)
+        L.diagonal().add_(jitter)
+        torch.linalg.cholesky_ex(L, out=(L, info))
         if info.item() == 0 and torch.isfinite(L).all():
-            return Whitening(L, True, jitter, scale=scale)
-        del L
+            return Whitening(L.tril_(), True, jitter, scale=scale)
+    del L
     lam, Q = torch.linalg.eigh(G)
     lam = lam.clamp_min(lam.max() * n * torch.finfo(G.dtype).eps)
     return Whitening(Q * lam.sqrt(), False, 0.0, (Q, lam.sqrt()), scale)
@@ -75,28 +74,51 @@ def whiten(G: torch.Tensor) -> Whitening:
 
 @dataclass
 class ModuleStats:
-    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, token count.
-    `keep_gram=False`: the Gram is freed once its whitening is computed (for methods that read only L)."""
-    CHUNK: ClassVar[int] = 1024
+    """Streaming statistics of one module input: Gram XᵀX (float64), Σ|x| per feature, the token count.
+    `keep_gram=False`: the Gram is freed once its whitening is computed (for methods that read only L).
+
+    Only the Gram's lower triangle is accumulated, by column blocks (about half of XᵀX's products for a wide
+    input); the upper triangle is mirrored from it when `gram` is next read."""
+    CHUNK: ClassVar[int] = 1024       # rows made float64 at a time
+    BLOCK: ClassVar[int] = 1024       # Gram columns per product of the lower-triangle accumulation
     n: int
-    gram: torch.Tensor | None = field(init=False)
+    _gram: torch.Tensor | None = field(init=False, repr=False)
     abs_sum: torch.Tensor = field(init=False)
     tokens: int = 0
     keep_gram: bool = True
 
     def __post_init__(self):
-        self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        self._gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        self._mirrored = True
         self.abs_sum = torch.zeros(self.n, dtype=torch.float64)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        if not self._mirrored:
+            B, G = self.BLOCK, self._gram
+            for j in range(0, self.n, B):              # block by block: no n×n temporary
+                G[j:j + B, j + B:] = G[j + B:, j:j + B].T
+                d = G[j:j + B, j:j + B]
+                d.copy_(d.tril() + d.tril(-1).T)
+            self._mirrored = True
+        return self._gram
+
+    @gram.setter
+    def gram(self, value: torch.Tensor | None) -> None:
+        self._gram, self._mirrored = value, True
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        if self.gram.device != x.device:          # accumulated where the activations are (--device cuda)
+        if self._gram.device != x.device:          # accumulated where the activations are (--device cuda)
             self._move(x.device)
         x = x.reshape(-1, self.n)
+        B, G = self.BLOCK, self._gram
         for c in x.split(self.CHUNK):     # float64 copies of CHUNK rows at a time, not of the whole batch
             c = c.to(torch.float64)
-            self.gram.addmm_(c.T, c)
+            for j in range(0, self.n, B):              # columns j:j+B, rows from j down: the lower triangle
+                G[j:, j:j + B].addmm_(c[:, j:].T, c[:, j:j + B])
             self.abs_sum += c.abs().sum(0)
+        self._mirrored = False
         self.tokens += x.shape[0]
 
     def _move(self, device) -> None:
