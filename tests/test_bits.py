@@ -205,3 +205,80 @@ def test_bf16_model_low_bit(tmp_path):
     ids = torch.randint(0, 1000, (1, 8))
     native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert torch.equal(output(native, ids), output(loaded, ids))
+
+
+# ------------------------------------------------------------------------------------------ --budget-bytes
+def test_option_choice_is_optimal_where_the_lagrangian_is():
+    """At the cost of any Lagrangian solution (each module minimizing loss + λ·cost), that solution is optimal, so
+    option_choice must reach its loss or less within its cost; and it never exceeds a budget."""
+    from layerzip.allocate import option_choice
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        opts = {}
+        for k in range(4):
+            n = int(torch.randint(2, 9, (1,), generator=gen))
+            opts[str(k)] = (torch.rand(n, generator=gen, dtype=torch.float64) * 10,
+                            torch.rand(n, generator=gen, dtype=torch.float64))
+        for lam in (0.0, 0.01, 0.05, 0.2, 1.0):
+            pick = {k: int(torch.argmin(l + lam * c)) for k, (c, l) in opts.items()}
+            cost = sum(opts[k][0][i].item() for k, i in pick.items())
+            loss = sum(opts[k][1][i].item() for k, i in pick.items())
+            got = option_choice(opts, cost)
+            assert sum(opts[k][0][i].item() for k, i in got.items()) <= cost + 1e-9
+            assert sum(opts[k][1][i].item() for k, i in got.items()) <= loss + 1e-9, (trial, lam)
+        budget = float(torch.rand(1, generator=gen)) * 30
+        got = option_choice(opts, budget)
+        cheapest = sum(c.min().item() for c, _ in opts.values())
+        assert sum(opts[k][0][i].item() for k, i in got.items()) <= max(budget, cheapest) + 1e-9
+
+
+def test_budget_bytes_mixes_rank_and_bits(tiny_dirs, tmp_path, capsys):
+    """--budget-bytes: the bytes written stay within the budget and use most of it; the bits recorded per module;
+    lz.load equals native loading; and at no more bytes than --keep 0.5 --bits 8 the output is closer to dense."""
+    from conftest import run_cli
+    src = tiny_dirs["llama"]
+    dense = lz.load(src)
+    ids = torch.randint(5, 1000, (2, 32), generator=torch.Generator().manual_seed(3))
+    ref = output(dense, ids)
+
+    def err(model):
+        return ((output(model, ids) - ref).norm() / ref.norm()).item()
+    code, out, errs = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "k"), "--keep", "0.5", "--bits",
+                              "8", "--json")
+    assert code == 0, errs
+    uniform = json.loads(out)
+    code, out, errs = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "b"), "--budget-bytes",
+                              str(uniform["bytes_after"]), "--json")
+    assert code == 0, errs
+    rep = json.loads(out)
+    assert rep["bytes_after"] == written_bytes(tmp_path / "b") <= uniform["bytes_after"]
+    assert rep["bytes_after"] > 0.97 * uniform["bytes_after"]
+    assert rep["module_bits"] and set(rep["module_bits"].values()) <= {8, 4}
+    meta = json.loads((tmp_path / "b" / "layerzip.json").read_text())
+    assert meta["bits"] == rep["module_bits"]
+    assert all(meta["modules"][n]["bits"] == b for n, b in rep["module_bits"].items() if n in meta["modules"])
+    model = lz.load(tmp_path / "b")
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert (output(native, ids) - output(model, ids)).abs().max() <= 1e-5
+    assert err(model) < err(lz.load(tmp_path / "k")), (err(model), err(lz.load(tmp_path / "k")))
+    # a smaller budget: fewer bytes; --bits 8: int4 is not among the choices
+    code, out, errs = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "s"), "--budget-bytes",
+                              str(uniform["bytes_after"] - 5000), "--bits", "8", "--json")
+    assert code == 0, errs
+    small = json.loads(out)
+    assert small["bytes_after"] <= uniform["bytes_after"] - 5000
+    assert set(small["module_bits"].values()) == {8}
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--budget-bytes", "100"], "not more than the"),
+    (["--budget-bytes", "0.9", "--alloc", "uniform"], "global allocation"),
+    (["--budget-bytes", "0.9", "--elastic"], "global allocation"),
+    (["--budget-bytes", "0.9", "--stream"], "--no-stream"),
+    (["--budget-bytes", "-1"], "must be > 0"),
+])
+def test_budget_bytes_refusals(tiny_dirs, tmp_path, capsys, extra, says):
+    from conftest import run_cli
+    code, out, err = run_cli(capsys, "compress", str(tiny_dirs["llama"]), "--out", str(tmp_path / "o"), *extra)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -103,6 +103,10 @@ def app():
 @click.option("--bits", default=16, show_default=True, type=int,
               help="storage of the low-rank factors: 16 (the model's dtype), 8 (int8) or 4 (int4, two per byte), "
                    "with a float32 scale per --group-size values; dequantized on load")
+@click.option("--budget-bytes", type=float, default=None,
+              help="bytes of the written tensors (> 1; 250e6 = 250 MB), or that fraction of the model's (≤ 1): each "
+                   "layer's rank and storage (16, 8 or 4 bits; --bits 8: not 4) chosen together by the global "
+                   "allocation, instead of --keep")
 @click.option("--group-size", default=128, show_default=True, type=int,
               help="values per scale of --bits 8/4, along each factor's input dimension (that dimension when "
                    "smaller)")
@@ -117,8 +121,8 @@ def app():
                                              "(the same command continues one anyway)")
 @force_opt
 @json_opt
-def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, dtype, bits, group_size,
-             stream, device, executor, workers, resume, force, as_json, **options):
+def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal_lr, seed, dtype, bits, budget_bytes,
+             group_size, stream, device, executor, workers, resume, force, as_json, **options):
     """Compress MODEL into a factorized model saved at --out.
 
     --method drop-blocks removes whole blocks; --method drop-blocks+svd-llm then applies low rank to the rest,
@@ -129,7 +133,8 @@ def compress(model, out, method, calib, calib_samples, seq_len, heal_steps, heal
     config = config_from_dict({"method": method, **options})
     rep = compress_model(model, out, config, calib, calib_samples, seq_len, force, seed,
                          heal_steps=heal_steps, heal_lr=heal_lr, stream=stream, device=device, resume=resume,
-                         executor=executor, workers=workers, dtype=dtype, bits=bits, group_size=group_size)
+                         executor=executor, workers=workers, dtype=dtype, bits=bits, group_size=group_size,
+                         budget_bytes=budget_bytes)
     _emit({k: v for k, v in rep.items() if k not in ("modules", "config")}, as_json)
 
 

@@ -36,17 +36,22 @@ from .lazy import source_of
 from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      set_module)
+from .allocate import BytesBudget, bytes_options, option_choice
+from .io import tensor_bytes
 from .nn import FactorizedLayer, TiedLowRankHead, dense_weight_and_bias, layer_from_spec
+from .nn.lowbit import rounding_error
 from .stats import collect_fisher, collect_output_fisher, stats_from_tensors, stats_tensors, with_fisher
 
 
 @torch.no_grad()
 def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None = None, progress: bool = True,
-              listeners=(), stats: dict | None = None, executor=None) -> dict:
+              listeners=(), stats: dict | None = None, executor=None, budget: BytesBudget | None = None) -> dict:
     """Replace the target Linear layers of `model` by factorized ones, in place. Returns a report (JSON-able).
     `listeners`: callables receiving the block driver's events (driver.BlockEvent). `stats`: statistics of the
     original model from `calibrate` (to decompose at several keeps from one calibration); not with --sequential.
     `executor`: where each block's decompositions run (executors.make_executor: "local" or "ray"; same result).
+    `budget`: a bytes budget (--budget-bytes): each module's rank and storage bits chosen together, the bits in
+    report["module_bits"] for `save(..., bits=report["module_bits"])`.
 
     >>> import layerzip as lz
     >>> m = lz.load("minilm")                                         # doctest: +SKIP
@@ -59,6 +64,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         raise LayerzipError(f"method {config.label} needs calibration text; pass --calib FILE or --calib builtin")
     if source_of(model) is not None and (not config.stream_ok or config.elastic):
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
+    if budget is not None:
+        _check_budget(model, config, budget)
     targets = config.targets_of(model)
     check_finite(targets)
     target_before = module_params(targets.values())
@@ -78,15 +85,16 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         own = not hasattr(executor, "map")
         pool = make_executor(executor) if own else executor
         try:
-            modules, ranks, calibration, t_decompose, t_gradients = _decompose(
-                model, linear, inner, calib, progress, listeners, stats, pool) if linear else ({}, {}, None, 0.0, 0.0)
+            modules, ranks, calibration, t_decompose, t_gradients, bits = _decompose(
+                model, linear, inner, calib, progress, listeners, stats, pool, budget) if linear else \
+                ({}, {}, None, 0.0, 0.0, {})
         finally:
             if own:
                 pool.close()
         modules.update(swap_(model, new_embeds))
         ranks.update(embed_ranks)
     else:
-        modules, ranks, calibration = extra.get("modules", {}), extra.get("ranks", {}), None
+        modules, ranks, calibration, bits = extra.get("modules", {}), extra.get("ranks", {}), None, {}
         t_decompose = t_gradients = 0.0
     t_end = time.perf_counter()
     unused = elastic.unused_params(model) if config.elastic else 0     # stored for larger sizes, not used now
@@ -110,6 +118,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         if calibration["whitening"]["inputs"]:
             report["whitening"] = calibration["whitening"]
     report["ranks"] = ranks
+    if budget is not None:
+        report["module_bits"] = bits
     return report
 
 
@@ -142,7 +152,49 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
     return fn(model, targets, calib, is_causal(model), progress)
 
 
-def _decompose(model, targets, config, calib, progress, listeners, given=None, executor=None):
+def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module]) -> int:
+    """Bytes written for everything but the targets' weight matrices (embeddings, norms, biases, the rest)."""
+    return tensor_bytes(model) - sum(dense_weight_and_bias(m)[0].numel() * dense_weight_and_bias(m)[0].element_size()
+                                     for m in targets.values())
+
+
+def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget) -> None:
+    """--budget-bytes refusals, before any calibration."""
+    if source_of(model) is not None:
+        raise LayerzipError("--budget-bytes chooses low-bit storage, which needs the whole model in memory; pass "
+                            "--no-stream")
+    if config.elastic or config.objective == "latency" or config.alloc == "uniform" or not config.uses_stats:
+        raise LayerzipError("--budget-bytes chooses ranks and bits by the global allocation of an activation-aware "
+                            "method; use --method svd-llm (or asvd/fwsvd with --alloc global), without --elastic, "
+                            "--alloc uniform or --objective latency")
+    embeds, targets = split_embeddings(config.targets_of(model))
+    if embeds:
+        raise LayerzipError("--budget-bytes allocates the blocks' Linear layers; leave embeddings / lm_head out of "
+                            "--include (or give them --keep with --bits)")
+    fixed = _fixed_bytes(model, targets)
+    if budget.total <= fixed:
+        raise LayerzipError(f"--budget-bytes {budget.total:.0f} is not more than the {fixed} bytes outside the "
+                            "compressed layers (embeddings, norms, biases); give a larger budget")
+
+
+def _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget: BytesBudget, progress: bool):
+    """({name: rank or None}, {name: bits}) under `budget`: what lies outside the targets' weight matrices is
+    written as it is; the rest of the budget is spent by allocate.option_choice over every rank × bits."""
+    weights = {n: dense_weight_and_bias(targets[n])[0] for n in targets}
+    fixed = _fixed_bytes(model, targets)
+    options, what = {}, {}
+    for n, W in tqdm(weights.items(), desc="bytes options", unit="module", disable=not progress):
+        st = stats.get(n)
+        diag = st.gram.diagonal() if st is not None and getattr(st, "gram", None) is not None else None
+        errors = {b: rounding_error(W.detach(), b, budget.group_size, diag) for b in budget.bits}
+        c, l, what[n] = bytes_options(spectrum_of(n), *shapes[n], errors, W.element_size(), budget.group_size)
+        options[n] = (c, l)
+    choice = option_choice(options, budget.total - fixed)
+    picked = {n: what[n][i] for n, i in choice.items()}
+    return {n: r for n, (r, _) in picked.items()}, {n: b for n, (_, b) in picked.items()}
+
+
+def _decompose(model, targets, config, calib, progress, listeners, given=None, executor=None, budget=None):
     """Statistics -> ranks -> new modules. Returns ({name: spec}, ranks, calibration summary, seconds spent
     decomposing (the rest is calibration, with which a walk interleaves it), seconds of the gradient pass)."""
     if given is not None and config.sequential:
@@ -185,8 +237,11 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     if config.elastic:      # every size of the range: each module up to its largest rank there, spectra kept
         spectra = {n: spectrum_of(n) for n in shapes}
         ranks = elastic.stored_ranks(config, shapes, spectra, module_params(targets.values()))
+    elif budget is not None:    # ranks and storage bits together, under a bytes budget
+        ranks, bits = _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget, progress)
     else:
         ranks = config.ranks(shapes, keep, spectrum_of)
+    bits = {n: b for n, b in bits.items() if b != 16} if budget is not None else {}
     chosen = {n: m for n, m in targets.items() if ranks[n] is not None}
     modules: dict[str, dict] = {}
     seconds = time.perf_counter() - t
@@ -222,7 +277,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     if config.elastic:      # ElasticLinear modules, set to --keep: the ranks reported are that size's
         modules, now = elastic.wrap_(model, list(targets), spectra, config)
         ranks = now["ranks"]
-    return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients
+    return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients, bits
 
 
 class _Progress:

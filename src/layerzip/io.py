@@ -362,27 +362,29 @@ def atomic_dir(out: str | Path):
         raise
 
 
-def check_bits(bits: int, group_size: int = GROUP_SIZE) -> None:
-    if bits not in BITS or isinstance(bits, bool):
-        raise LayerzipError(f"--bits must be one of {', '.join(map(str, BITS))} (16: factors in the model's dtype), "
-                            f"got {bits}")
+def check_bits(bits: int | dict[str, int], group_size: int = GROUP_SIZE) -> None:
+    for b in (bits.values() if isinstance(bits, dict) else [bits]):
+        if b not in BITS or isinstance(b, bool):
+            raise LayerzipError(f"--bits must be one of {', '.join(map(str, BITS))} (16: factors in the model's "
+                                f"dtype), got {b}")
     if not isinstance(group_size, int) or group_size < 1:
         raise LayerzipError(f"--group-size must be ≥ 1, got {group_size}")
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None, bits: int = 16,
-         group_size: int = GROUP_SIZE) -> Path:
+def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = None,
+         bits: int | dict[str, int] = 16, group_size: int = GROUP_SIZE) -> Path:
     """Write `model` (factorized or not) to `out` atomically; replaces an existing `out`. `bits` 8 or 4: every
     low-rank factor (embeddings' too) and every nn.Linear of the repeated blocks left dense is written as int8 /
     packed int4 with a float32 scale per `group_size` values along its input dimension (nn/lowbit.py, quantize.py);
-    `model` itself is left as it was.
+    `bits` a {module name: bits} map (compress_'s report["module_bits"] under --budget-bytes): those modules, each
+    at its own bits. `model` itself is left as it was.
 
     >>> import layerzip as lz
     >>> lz.save(model, "my-model-lz", tokenizer=tok)   # doctest: +SKIP
     >>> lz.save(model, "my-model-lz-int4", tokenizer=tok, bits=4)   # doctest: +SKIP
     """
     check_bits(bits, group_size)
-    if bits == 16:
+    if bits == 16 or bits == {}:
         return _save(model, out, tokenizer, meta)
     if elastic.is_elastic(model):
         raise LayerzipError(f"--bits {bits} cannot be combined with --elastic yet; write the elastic model with "
@@ -390,7 +392,8 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
     if source_of(model) is not None:
         raise LayerzipError("--bits 8 or 4 needs the whole model in memory; pass --no-stream (or --bits 16)")
     found = find_blocks(model)
-    dense = tuple(f"{found[0]}.{n}" for n, m in found[1].named_modules() if type(m) is nn.Linear) if found else ()
+    dense = tuple(f"{found[0]}.{n}" for n, m in found[1].named_modules() if type(m) is nn.Linear) \
+        if found and not isinstance(bits, dict) else ()
     replaced = quantize_factors_(model, bits, group_size, dense)
     try:
         return _save(model, out, tokenizer, {**(meta or {}), "bits": bits, "group_size": group_size})

@@ -27,6 +27,7 @@ from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
 from .heal import heal_
 from .images import image_batches
+from .allocate import BytesBudget
 from .io import (BUILTIN, META, check_bits, check_out_dir, elastic_settings, load_model, read_meta, save,
                  size_on_disk, source_path, tensor_bytes, weights_dtype, write_analysis, written_bytes)
 from .executors import make_executor
@@ -81,7 +82,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                    progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
                    device: str = "cpu", resume: bool = False, executor: str = "local",
                    workers: int | None = None, dtype: str | None = None, bits: int = 16,
-                   group_size: int = GROUP_SIZE) -> dict:
+                   group_size: int = GROUP_SIZE, budget_bytes: float | None = None) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
     `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
@@ -89,6 +90,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster).
     `dtype`: of the saved weights (None / "auto": the source's; a .gguf file: bfloat16). `bits` 8 or 4: the low-rank
     factors are written as int8 / packed int4 with a scale per `group_size` values (io.save), after healing.
+    `budget_bytes`: the written tensors' bytes (> 1), or that fraction of MODEL's (≤ 1); each module's rank and bits
+    (16, 8 or 4; `bits` 8: not 4) are chosen together by the global allocation, and --keep is what that achieves.
     The report's `bytes_before` / `bytes_after`: the tensors of MODEL (in the saved dtype) and those written."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -98,6 +101,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     device = resolve_device(device)
     weights_dtype(dtype)                                          # refused before the (slow) load
     check_bits(bits, group_size)
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not budget_bytes > 0):
+        raise LayerzipError(f"--budget-bytes must be > 0 (bytes, or a fraction ≤ 1 of the model's), got {budget_bytes}")
     if config.elastic:
         stream = _elastic_compress_checks(stream, bits, heal_steps)
     out = check_out_dir(out, force, source_path(source))
@@ -127,8 +132,12 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         source_of(loaded.model).workdir = work
     t_load = time.perf_counter()
     pool = make_executor(executor, workers)
+    budget = None
+    if budget_bytes is not None:
+        budget = BytesBudget(budget_bytes * bytes_before if budget_bytes <= 1 else budget_bytes,
+                             (16, 8) if bits == 8 else (16, 8, 4), group_size)
     try:
-        report = compress_(loaded.model, config, calib=batches, progress=progress, executor=pool)
+        report = compress_(loaded.model, config, calib=batches, progress=progress, executor=pool, budget=budget)
     finally:
         pool.close()
     report.update(streamed=streamed, device=device, executor=pool.name)
@@ -146,6 +155,9 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "samples": used.get("windows"), "samples_requested": calib_samples,
                             "seq_len_requested": seq_len} if batches is not None else None,
             "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
+    if budget is not None:              # each module at the bits the allocation chose
+        bits = report["module_bits"]
+        report["budget_bytes"] = budget.total
     save(loaded.model, out, tokenizer=loaded.tokenizer, meta=meta, bits=bits, group_size=group_size)
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
@@ -153,7 +165,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     report.update(out=str(out), seconds=t_save - t0, seconds_load=t_load - t0, seconds_save=t_save - t_comp,
                   size_on_disk_before=size_on_disk(loaded.path),
                   size_on_disk_after=size_on_disk(out), bytes_before=bytes_before, bytes_after=written_bytes(out),
-                  bits=bits, group_size=group_size if bits != 16 else None)
+                  bits=bits, group_size=group_size if bits not in (16, {}) else None)
     return report
 
 

@@ -79,6 +79,33 @@ def storage_shapes(rows: int, cols: int, bits: int, group_size: int):
     return (rows, qcols), torch.uint8 if bits == 4 else torch.int8, (rows, math.ceil(cols / group_of(cols, group_size)))
 
 
+def stored_bytes(rows: int, cols: int, bits: int, group_size: int = GROUP_SIZE, elem_bytes: int = 2) -> int:
+    """Bytes a rows×cols matrix takes on disk: `elem_bytes` per value at 16 bits (the model's dtype), else the
+    quantized values and their float32 scales.
+
+    >>> stored_bytes(4, 256, 16), stored_bytes(4, 256, 8), stored_bytes(4, 256, 4)
+    (2048, 1056, 544)
+    """
+    if bits == 16:
+        return rows * cols * elem_bytes
+    (r, qc), _, (sr, sc) = storage_shapes(rows, cols, bits, group_size)
+    return r * qc + 4 * sr * sc
+
+
+@torch.no_grad()
+def rounding_error(W: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
+                   col_weight: torch.Tensor | None = None) -> float:
+    """Relative squared error of storing W at `bits` (0 at 16): Σ w_j ‖ΔW_:j‖² / Σ w_j ‖W_:j‖², columns weighted
+    by `col_weight` (e.g. the input Gram's diagonal: an error on a large input feature costs more)."""
+    if bits == 16:
+        return 0.0
+    q, s = quantize_groups(W, bits, group_size)
+    d = (dequantize_groups(q, s, bits, W.shape[1], group_size, torch.float64) - W.double()).square().sum(0)
+    e = W.double().square().sum(0)
+    w = torch.ones_like(e) if col_weight is None else col_weight.to(e).clamp_min(0)
+    return float((d * w).sum() / (e * w).sum().clamp_min(1e-300))
+
+
 # --- a module's matrices in this storage: buffers `{name}_q` and `{name}_scale`; the module has .bits, .group_size
 def add_lowbit_buffers(module, name: str, rows: int, cols: int, bits: int, group_size: int, device=None) -> None:
     """Register empty storage for a rows×cols matrix `name` on `module` (checks bits and group_size)."""

@@ -78,19 +78,27 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def quantize_factors_(model: nn.Module, bits: int, group_size: int = GROUP_SIZE,
+def quantize_factors_(model: nn.Module, bits: int | dict[str, int], group_size: int = GROUP_SIZE,
                       dense: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Replace every low-rank layer of `model`, and the nn.Linear layers named in `dense`, by their low-bit storage
-    form; returns {name: the replaced module}."""
+    form at `bits`; or, `bits` a {name: bits} map (--budget-bytes), exactly the layers it names at their own bits
+    (16: left as they are). Returns {name: the replaced module}."""
+    def bits_of(name: str) -> int:
+        return bits.get(name, 16) if isinstance(bits, dict) else bits
+
+    def listed(name: str) -> bool:
+        return name in bits if isinstance(bits, dict) else name in dense
     old = {n: m for n, m in model.named_modules()
-           if type(m) in (LowRankLinear, LowRankEmbedding, TiedLowRankHead) or (n in dense and type(m) is nn.Linear)}
+           if (type(m) is TiedLowRankHead and bits_of(m.tied_to) != 16) or (bits_of(n) != 16 and (
+               type(m) in (LowRankLinear, LowRankEmbedding) or (listed(n) and type(m) is nn.Linear)))}
     for name, m in old.items():
+        b = bits_of(name)
         if type(m) is nn.Linear:
-            _swap(model, name, LowBitLinear.from_linear(m, bits, group_size))
+            _swap(model, name, LowBitLinear.from_linear(m, b, group_size))
         elif type(m) is LowRankLinear:
-            _swap(model, name, LowBitLowRank.from_lowrank(m, bits, group_size))
+            _swap(model, name, LowBitLowRank.from_lowrank(m, b, group_size))
         elif type(m) is LowRankEmbedding:
-            _swap(model, name, LowBitLowRankEmbedding.from_lowrank(m, bits, group_size))
+            _swap(model, name, LowBitLowRankEmbedding.from_lowrank(m, b, group_size))
     for name, m in old.items():                 # heads once their embeddings are swapped
         if type(m) is TiedLowRankHead:
             _swap(model, name, LowBitTiedHead.of(model.get_submodule(m.tied_to), m.tied_to))
