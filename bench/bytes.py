@@ -16,7 +16,8 @@ GGUF point sits at perplexity ratio 1 by construction, at its file size.
 
 A point is (blocks keep, embedding keep or dense, bits); blocks use svd-llm's default (global allocation + output
 Fisher) from one calibration; the embedding (tied to the head: one factorization) is then factorized on the
-block-compressed model with `--include embeddings`.
+block-compressed model with `--include embeddings`. A budget point is `--budget-bytes N` over the blocks (each Linear's
+rank and bits, 16/8/4, chosen together; the embedding stays bf16), at the bytes of the uniform points beside it.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import common
 import data
 from common import lz
 from layerzip.evaluate import perplexity
+from layerzip.allocate import BytesBudget
 from layerzip.io import written_bytes
 from layerzip.nn.lowbit import dequantize_groups, quantize_groups
 
@@ -43,6 +45,7 @@ GRID = [  # (blocks keep, embedding keep (None: dense), bits)
     (0.9, 0.9, 8), (0.9, 0.9, 4),
     (0.8, 0.6, 8), (0.8, 0.6, 4),
 ]
+BUDGETS = [419e6, 395e6, 378e6]   # --budget-bytes (blocks only): the bytes of "blocks 0.8, int8 / int4" and between
 
 
 def rtn_dense_(model: torch.nn.Module, bits: int, group: int = 128) -> int:
@@ -93,7 +96,8 @@ def run(eval_windows: int, grid: list[tuple]) -> dict:
             del m
     todo = [g for g in grid if ("lz", *g) not in rows]
     calib = bench.calib(loaded)
-    stats = lz.calibrate(base, lz.SVDLLM(keep=0.8), calib, progress=True) if todo else None
+    stats = lz.calibrate(base, lz.SVDLLM(keep=0.8), calib, progress=True) \
+        if todo or any(("budget", b) not in rows for b in BUDGETS) else None
     for kb in sorted({g[0] for g in todo}):
         blocks = copy.deepcopy(base)
         t0 = time.perf_counter()
@@ -121,10 +125,30 @@ def run(eval_windows: int, grid: list[tuple]) -> dict:
             if model is not blocks:
                 del model
         del blocks
+    for total in [b for b in BUDGETS if ("budget", b) not in rows]:
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        rep = lz.compress_(model, lz.SVDLLM(keep=0.8), calib=calib, stats=stats, progress=False,
+                           budget=BytesBudget(total, elem_bytes=2))
+        t_blocks = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory(dir=common.RESULTS.parent / "cache") as tmp:
+            out = Path(tmp) / "o"
+            lz.save(model.to(torch.bfloat16), out, tokenizer=loaded.tokenizer, bits=rep["module_bits"])
+            nbytes = written_bytes(out)
+            back = lz.load(out).float().eval()
+            p = ppl(back)
+        bits = [rep["module_bits"].get(n, 16) for n in rep["ranks"]]
+        put(("budget", total), {"bytes": nbytes, "perplexity": p, "ratio": p / dense_ppl,
+                                "keep_blocks_achieved": rep["keep_achieved"], "seconds_blocks": t_blocks,
+                                "modules_by_bits": {b: bits.count(b) for b in (16, 8, 4)},
+                                "dense_modules": sum(r is None for r in rep["ranks"].values())})
+        del model, back
     return res
 
 
 def label(key) -> str:
+    if key[0] == "budget":
+        return f"--budget-bytes {key[1] / 1e6:.0f} MB (blocks: rank and bits per layer)"
     if key[0] == "dense":
         return "dense bf16" if key[1] == 16 else f"dense RTN int{key[1]}"
     _, kb, ke, bits = key
@@ -143,6 +167,8 @@ def plot(res: dict) -> Path:
         ratio = r.get("ratio", 1.0)
         if k[0] == "dense":
             ax.scatter(r["bytes"] / mb, ratio, marker=style[k[1]], color="black", zorder=3)
+        elif k[0] == "budget":
+            ax.scatter(r["bytes"] / mb, ratio, marker="D", color="tab:cyan", zorder=3)
         else:
             color = "tab:blue" if k[2] is None else {0.9: "tab:green", 0.8: "tab:orange", 0.6: "tab:red"}.get(
                 k[2], "tab:purple")
@@ -156,7 +182,7 @@ def plot(res: dict) -> Path:
     ax.set_xlabel("bytes of tensors (MB)")
     ax.set_ylabel("held-out perplexity ÷ dense")
     ax.set_yscale("log")
-    ax.set_title("Gemma-3-270M: bytes vs quality (o bf16, □ int8, △ int4; black: dense RTN)")
+    ax.set_title("Gemma-3-270M: bytes vs quality (o bf16, □ int8, △ int4, ◇ --budget-bytes; black: dense RTN)")
     return common.save_figure(fig, common.RESULTS / f"{NAME}.png")
 
 

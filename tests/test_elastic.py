@@ -299,3 +299,6 @@ def test_refusals(tiny_dirs, calib_file, tmp_path, capsys):
     assert sorted(p.name for p in el.iterdir()) == before
     with pytest.raises(lz.LayerzipError, match="not one"):
         lz.load(plain, keep=0.5)
+    with pytest.raises(lz.LayerzipError, match="not one; drop keep="):       # native loading says the same
+        transformers.AutoModelForCausalLM.from_pretrained(plain, keep=0.5)
+    assert transformers.AutoModelForCausalLM.from_pretrained(plain) is not None

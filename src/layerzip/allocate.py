@@ -264,10 +264,12 @@ def option_choice(options: dict[str, tuple[torch.Tensor, torch.Tensor]], budget:
 @dataclass(frozen=True)
 class BytesBudget:
     """--budget-bytes: `total` bytes for every tensor written; each compressed module's rank and storage (`bits`:
-    16 = the model's dtype, 8, 4, with a float32 scale per `group_size` values) chosen together."""
+    16 = the model's dtype, 8, 4, with a float32 scale per `group_size` values) chosen together. `elem_bytes`: of
+    a floating value as it will be saved (None: the model's own dtype; 2 for a float32 model saved in bfloat16)."""
     total: float
     bits: tuple[int, ...] = (16, 8, 4)
     group_size: int = GROUP_SIZE
+    elem_bytes: int | None = None
 
 
 def bytes_options(sigma: torch.Tensor, m: int, n: int, errors: dict[int, float], elem_bytes: int,

@@ -152,10 +152,14 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
     return fn(model, targets, calib, is_causal(model), progress)
 
 
-def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module]) -> int:
-    """Bytes written for everything but the targets' weight matrices (embeddings, norms, biases, the rest)."""
-    return tensor_bytes(model) - sum(dense_weight_and_bias(m)[0].numel() * dense_weight_and_bias(m)[0].element_size()
-                                     for m in targets.values())
+def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module], elem_bytes: int | None) -> int:
+    """Bytes written for everything but the targets' weight matrices (embeddings, norms, biases, the rest); floating
+    tensors at `elem_bytes` each (None: their own dtype's)."""
+    def size(t):
+        return t.numel() * (elem_bytes if elem_bytes and t.dtype.is_floating_point else t.element_size())
+    total = tensor_bytes(model) if elem_bytes is None else sum(
+        size(t) for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
+    return total - sum(size(dense_weight_and_bias(m)[0]) for m in targets.values())
 
 
 def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget) -> None:
@@ -171,7 +175,7 @@ def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget)
     if embeds:
         raise LayerzipError("--budget-bytes allocates the blocks' Linear layers; leave embeddings / lm_head out of "
                             "--include (or give them --keep with --bits)")
-    fixed = _fixed_bytes(model, targets)
+    fixed = _fixed_bytes(model, targets, budget.elem_bytes)
     if budget.total <= fixed:
         raise LayerzipError(f"--budget-bytes {budget.total:.0f} is not more than the {fixed} bytes outside the "
                             "compressed layers (embeddings, norms, biases); give a larger budget")
@@ -181,13 +185,14 @@ def _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget: BytesB
     """({name: rank or None}, {name: bits}) under `budget`: what lies outside the targets' weight matrices is
     written as it is; the rest of the budget is spent by allocate.option_choice over every rank × bits."""
     weights = {n: dense_weight_and_bias(targets[n])[0] for n in targets}
-    fixed = _fixed_bytes(model, targets)
+    fixed = _fixed_bytes(model, targets, budget.elem_bytes)
     options, what = {}, {}
     for n, W in tqdm(weights.items(), desc="bytes options", unit="module", disable=not progress):
         st = stats.get(n)
         diag = st.gram.diagonal() if st is not None and getattr(st, "gram", None) is not None else None
         errors = {b: rounding_error(W.detach(), b, budget.group_size, diag) for b in budget.bits}
-        c, l, what[n] = bytes_options(spectrum_of(n), *shapes[n], errors, W.element_size(), budget.group_size)
+        c, l, what[n] = bytes_options(spectrum_of(n), *shapes[n], errors, budget.elem_bytes or W.element_size(),
+                                      budget.group_size)
         options[n] = (c, l)
     choice = option_choice(options, budget.total - fixed)
     picked = {n: what[n][i] for n, i in choice.items()}

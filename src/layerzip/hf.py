@@ -79,6 +79,9 @@ class LayerzipQuantizer(HfQuantizer):
         dequantize_factors_(model)      # low-bit factors (int8 / int4 + scales) -> LowRankLinear in the model's dtype
         tie_heads_(model)
         info = getattr(self.quantization_config, "elastic", None)
+        if info is None and getattr(model.config, "keep", None) is not None:
+            raise LayerzipError(f"keep={model.config.keep} picks a width of an elastic model (compress --elastic), "
+                                "and this directory is not one; drop keep=")
         if info is not None:            # elastic: the size config.keep names (from_pretrained(DIR, keep=K))
             where = "config.json's quantization_config"
             setattr(model, elastic.ATTR, elastic.check_settings(info, where))

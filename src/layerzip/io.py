@@ -443,7 +443,10 @@ def _write_hf_keys(config_file: Path, dtype: str, modules: dict, version: int = 
         doc["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": version,
                                       "modules": modules}
         doc["transformers_weights"] = GUARD
-        if elastic_info is not None:        # from_pretrained(DIR, keep=K) sets config.keep: the size built
+        # from_pretrained(DIR, keep=K) sets config.keep: the size built (elastic), else refused with one line
+        # (null here makes `keep` a config attribute, so transformers does not pass it to the model's __init__)
+        doc["keep"] = None
+        if elastic_info is not None:
             doc["quantization_config"]["elastic"] = dict(elastic_info)
             doc["keep"] = elastic_info["keep"]
     config_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
