@@ -250,10 +250,11 @@ def option_choice(options: dict[str, tuple[torch.Tensor, torch.Tensor]], budget:
         for k, (c, l) in options.items():
             i = choice[k]
             ok = (c - c[i] <= budget - used + 1e-9) & (l < l[i])
-            for j in ok.nonzero().flatten().tolist():
-                r = (l[i] - l[j]).item() / max((c[j] - c[i]).item(), 1e-300)
-                if r > best_rate:
-                    best, best_rate = (k, j), r
+            if ok.any():
+                rate = torch.where(ok, (l[i] - l) / (c - c[i]).clamp_min(1e-300), -math.inf)
+                j = int(rate.argmax())
+                if rate[j] > best_rate:
+                    best, best_rate = (k, j), rate[j].item()
         if best is None:
             return choice
         k, j = best

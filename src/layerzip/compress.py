@@ -181,7 +181,7 @@ def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget)
                             "compressed layers (embeddings, norms, biases); give a larger budget")
 
 
-def _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget: BytesBudget, progress: bool):
+def _bytes_allocation(model, targets, shapes, spectrum_of, stats, config, budget: BytesBudget, progress: bool):
     """({name: rank or None}, {name: bits}) under `budget`: what lies outside the targets' weight matrices is
     written as it is; the rest of the budget is spent by allocate.option_choice over every rank × bits."""
     weights = {n: dense_weight_and_bias(targets[n])[0] for n in targets}
@@ -192,7 +192,7 @@ def _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget: BytesB
         diag = st.gram.diagonal() if st is not None and getattr(st, "gram", None) is not None else None
         errors = {b: rounding_error(W.detach(), b, budget.group_size, diag) for b in budget.bits}
         c, l, what[n] = bytes_options(spectrum_of(n), *shapes[n], errors, budget.elem_bytes or W.element_size(),
-                                      budget.group_size)
+                                      budget.group_size, normalize=not config.loss_units)
         options[n] = (c, l)
     choice = option_choice(options, budget.total - fixed)
     picked = {n: what[n][i] for n, i in choice.items()}
@@ -243,7 +243,8 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
         spectra = {n: spectrum_of(n) for n in shapes}
         ranks = elastic.stored_ranks(config, shapes, spectra, module_params(targets.values()))
     elif budget is not None:    # ranks and storage bits together, under a bytes budget
-        ranks, bits = _bytes_allocation(model, targets, shapes, spectrum_of, stats, budget, progress)
+        ranks, bits = _bytes_allocation(model, targets, shapes, spectrum_of, stats, config, budget,
+                                         progress)
     else:
         ranks = config.ranks(shapes, keep, spectrum_of)
     bits = {n: b for n, b in bits.items() if b != 16} if budget is not None else {}
