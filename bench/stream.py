@@ -183,6 +183,8 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                                         / ev_mem["report"]["perplexity"] - 1}
             row.update(calib_samples=calib_samples, code=common.code_version())
             rows.append(row)
+            merge(f"stream_{model}", {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": [row],
+                                      "env": common.env()})          # each row kept as soon as it is measured
             print(json.dumps({k: v for k, v in row.items() if k != "compress"}, default=str), flush=True)
     res = {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": rows, "env": common.env()}
     if len(rows) > 1:
