@@ -95,6 +95,16 @@ class Bench:
             return {}
         return {"emb": embed(loaded.model, loaded.tokenizer, self._data()["eval"][:self.cosine_texts], progress=False)}
 
+    def dense_baseline(self):
+        """(loaded dense model, its reference, its evaluation with "seconds_eval", calibration batches): what every
+        comparison with the dense model starts from."""
+        loaded = self.load()
+        ref = self.reference(loaded)
+        with Timer() as t:
+            dense = self.evaluate(loaded, ref)
+        dense["seconds_eval"] = t.s
+        return loaded, ref, dense, self.calib(loaded)
+
     def evaluate(self, loaded, ref: dict) -> dict:
         d = self._data()
         if self.causal:

@@ -55,12 +55,7 @@ def _timed_load(path, keep=None):
 
 
 def run_model(b: common.Bench, keeps: list[float], keep_min: float, repeats: int, progress: bool = True) -> dict:
-    dense = b.load()
-    ref = b.reference(dense)
-    with common.Timer() as t:
-        dense_q = b.evaluate(dense, ref)
-    dense_q["seconds_eval"] = t.s
-    calib = b.calib(dense)
+    dense, ref, dense_q, calib = b.dense_baseline()
     cfg = SVDLLM(keep=0.5, elastic=True, keep_min=keep_min)
     with common.Timer() as t:
         stats = common.lz.calibrate(dense.model, cfg, calib, progress=progress)

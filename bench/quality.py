@@ -153,12 +153,7 @@ def run_model(b: common.Bench, methods: list[str], progress: bool = True, save: 
     prev = (common.read_json(f"quality_{b.name}") or {}) if save else {}
     if not plan and prev:
         return prev
-    loaded = b.load()
-    ref = b.reference(loaded)
-    with common.Timer() as t:
-        dense = b.evaluate(loaded, ref)
-    dense["seconds_eval"] = t.s
-    calib = b.calib(loaded)
+    loaded, ref, dense, calib = b.dense_baseline()
     limit = speed.limit(loaded, calib)            # plain forward + bare SVDs: the floor for every method
     del loaded
     rows, cache = [], {}
