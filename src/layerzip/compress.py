@@ -155,11 +155,8 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
 def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module], elem_bytes: int | None) -> int:
     """Bytes written for everything but the targets' weight matrices (embeddings, norms, biases, the rest); floating
     tensors at `elem_bytes` each (None: their own dtype's)."""
-    def size(t):
-        return t.numel() * (elem_bytes if elem_bytes and t.dtype.is_floating_point else t.element_size())
-    total = tensor_bytes(model) if elem_bytes is None else sum(
-        size(t) for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values())
-    return total - sum(size(dense_weight_and_bias(m)[0]) for m in targets.values())
+    weights = [dense_weight_and_bias(m)[0] for m in targets.values()]
+    return tensor_bytes(model, elem_bytes) - sum(W.numel() * (elem_bytes or W.element_size()) for W in weights)
 
 
 def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget) -> None:

@@ -670,15 +670,18 @@ def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype 
     return model.eval(), tok, summary
 
 
-def tensor_bytes(model: nn.Module) -> int:
+def tensor_bytes(model: nn.Module, elem_bytes: int | None = None) -> int:
     """Bytes of the model's tensors as `save` writes them (each tied tensor once; a streamed model's floating
-    tensors in the dtype it is stored in)."""
+    tensors in the dtype it is stored in; `elem_bytes`: floating tensors at that many bytes a value instead)."""
     source = source_of(model)
     seen, total = set(), 0
     for t in model.state_dict(keep_vars=True).values():
         if id(t) in seen:
             continue
         seen.add(id(t))
+        if elem_bytes and t.dtype.is_floating_point:
+            total += t.numel() * elem_bytes
+            continue
         dtype = source.storage_dtype if source is not None and t.dtype.is_floating_point else t.dtype
         total += t.numel() * dtype.itemsize
     return total
