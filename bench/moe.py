@@ -108,7 +108,10 @@ def ffn_table(dense_mlp, moes: dict, lowrank: dict, repeats: int = 31) -> list[d
 
 
 def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, threads: int, repeats: int,
-        lowrank_fractions: list[float], progress: bool = True) -> dict:
+        lowrank_fractions: list[float], progress: bool = True, previous: dict | None = None,
+        heal_steps: int = 0, heal_lr: float = 1e-5) -> dict:
+    """The rows of `previous` (an earlier run's JSON, same settings) are kept and not measured again; an E whose
+    rows are all there is fitted on block 0 alone, for the FFN-alone table."""
     loaded = b.load()
     tok = loaded.tokenizer
     texts = b._data()
@@ -129,10 +132,27 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
            "calib": {"windows": calib_samples, "seq_len": seq_len}, "eval": {"windows": b.eval_windows,
            "seq_len": b.eval_seq_len}, "latency": {"seq_len": b.latency_seq_len, "threads": threads,
            "repeats": repeats}, "rows": [], "env": common.env(), "code": common.code_version()}
+    if previous is not None:
+        for key in ("calib", "eval", "latency"):
+            if previous[key] != res[key]:
+                raise SystemExit(f"--resume: the saved run's {key} {previous[key]} differs from this one's {res[key]}")
+        res["rows"], res["resumed"] = previous["rows"], {"code": previous["code"], "env": previous["env"]}
+    done_moe = {(r["experts"], r["active"]) for r in res["rows"] if r["method"] == "moe"}
+    done_lowrank = {r["keep"] for r in res["rows"] if "keep" in r}
+    done_healed = {(r["experts"], r["active"]) for r in res["rows"] if r["method"] == "moe healed"}
+    heal_batches = token_batches(tok, texts["calib"], True, 2 * heal_steps, 128, batch_size=2) if heal_steps else []
     block0 = {}
     total = sum(E // 2 for E in experts) + len(lowrank_fractions)
     bar = tqdm(total=total, desc=f"moe {b.name}", unit="model", disable=not progress)
     for E in experts:
+        if all((E, k) in done_moe for k in range(1, E // 2 + 1)) and (not heal_steps or (E, max(1, E // 4)) in done_healed):
+            m = copy.deepcopy(dense)       # the block-0 FFN alone, fitted on its real inputs
+            lz.compress_(m, lz.MoE(experts=E, active=max(1, E // 4), include=r"layers\.0\.mlp$"), calib=calib,
+                         progress=False)
+            block0[E] = m.model.layers[0].mlp
+            del m
+            bar.update(E // 2)
+            continue
         model = copy.deepcopy(dense)
         torch.set_num_threads(common.DEFAULT_THREADS)
         with common.Timer() as t:
@@ -141,6 +161,8 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
         fit = {"seconds": t.s, "router_loss_first": _mean(i["router_loss_first"] for i in layers),
                "router_loss_last": _mean(i["router_loss_last"] for i in layers)}
         for k in range(1, E // 2 + 1):
+            if (E, k) in done_moe:
+                continue
             set_active(model, k)
             torch.set_num_threads(common.DEFAULT_THREADS)
             row = {"method": "moe", "experts": E, "active": k, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
@@ -150,11 +172,18 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
             res["rows"].append(row)
             bar.update()
             common.write_json(f"moe_{b.name}", res)
-        block0[E] = model.model.layers[0].mlp if hasattr(model, "model") else None
+        block0[E] = copy.deepcopy(model.model.layers[0].mlp)
+        if heal_steps and (E, max(1, E // 4)) not in done_healed:
+            res["rows"].append(healed_row(model, dense, E, max(1, E // 4), heal_batches, heal_steps, heal_lr,
+                                          dense_ffn, dense_ppl, ppl, b.latency_seq_len, repeats, threads))
+            common.write_json(f"moe_{b.name}", res)
         del model
     lowrank0 = {}
     cache: dict = {}
     for f in lowrank_fractions:
+        if f in done_lowrank:
+            bar.update()
+            continue
         model = copy.deepcopy(dense)
         cfg = lz.SVDLLM(keep=f, include=FFN).resolve(model, calib)
         torch.set_num_threads(common.DEFAULT_THREADS)
@@ -175,6 +204,20 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
     return res
 
 
+def healed_row(model, dense, E, k, batches, steps, lr, dense_ffn, dense_ppl, ppl, seq, repeats, threads) -> dict:
+    """The MoE model at k active, distilled towards dense (router and experts; lz.heal_) for `steps` steps."""
+    set_active(model, k)
+    torch.set_num_threads(common.DEFAULT_THREADS)
+    rep = lz.heal_(model, dense, batches, steps=steps, lr=lr, progress=True)
+    row = {"method": "moe healed", "experts": E, "active": k, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
+           "perplexity": ppl(model), "heal_steps": steps, "heal_lr": lr, "heal_seconds": rep["seconds"],
+           "tokens_per_step": int(batches[0]["attention_mask"].sum()),
+           "heal_loss_first": rep["loss_first"], "heal_loss_last": rep["loss_last"]}
+    row["ppl_ratio"] = row["perplexity"] / dense_ppl
+    row.update(speed(dense, model, seq, repeats, threads))
+    return row
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
@@ -187,7 +230,7 @@ def plot(res: dict, results=common.RESULTS):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     lines = {}
     for r in res["rows"]:
-        name = f"MoE E={r['experts']}" if r["method"] == "moe" else r["method"]
+        name = r["method"] if "keep" in r else f"MoE E={r['experts']}" + (" healed" if r["method"] != "moe" else "")
         lines.setdefault(name, []).append(r)
     for name, rows in lines.items():
         rows = sorted(rows, key=lambda r: r["ffn_flops_fraction"])
@@ -225,18 +268,23 @@ def markdown(res: dict) -> str:
            f"tokens (dense ≈ {dense_fwd:.0f} ms) and one decoding step with a {lat['seq_len']}-token KV cache "
            f"(dense ≈ {dense_dec:.1f} ms). FFN fraction: FLOPs the FFNs run per token ÷ dense (MoE: k/E + the "
            "router).", ""]
+    if "resumed" in res:
+        r = res["resumed"]
+        out += [f"Resumed (`--resume`): the rows of an earlier run (code {r['code']}, {r['env']['date']}, load average "
+                f"{r['env']['load_average_1min']:.1f}) were kept, the missing ones measured by this one.", ""]
     fl = res["dense"]
     if "flops_per_token" in fl:
         ffn, head = fl["ffn_flops_per_token"] / fl["flops_per_token"], fl["flops_per_token_lm_head"] / fl["flops_per_token"]
         out += [f"The FFNs are {ffn:.0%} of a dense token's FLOPs and the LM head {head:.0%}, so even FFNs that cost nothing would make a whole forward at most "
                 f"{1 / (1 - ffn):.2f}× faster; the FFN alone (last table) shows the layer's own speedup.", ""]
     out += [f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
-           "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit (s) |",
+           "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit (+ heal) s |",
            "|---|---|---|---|---|---|"]
-    for r in sorted(res["rows"], key=lambda r: (r["method"] != "moe", r.get("experts", 0), r["ffn_flops_fraction"])):
-        name = f"MoE E={r['experts']} k={r['active']}" if r["method"] == "moe" else f"{r['method']} keep {r['keep']:.3g}"
+    for r in sorted(res["rows"], key=lambda r: ("keep" in r, r.get("experts", 0), r["ffn_flops_fraction"])):
+        name = (f"{r['method']} keep {r['keep']:.3g}" if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
+                + (f", healed {r['heal_steps']} steps × {r['tokens_per_step']} tokens" if "heal_steps" in r else ""))
         out.append(f"| {name} | {r['ffn_flops_fraction']:.3f} | {r['ppl_ratio']:.3g} | {r['forward_speedup']:.2f}× | "
-                   f"{r['decode_speedup']:.2f}× | {r['seconds']:.0f} |")
+                   f"{r['decode_speedup']:.2f}× | {r.get('seconds', 0) + r.get('heal_seconds', 0):.0f} |")
     if res.get("ffn_layer"):
         out += ["", "One FFN alone (block 0, 640 → 2048 → 640, one thread), median ms:", "",
                 "| FFN | 1 token | speedup | 32 tokens | speedup |", "|---|---|---|---|---|"]
@@ -253,13 +301,14 @@ def markdown(res: dict) -> str:
 def verdict(res: dict) -> list[str]:
     """One line per low-rank fraction: MoE (each E with that k/E) against svd-llm at the same FFN FLOPs."""
     lines = []
-    for lr in sorted((r for r in res["rows"] if r["method"] != "moe"), key=lambda r: r["keep"]):
-        same = [r for r in res["rows"] if r["method"] == "moe" and abs(r["active"] / r["experts"] - lr["keep"]) < 1e-9]
+    for lr in sorted((r for r in res["rows"] if "keep" in r), key=lambda r: r["keep"]):
+        same = [r for r in res["rows"] if "keep" not in r and abs(r["active"] / r["experts"] - lr["keep"]) < 1e-9]
         if not same:
             continue
         best = min(same, key=lambda r: r["ppl_ratio"])
         q = "better" if best["ppl_ratio"] < lr["ppl_ratio"] else "worse"
-        lines.append(f"- {lr['keep']:.3g} of the FFN FLOPs: MoE E={best['experts']} k={best['active']} perplexity ÷ "
+        healed = ", healed" if "heal_steps" in best else ""
+        lines.append(f"- {lr['keep']:.3g} of the FFN FLOPs: MoE E={best['experts']} k={best['active']}{healed} perplexity ÷ "
                      f"dense {best['ppl_ratio']:.3g} vs svd-llm {lr['ppl_ratio']:.3g} ({q}); decode step "
                      f"{best['decode_speedup']:.2f}× vs {lr['decode_speedup']:.2f}×, forward "
                      f"{best['forward_speedup']:.2f}× vs {lr['forward_speedup']:.2f}× over dense.")
@@ -277,6 +326,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--report-only", action="store_true", help="redraw the PNG and MOE.md from the saved JSON")
+    ap.add_argument("--heal-steps", type=int, default=0, help="also a row per E at k = E/4 healed this many steps")
+    ap.add_argument("--heal-lr", type=float, default=1e-5)
+    ap.add_argument("--resume", action="store_true", help="keep the saved JSON's rows and measure only the missing ones")
     a = ap.parse_args(argv)
     if a.report_only:
         res = common.read_json("moe_gemma")
@@ -294,7 +346,9 @@ def main(argv=None):
         a.experts, a.calib_samples, a.seq_len, a.lowrank, a.repeats = [8], 8, 64, [0.25, 0.5], 2
     else:
         b.eval_windows = a.eval_windows
-    res = run(b, a.experts, a.calib_samples, a.seq_len, a.threads, a.repeats, a.lowrank)
+    res = run(b, a.experts, a.calib_samples, a.seq_len, a.threads, a.repeats, a.lowrank,
+              previous=common.read_json(f"moe_{b.name}") if a.resume else None, heal_steps=a.heal_steps,
+              heal_lr=a.heal_lr)
     common.write_json(f"moe_{b.name}", res)
     plot(res)
     if not a.quick:
