@@ -162,6 +162,7 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
                "router_loss_last": _mean(i["router_loss_last"] for i in layers)}
         for k in range(1, E // 2 + 1):
             if (E, k) in done_moe:
+                bar.update()
                 continue
             set_active(model, k)
             torch.set_num_threads(common.DEFAULT_THREADS)

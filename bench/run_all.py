@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py", "export_latency.py",
-          "elastic.py", "moe.py", "bytes.py")
+          "elastic.py", "moe.py", "bytes.py", "pieces.py")
 OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
@@ -35,7 +35,8 @@ OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", 
               ("Elastic size: one file, every keep (vs a direct compression at each keep)", "bench/ELASTIC.md"),
               ("MoEfication: FFNs as mixtures of experts vs low rank at equal FFN FLOPs", "bench/MOE.md"),
               ("Bytes vs quality: low rank, int8 / int4 storage, the embedding, against quantization and the GGUF",
-               "bench/BYTES.md"))
+               "bench/BYTES.md"),
+              ("Quality past the records: each new piece of the default in a row of its own", "bench/PIECES.md"))
 
 
 def steps(a) -> list[list[str]]:

@@ -116,3 +116,71 @@ def test_svdllm_fisher_compress_global_and_sequential():
         rep = compress_(model, SVDLLM(keep=0.6, fisher=True, **opts), calib=_batches(), progress=False)
         assert 0.59 <= rep["keep_achieved"] <= 0.6
         assert torch.isfinite(model(**_batches()[0]).logits).all()
+
+
+# ---- two-sided (--kfac): the output gradients' covariance, shrunk toward its diagonal ------------------------
+def test_output_covariance_matches_autograd_and_its_diagonal():
+    from layerzip.stats import collect_output_fisher
+    model = tiny_model("llama")
+    targets = select_targets(model)
+    batch = _batches()[0]
+    diag = collect_output_fisher(model, targets, [batch], True, progress=False)
+    full = collect_output_fisher(model, targets, [batch], True, progress=False, full=True)
+    for n in targets:
+        assert full[n].shape == (len(diag[n]),) * 2
+        assert torch.allclose(torch.diagonal(full[n]), diag[n], rtol=1e-6, atol=1e-15), n
+        assert torch.allclose(full[n], full[n].T)
+
+
+def test_shrinkage_keeps_strong_correlations_and_drops_noise():
+    from layerzip.stats.fisher import OutputCovariance
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4000, 1, generator=g, dtype=torch.float64)
+    correlated = OutputCovariance(6)
+    correlated.add(z + 0.1 * torch.randn(4000, 6, generator=g, dtype=torch.float64))   # one shared factor
+    S = correlated.shrunk()
+    assert torch.allclose(S, correlated.S, rtol=0.05)          # the evidence is overwhelming: almost no shrinkage
+    independent = OutputCovariance(6)
+    independent.add(torch.randn(20, 6, generator=g, dtype=torch.float64))               # few tokens, no relation
+    S = independent.shrunk()
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert S[off].abs().sum() < 0.5 * independent.S[off].abs().sum()
+    assert torch.equal(torch.diagonal(S), torch.diagonal(independent.S))
+
+
+def test_kfac_whitened_svd_is_exact_and_optimal():
+    from layerzip.stats import ModuleStats, whiten
+    from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
+    st = ModuleStats(16)
+    st.add(X)
+    Gy = torch.randn(300, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    F = Gy.T @ Gy
+    R = whiten(F)
+    loss = lambda A, B: torch.trace((W - A @ B) @ X.T @ X @ (W - A @ B).T @ F).item()
+    r = 6
+    A, B = svdllm_factors(W, st, r, rows=R)
+    s = whitened_singular_values(W, st.whitening, rows=R)
+    assert abs(loss(A, B) - s[r:].square().sum().item()) <= 1e-8 * s.square().sum().item()
+    Ad, Bd = svdllm_factors(W, st, r, rows=torch.diagonal(F).sqrt())      # the diagonal Fisher only: worse here
+    assert loss(A, B) < loss(Ad, Bd)
+    for _ in range(5):                                                      # and below nearby rank-r products
+        dA, dB = torch.randn(A.shape, generator=g, dtype=torch.float64), torch.randn(B.shape, generator=g, dtype=torch.float64)
+        assert loss(A, B) < loss(A + 0.01 * dA, B + 0.01 * dB)
+    A, B = svdllm_factors(W, st, 16, rows=R)                               # full rank: exact
+    assert torch.allclose(A @ B, W, atol=1e-9)
+
+
+def test_kfac_compress_and_refusal():
+    import pytest
+    from layerzip import SVDLLM, LayerzipError
+    model = tiny_model("llama")
+    rep = compress_(model, SVDLLM(keep=0.6, kfac=True), calib=_batches(), progress=False)
+    assert 0.59 <= rep["keep_achieved"] <= 0.6
+    assert torch.isfinite(model(**_batches()[0]).logits).all()
+    with pytest.raises(LayerzipError, match="drop --no-fisher"):
+        SVDLLM(keep=0.6, kfac=True, fisher=False)
+    with pytest.raises(LayerzipError, match="drop one"):
+        SVDLLM(keep=0.6, kfac=True, correct=True, sequential=True)

@@ -18,7 +18,6 @@ from layerzip.driver import BlockDriver
 from layerzip.io import load_model
 from layerzip.lazy import is_meta, source_of
 from layerzip.models import find_blocks, select_targets
-from layerzip.stats import collect_fisher, collect_output_fisher
 
 from conftest import ARCHS, tiny_model
 
@@ -81,15 +80,14 @@ def test_streamed_model_is_lazy(sharded):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kind", ["output", "weight"])
+@pytest.mark.parametrize("kind", ["output", "output_cov", "weight"])
 def test_blockwise_gradients_equal_whole_model(sharded, arch, kind):
     """The driver's block-by-block backward gives the whole-model Fisher (every target, 1e-6 relative)."""
     model = load_model(sharded[arch]).model
     causal = lz.models.is_causal(model)
     batches = _batches(causal)
     targets = select_targets(model)
-    ref = (collect_output_fisher if kind == "output" else collect_fisher)(model, targets, batches, causal,
-                                                                         progress=False)
+    ref = gradients(model, targets, kind, batches, progress=False)
     got = BlockDriver(model, batches, progress=False).gradients(targets, kind)
     streamed = load_model(sharded[arch], stream=True).model
     got_streamed = gradients(streamed, select_targets(streamed), kind, batches, progress=False)
@@ -225,6 +223,8 @@ def test_streamed_refusals(sharded):
     lazy = load_model(sharded["llama"], stream=True).model
     with pytest.raises(lz.LayerzipError, match="--no-stream"):
         lz.compress_(lazy, lz.DropBlocks(keep=0.5), calib=_batches(True), progress=False)
+    with pytest.raises(lz.LayerzipError, match="--no-stream"):
+        lz.compress_(lazy, lz.SVDLLM(keep=0.5, kfac=True), calib=_batches(True), progress=False)
     with pytest.raises(lz.LayerzipError, match="outside the repeated blocks"):
         lz.compress_(lazy, lz.SVDLLM(keep=0.5, include="lm_head"), calib=_batches(True), progress=False)
 

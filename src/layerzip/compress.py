@@ -142,14 +142,16 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
 
 def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None, calib: list[dict],
               progress: bool = True) -> dict[str, torch.Tensor] | None:
-    """The gradient statistics `kind` ("output" | "weight", see CompressConfig.gradients) of the original model:
+    """The gradient statistics `kind` ("output" | "output_cov" | "weight", see CompressConfig.gradients) of the
+    original model:
     one whole-model backward per micro-batch in memory, block by block for a streamed model (the same values)."""
     if kind is None:
         return None
     if source_of(model) is not None:
         return BlockDriver(model, calib, progress, desc="gradients").gradients(targets, kind)
-    fn = collect_output_fisher if kind == "output" else collect_fisher
-    return fn(model, targets, calib, is_causal(model), progress)
+    if kind == "weight":
+        return collect_fisher(model, targets, calib, is_causal(model), progress)
+    return collect_output_fisher(model, targets, calib, is_causal(model), progress, full=kind == "output_cov")
 
 
 def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module], elem_bytes: int | None) -> int:
@@ -262,6 +264,8 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
             W = dense_weight_and_bias(chosen[name])[0]
             set_module(model, name, new.to(device=W.device, dtype=W.dtype))
             modules[name] = new.spec()
+            if source is not None:      # streamed: the replaced layer's weights were read for this block only,
+                chosen[name].to("meta")   # and `chosen` would keep them for the rest of the run
         log.add(st)
         seconds += time.perf_counter() - t
 

@@ -345,6 +345,7 @@ class BlockDriver:
                   seed: int = 0) -> dict[str, torch.Tensor]:
         """Gradient statistics of the sensitivity loss (stats.sensitivity_loss), one block's graph at a time.
         kind "output": {name: Σ over tokens of (∂L/∂y)²} per output feature (stats.collect_output_fisher);
+        "output_cov": their shrunk covariance (collect_output_fisher(full=True));
         "weight": {name: Σ over micro-batches of (∂L/∂W)² per output row} (stats.collect_fisher). Micro-batches,
         seeds and losses are those of the whole-model versions, so the results are the same."""
         found, inside, _ = self._split(targets)
@@ -377,7 +378,7 @@ class BlockDriver:
                         grads = self._block_backward(blocks[l], calls[l], h, grads, mods, kind, acc)
                     calls[l] = None
                     bar.update(1)
-        return zeros_for_missing(acc, targets)
+        return zeros_for_missing(acc, targets, full=kind == "output_cov")
 
     def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, gen) -> torch.Tensor:
         """∂L/∂h of the micro-batch's loss at the last block's output. A causal LM's rows go through the head one
@@ -397,7 +398,7 @@ class BlockDriver:
 
     def _block_backward(self, block, calls, h, grads, mods, kind, acc):
         """∂L/∂(block input) for every micro-batch from ∂L/∂(block output), accumulating the targets' statistics."""
-        handles = output_fisher_hooks(mods, acc) if kind == "output" else []
+        handles = output_fisher_hooks(mods, acc, full=kind == "output_cov") if kind.startswith("output") else []
         weights = {n: m.weight for n, m in mods.items()} if kind == "weight" else {}
         try:
             with Frozen(block):

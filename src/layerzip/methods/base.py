@@ -139,7 +139,8 @@ class CompressConfig:
     @property
     def gradients(self) -> str | None:
         """The gradient statistics of the original model this method weights by, gathered before anything changes:
-        None, "output" (stats.collect_output_fisher) or "weight" (stats.collect_fisher)."""
+        None, "output" (stats.collect_output_fisher), "output_cov" (the same, full=True) or "weight"
+        (stats.collect_fisher)."""
         return None
 
     def gradient_batches(self, calib: list[dict]) -> list[dict]:

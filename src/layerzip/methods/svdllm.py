@@ -5,6 +5,10 @@ With the input Gram G = XᵀX = L Lᵀ (Cholesky, stats.whiten), take the SVD W 
     W' = U_r Σ_r V_rᵀ L⁻¹,    stored as  A = U_r Σ_r^½,  B = Σ_r^½ V_rᵀ L⁻¹  (a triangular solve, no inverse)
 
 Then the layer loss ‖(W − W')Xᵀ‖²_F = Σ_{i>r} σ_i², the smallest any rank-r matrix can reach.
+
+Output weighting (`fisher`): the loss of output i weighted by its diagonal output Fisher fᵢ, ‖D(W − W')Xᵀ‖ with
+D = diag(√f) — or, two-sided (`kfac`), by the whole output-gradient covariance F = R Rᵀ (shrunk toward its
+diagonal): ‖Rᵀ(W − W')Xᵀ‖, solved exactly the same way from the SVD of Rᵀ W L, with A = R⁻ᵀ U_r Σ_r^½.
 """
 from __future__ import annotations
 
@@ -24,22 +28,40 @@ from .correct import target_aware_factors
 from .fwsvd import row_weights
 
 
+def _weigh(W: torch.Tensor, rows) -> torch.Tensor:
+    """D W (rows: a vector of weights) or Rᵀ W (rows: the Whitening of the output covariance, F = R Rᵀ)."""
+    if rows is None:
+        return W
+    if isinstance(rows, Whitening):
+        return rows.L.to(W).T @ W
+    return rows.to(W)[:, None] * W
+
+
+def _unweigh(A: torch.Tensor, rows) -> torch.Tensor:
+    """D⁻¹ A, or R⁻ᵀ A (a triangular solve)."""
+    if rows is None:
+        return A
+    if isinstance(rows, Whitening):
+        return rows.right_solve(A.T.to(rows.L)).T.to(A)
+    return A / rows.to(A)[:, None]
+
+
 @torch.no_grad()
-def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | None = None,
-                   rows: torch.Tensor | None = None):
+def svdllm_factors(W: torch.Tensor, stats, rank: int, whitening: Whitening | None = None, rows=None):
     """(W out×in float64, stats with .gram, rank) -> (A, B). Pass `whitening` to reuse it across modules.
 
     `rows` (positive, length out): weight the loss of output i by rows[i]² — min ‖D(W − W')Xᵀ‖, D = diag(rows) —
-    solved exactly the same way: SVD of D W L, then A = D⁻¹ U_r Σ_r^½."""
+    solved exactly the same way: SVD of D W L, then A = D⁻¹ U_r Σ_r^½. `rows` a Whitening of the output-gradient
+    covariance F = R Rᵀ: min ‖Rᵀ(W − W')Xᵀ‖, from the SVD of Rᵀ W L, A = R⁻ᵀ U_r Σ_r^½."""
     wt = whitening or whiten(stats.gram.to(W))
-    DW = W if rows is None else rows.to(W)[:, None] * W
-    A, M = truncated_factors(DW @ wt.L, rank)
-    return (A if rows is None else A / rows.to(W)[:, None]), wt.right_solve(M)
+    A, M = truncated_factors(_weigh(W, rows) @ wt.L, rank)
+    return _unweigh(A, rows), wt.right_solve(M)
 
 
-def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """σ(D W L): σ_{r+1..}² summed is the exact (row-weighted) layer loss of rank r (for allocation and analysis)."""
-    return singular_values((W if rows is None else rows.to(W)[:, None] * W) @ whitening.L)
+def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows=None) -> torch.Tensor:
+    """σ(D W L) (or σ(Rᵀ W L)): σ_{r+1..}² summed is the exact (output-weighted) layer loss of rank r (for
+    allocation and analysis)."""
+    return singular_values(_weigh(W, rows) @ whitening.L)
 
 
 @register_method("svd-llm")
@@ -63,6 +85,8 @@ class SVDLLM(CompressConfig):
     (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
+    kfac: bool = option(False, "svd-llm: with --fisher, weight by the output gradients' whole covariance (KFAC's "
+                               "output factor), shrunk toward its diagonal, instead of the diagonal alone")
     fisher_samples: int | None = option(None, "calibration sequences the output Fisher reads, evenly spread "
                                         "(default: causal LMs ≥ 2048 tokens and 1/8 of the calibration, "
                                         "encoders all)")
@@ -76,6 +100,15 @@ class SVDLLM(CompressConfig):
         super().__post_init__()
         if self.fisher_samples is not None and not (isinstance(self.fisher_samples, int) and self.fisher_samples > 0):
             raise LayerzipError(f"--fisher-samples must be a positive number of sequences, got {self.fisher_samples}")
+        if self.kfac and self.fisher is False:
+            raise LayerzipError("--kfac weights the output Fisher's covariance: drop --no-fisher")
+        if self.kfac and self.correct:
+            raise LayerzipError("--kfac and --correct do not combine (--correct refits with the diagonal Fisher); "
+                                "drop one")
+
+    @property
+    def stream_ok(self):
+        return not self.kfac      # --kfac holds every module's out × out gradient covariance until it decomposes
 
     def gradient_batches(self, calib):
         return spread_sequences(calib, self.fisher_samples)
@@ -84,7 +117,7 @@ class SVDLLM(CompressConfig):
         causal = is_causal(model)
         sequences = sum(len(b["input_ids"]) for b in calib or [])
         best = causal or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
-        fisher = best if self.fisher is None else self.fisher
+        fisher = (best or self.kfac) if self.fisher is None else self.fisher
         samples = self.fisher_samples
         if fisher and samples is None and causal and sequences:
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
@@ -103,7 +136,9 @@ class SVDLLM(CompressConfig):
         return bool(self.fisher)
 
     def _rows(self, stats):
-        return row_weights(stats.fisher_rows) if self.fisher else None
+        if not self.fisher:
+            return None
+        return stats.output_whitening if self.kfac else row_weights(stats.fisher_rows)
 
     def factors(self, W, stats, rank):
         if self.correct and hasattr(stats, "cross"):
@@ -119,4 +154,4 @@ class SVDLLM(CompressConfig):
 
     @property
     def gradients(self):
-        return "output" if self.fisher else None
+        return ("output_cov" if self.kfac else "output") if self.fisher else None

@@ -7,9 +7,13 @@ per batch, whose squared gradient has expectation diag(JᵀJ) — the embedding'
 - `collect_fisher`: FWSVD's row importance Iᵢ = Σⱼ E[(∂L/∂Wᵢⱼ)²] (weight gradients summed per output row);
 - `collect_output_fisher`: Σ over tokens of (∂L/∂y)² per output feature y (the diagonal empirical Fisher of the
   module's outputs): Σᵢ fᵢ ‖(ΔW X)ᵢ‖² ≈ 2·T·(loss increase) for a change ΔW, in the same unit for every module.
+  With `full=True`, the whole covariance F = Σ_t g_t g_tᵀ of the output gradients g_t = ∂L/∂y_t (KFAC's output
+  factor): tr(ΔW X Xᵀ ΔWᵀ F) is that loss estimate without assuming the outputs independent. F is shrunk toward
+  its diagonal (`shrink_to_diagonal`), so the diagonal version is the limit of no evidence for correlations.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..models import backbone, linear_shape
 from ..nn import is_conv1d
+from .activations import whiten
 
 
 @dataclass
@@ -26,6 +31,12 @@ class FisherStats:
     Grams for --correct)."""
     fisher_rows: torch.Tensor
     base: object = None
+
+    @cached_property
+    def output_whitening(self):
+        """R with F = R Rᵀ, F the (shrunk) output-gradient covariance in `fisher_rows` (collect_output_fisher with
+        full=True)."""
+        return whiten(self.fisher_rows)
 
     def __getattr__(self, name):              # gram, tokens, abs_mean, whitening ... of the base statistics
         if name == "base":
@@ -88,13 +99,54 @@ def add_row_fisher(acc: dict, name: str, module: nn.Module, grad: torch.Tensor) 
     acc[name] = acc[name] + g if name in acc else g
 
 
-def output_fisher_hooks(targets: dict[str, nn.Module], acc: dict) -> list:
-    """Forward hooks whose gradient hooks add Σ over tokens of (∂L/∂y)² per output feature to acc[name]; returns
-    the handles to remove."""
+class OutputCovariance:
+    """Running sums of one module's output gradients g, one sample per sequence: S = Σ_s G_s with G_s = Σ_{t∈s}
+    g_t g_tᵀ, Q = Σ_s G_s∘G_s (for the variance of S's entries) and the sample count n. Sequences, not tokens, are
+    the samples: the tokens of one sequence are far from independent."""
+
+    def __init__(self, d: int):
+        self.S = torch.zeros(d, d, dtype=torch.float64)
+        self.Q = torch.zeros(d, d, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, g: torch.Tensor) -> None:
+        """g: (sequences, tokens, d), or (samples, d) for one token per sample."""
+        g = g.double()
+        g = g.reshape(-1, g.shape[-1], 1).transpose(1, 2) if g.dim() == 2 else g.reshape(g.shape[0], -1, g.shape[-1])
+        for x in g:
+            G = x.T @ x
+            self.S += G.cpu()
+            self.Q += G.square_().cpu()
+        self.n += len(g)
+
+    def shrunk(self) -> torch.Tensor:
+        """S with its off-diagonal entries scaled by 1 − α, α the Schäfer–Strimmer (Ledoit–Wolf style) intensity
+        toward the diagonal: the summed estimated variance of the off-diagonal entries of the mean over their summed
+        squares, clipped to [0, 1]."""
+        n = self.n
+        if n < 2:
+            return torch.diag(torch.diagonal(self.S))
+        F = self.S / n
+        var = (self.Q - n * F.square()).clamp_min(0) * (n / (n - 1) ** 3)
+        off = ~torch.eye(len(F), dtype=torch.bool)
+        denom = F.square()[off].sum()
+        self.alpha = 1.0 if denom <= 0 else float((var[off].sum() / denom).clamp(0, 1))
+        out = self.S * (1 - self.alpha)
+        out.diagonal().copy_(torch.diagonal(self.S))
+        return out
+
+
+def output_fisher_hooks(targets: dict[str, nn.Module], acc: dict, full: bool = False) -> list:
+    """Forward hooks whose gradient hooks add Σ over tokens of (∂L/∂y)² per output feature to acc[name] (`full`:
+    the gradients' OutputCovariance sums); returns the handles to remove."""
     def out_hook(name):
         def hook(module, args, out):
             def grad_hook(g):
-                g = g.detach().reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
+                g = g.detach()
+                if full:
+                    acc.setdefault(name, OutputCovariance(g.shape[-1])).add(g)
+                    return
+                g = g.reshape(-1, g.shape[-1]).double().square().sum(0).cpu()
                 acc[name] = acc[name] + g if name in acc else g
             if out.requires_grad:
                 out.register_hook(grad_hook)
@@ -102,11 +154,15 @@ def output_fisher_hooks(targets: dict[str, nn.Module], acc: dict) -> list:
     return [m.register_forward_hook(out_hook(n)) for n, m in targets.items()]
 
 
-def zeros_for_missing(acc: dict, targets: dict[str, nn.Module]) -> dict:
-    """A target the loss does not depend on has no sensitivity at all: zeros."""
+def zeros_for_missing(acc: dict, targets: dict[str, nn.Module], full: bool = False) -> dict:
+    """A target the loss does not depend on has no sensitivity at all: zeros. `full`: every OutputCovariance
+    replaced by its shrunk sum (d × d)."""
     for n, mod in targets.items():
         if n not in acc:
-            acc[n] = torch.zeros(linear_shape(mod)[0], dtype=torch.float64)
+            d = linear_shape(mod)[0]
+            acc[n] = torch.zeros((d, d) if full else d, dtype=torch.float64)
+        elif isinstance(acc[n], OutputCovariance):
+            acc[n] = acc[n].shrunk()
     return acc
 
 
@@ -129,8 +185,10 @@ def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: lis
 
 
 def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
-                          progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
-    """{name: Σ over tokens of (∂L/∂y)²} per output feature y of each target (float64, length out_features)."""
+                          progress: bool = True, seed: int = 0, micro_batch: int = 2,
+                          full: bool = False) -> dict[str, torch.Tensor]:
+    """{name: Σ over tokens of (∂L/∂y)²} per output feature y of each target (float64, length out_features);
+    `full`: {name: Σ over tokens of (∂L/∂y)(∂L/∂y)ᵀ}, shrunk toward its diagonal (out × out)."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     acc: dict[str, torch.Tensor] = {}
@@ -138,7 +196,7 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
     def leaf_hook(module, args, out):       # gradients reach the targets without any weight requiring grad
         return out.detach().requires_grad_(True)
 
-    handles = output_fisher_hooks(targets, acc)
+    handles = output_fisher_hooks(targets, acc, full)
     handles.append(model.get_input_embeddings().register_forward_hook(leaf_hook))
     try:
         with Frozen(model):
@@ -150,4 +208,4 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
     finally:
         for h in handles:
             h.remove()
-    return zeros_for_missing(acc, targets)
+    return zeros_for_missing(acc, targets, full)

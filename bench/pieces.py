@@ -1,0 +1,137 @@
+"""Issue "quality past the records": each new piece of the default compression in a row of its own, on held-out text.
+
+Every row compresses Gemma-3-270M (or another causal bench model) with svd-llm at each keep from the same
+calibration (the benchmark's), one statistics pass per kind shared by the rows that read it, and scores perplexity
+on two held-out sets: python-docs windows (the calibration's source, disjoint files) and standard-library
+docstrings (another source), each as a ratio to the dense model's. Rows:
+
+    default        svd-llm's defaults: global allocation, diagonal output Fisher
+    kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
+
+Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and keep), so a run
+can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md.
+    python bench/pieces.py --rows default kfac --keeps 0.8 0.6 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import matplotlib
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import common  # noqa: E402
+from common import lz  # noqa: E402
+from fisher_tokens import held_out, score  # noqa: E402
+from layerzip.compress import gradients  # noqa: E402
+from layerzip.models import select_targets  # noqa: E402
+from layerzip.stats import with_fisher  # noqa: E402
+
+ROWS = {
+    "default": dict(config=dict(), gradients="output",
+                    what="svd-llm defaults: global allocation, diagonal output Fisher"),
+    "kfac": dict(config=dict(kfac=True), gradients="output_cov",
+                 what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
+}
+
+
+def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
+    loaded = bench.load()
+    calib = bench.calib(loaded)
+    sets = held_out(bench)
+    key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
+           "eval_seq_len": bench.eval_seq_len}
+    name = f"pieces_{bench.name}"
+    prev = common.read_json(name) if (common.RESULTS / f"{name}.json").is_file() else {}
+    res = {"model": bench.title, "bench": bench.name, **key, "env": common.env(), "code": common.code_version()}
+    if prev and all(prev.get(k) == v for k, v in key.items()):
+        res["dense"], res["rows"] = prev["dense"], prev["rows"]
+    else:
+        res["dense"], res["rows"] = score(loaded.model, loaded.tokenizer, sets, windows, bench.eval_seq_len), []
+    print("dense", res["dense"], flush=True)
+    t = time.perf_counter()
+    grams = lz.calibrate(loaded.model, lz.SVDLLM(alloc="global", fisher=False), calib, progress=True)
+    seconds_grams = time.perf_counter() - t
+    targets = select_targets(loaded.model)
+    grads: dict[str, tuple] = {}
+    for row in rows:
+        spec = ROWS[row]
+        cfg0 = lz.SVDLLM(keep=keeps[0], **spec["config"]).resolve(loaded.model, calib)
+        if spec["gradients"] not in grads:
+            t = time.perf_counter()
+            grads[spec["gradients"]] = (gradients(loaded.model, targets, spec["gradients"],
+                                                  cfg0.gradient_batches(calib), progress=True),
+                                        time.perf_counter() - t)
+        fisher, seconds_fisher = grads[spec["gradients"]]
+        stats = with_fisher(grams, fisher)
+        for keep in keeps:
+            m = bench.load()
+            t = time.perf_counter()
+            rep = lz.compress_(m.model, lz.SVDLLM(keep=keep, **spec["config"]), calib=calib, progress=False,
+                               stats=stats)
+            out = {"row": row, "what": spec["what"], "keep": keep, "keep_achieved": rep["keep_achieved"],
+                   "seconds": {"grams": seconds_grams, "gradients": seconds_fisher,
+                               "decompose": time.perf_counter() - t},
+                   "perplexity": score(m.model, m.tokenizer, sets, windows, bench.eval_seq_len),
+                   "code": common.code_version()}
+            out["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in out["perplexity"].items()}
+            res["rows"] = [r for r in res["rows"] if (r["row"], r["keep"]) != (row, keep)] + [out]
+            print(row, keep, out["ratio_to_dense"], flush=True)
+            common.write_json(name, res)
+    return res
+
+
+def plot(res: dict):
+    sets = list(res["dense"])
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.6), squeeze=False)
+    for ax, s in zip(axes[0], sets):
+        for row in dict.fromkeys(r["row"] for r in res["rows"]):
+            rs = sorted((r for r in res["rows"] if r["row"] == row), key=lambda r: r["keep_achieved"])
+            ax.plot([r["keep_achieved"] for r in rs], [r["ratio_to_dense"][s] for r in rs], "o-", label=row)
+        ax.set_xlabel("keep_achieved (block-linear parameters)")
+        ax.set_ylabel("perplexity ÷ dense")
+        ax.set_yscale("log")
+        ax.set_title(f"{res['model']}: held-out {s}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return common.save_figure(fig, common.RESULTS / f"pieces_{res['bench']}.png")
+
+
+def markdown(res: dict) -> str:
+    sets = list(res["dense"])
+    keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
+    out = [f"# Quality pieces on {res['model']}", "",
+           f"Written by `python bench/pieces.py` ({res['env']['date']}, code {res['code']}). Calibration "
+           f"{res['calib_tokens']} tokens of python docs (the benchmark's); held-out perplexity on "
+           f"{res['eval_windows']} windows × {res['eval_seq_len']} tokens of each set, ÷ dense ("
+           + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings.", "",
+           f"![](results/pieces_{res['bench']}.png)", "",
+           "| row | what | " + " | ".join(f"keep {k}" for k in keeps) + " |",
+           "|---|---|" + "---|" * len(keeps)]
+    for row in dict.fromkeys(r["row"] for r in res["rows"]):
+        by = {r["keep"]: r for r in res["rows"] if r["row"] == row}
+        cells = [" / ".join(f"{by[k]['ratio_to_dense'][s]:.3f}" for s in sets) if k in by else "–" for k in keeps]
+        out.append(f"| {row} | {next(iter(by.values()))['what']} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5])
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    bench = common.benches(False, only=[a.model])[0]
+    res = common.read_json(f"pieces_{bench.name}") if a.report_only else run(bench, a.rows, a.keeps, a.eval_windows)
+    plot(res)
+    (common.RESULTS.parent / "PIECES.md").write_text(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
