@@ -279,13 +279,14 @@ def markdown(res: dict) -> str:
         out += [f"The FFNs are {ffn:.0%} of a dense token's FLOPs and the LM head {head:.0%}, so even FFNs that cost nothing would make a whole forward at most "
                 f"{1 / (1 - ffn):.2f}× faster; the FFN alone (last table) shows the layer's own speedup.", ""]
     out += [f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
-           "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit (+ heal) s |",
+           "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit s |",
            "|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: ("keep" in r, r.get("experts", 0), r["ffn_flops_fraction"])):
         name = (f"{r['method']} keep {r['keep']:.3g}" if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
                 + (f", healed {r['heal_steps']} steps × {r['tokens_per_step']} tokens" if "heal_steps" in r else ""))
         out.append(f"| {name} | {r['ffn_flops_fraction']:.3f} | {r['ppl_ratio']:.3g} | {r['forward_speedup']:.2f}× | "
-                   f"{r['decode_speedup']:.2f}× | {r.get('seconds', 0) + r.get('heal_seconds', 0):.0f} |")
+                   f"{r['decode_speedup']:.2f}× | " + (f"{r['heal_seconds']:.0f} (healing)" if "heal_seconds" in r
+                                                        else f"{r['seconds']:.0f}") + " |")
     if res.get("ffn_layer"):
         out += ["", "One FFN alone (block 0, 640 → 2048 → 640, one thread), median ms:", "",
                 "| FFN | 1 token | speedup | 32 tokens | speedup |", "|---|---|---|---|---|"]
