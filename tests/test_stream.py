@@ -19,7 +19,7 @@ from layerzip.io import load_model
 from layerzip.lazy import is_meta, source_of
 from layerzip.models import find_blocks, select_targets
 
-from conftest import ARCHS, tiny_model
+from conftest import ARCHS, TINY, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +296,34 @@ def test_ray_executor_gives_the_local_result(sharded):
     driver = BlockDriver(remote, [batch], progress=False)
     b = driver.head(batch, driver.final_states([batch])[0]).logits
     assert _rel(b, a) < 1e-6
+
+
+def test_streamed_memory_does_not_grow_with_depth(tmp_path, monkeypatch):
+    """What is alive after each block is decomposed and written stays flat along the walk: the replaced layers'
+    weights are not kept (they were, ~one dense block per block, so peak memory grew with depth)."""
+    import gc
+    from layerzip.lazy import LazyWeights
+    config, cls = TINY["llama"]()
+    config.num_hidden_layers = 6
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path / "m", max_shard_size="200KB")
+    streamed = load_model(tmp_path / "m", stream=True).model
+
+    def alive() -> int:
+        seen = {}
+        for o in gc.get_objects():
+            if isinstance(o, torch.Tensor) and not o.is_meta:
+                seen[o.untyped_storage().data_ptr()] = o.untyped_storage().nbytes()
+        return sum(seen.values())
+    after = []
+    offload = LazyWeights.offload
+
+    def counting(self, module, path):
+        offload(self, module, path)
+        gc.collect()
+        after.append(alive())
+    monkeypatch.setattr(LazyWeights, "offload", counting)
+    block = sum(p.numel() * p.element_size() for p in cls(config).model.layers[0].parameters())
+    lz.compress_(streamed, lz.SVDLLM(keep=0.6), calib=_batches(True), progress=False)
+    assert len(after) == 6
+    assert after[-1] - after[2] < 0.5 * block, (after, block)     # it grew by ~0.9 block per block
