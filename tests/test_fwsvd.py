@@ -184,3 +184,14 @@ def test_kfac_compress_and_refusal():
         SVDLLM(keep=0.6, kfac=True, fisher=False)
     with pytest.raises(LayerzipError, match="drop one"):
         SVDLLM(keep=0.6, kfac=True, correct=True, sequential=True)
+
+
+def test_kfac_refuses_covariances_that_do_not_fit(monkeypatch):
+    import collections
+    import psutil
+    import pytest
+    from layerzip import SVDLLM, LayerzipError
+    model = tiny_model("llama")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "available")(10_000))
+    with pytest.raises(LayerzipError, match="drop --kfac"):
+        compress_(model, SVDLLM(keep=0.6, kfac=True), calib=_batches(), progress=False)

@@ -147,11 +147,24 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
     one whole-model backward per micro-batch in memory, block by block for a streamed model (the same values)."""
     if kind is None:
         return None
+    if kind == "output_cov":
+        _check_covariance_memory(targets)
     if source_of(model) is not None:
         return BlockDriver(model, calib, progress, desc="gradients").gradients(targets, kind)
     if kind == "weight":
         return collect_fisher(model, targets, calib, is_causal(model), progress)
     return collect_output_fisher(model, targets, calib, is_causal(model), progress, full=kind == "output_cov")
+
+
+def _check_covariance_memory(targets: dict[str, nn.Module]) -> None:
+    """The output-gradient covariances are summed for every target at once (two out × out float64 each)."""
+    import psutil
+    need = sum(2 * 8 * linear_shape(m)[0] ** 2 for m in targets.values())
+    free = psutil.virtual_memory().available
+    if need > free / 2:
+        raise LayerzipError(f"--kfac holds {need / 1e9:.1f} GB of output-gradient covariances (two out × out float64 "
+                            f"per module) and {free / 1e9:.1f} GB are free; drop --kfac or select fewer modules "
+                            "(--include)")
 
 
 def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module], elem_bytes: int | None) -> int:
