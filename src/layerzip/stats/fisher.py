@@ -9,12 +9,12 @@ per batch, whose squared gradient has expectation diag(JᵀJ) — the embedding'
   module's outputs): Σᵢ fᵢ ‖(ΔW X)ᵢ‖² ≈ 2·T·(loss increase) for a change ΔW, in the same unit for every module.
   With `full=True`, the whole covariance F = Σ_t g_t g_tᵀ of the output gradients g_t = ∂L/∂y_t (KFAC's output
   factor): tr(ΔW X Xᵀ ΔWᵀ F) is that loss estimate without assuming the outputs independent. F is shrunk toward
-  its diagonal (`shrink_to_diagonal`), so the diagonal version is the limit of no evidence for correlations.
+  its diagonal (`OutputCovariance.shrunk`), so the diagonal version is the limit of no evidence for correlations.
 """
 from __future__ import annotations
 
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -130,8 +130,8 @@ class OutputCovariance:
         var = (self.Q - n * F.square()).clamp_min(0) * (n / (n - 1) ** 3)
         off = ~torch.eye(len(F), dtype=torch.bool)
         denom = F.square()[off].sum()
-        self.alpha = 1.0 if denom <= 0 else float((var[off].sum() / denom).clamp(0, 1))
-        out = self.S * (1 - self.alpha)
+        alpha = 1.0 if denom <= 0 else float((var[off].sum() / denom).clamp(0, 1))
+        out = self.S * (1 - alpha)
         out.diagonal().copy_(torch.diagonal(self.S))
         return out
 
