@@ -136,7 +136,8 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
         for key in ("calib", "eval", "latency"):
             if previous[key] != res[key]:
                 raise SystemExit(f"--resume: the saved run's {key} {previous[key]} differs from this one's {res[key]}")
-        res["rows"], res["resumed"] = previous["rows"], {"code": previous["code"], "env": previous["env"]}
+        res["rows"] = previous["rows"]
+        res["resumed"] = previous.get("resumed", []) + [{"code": previous["code"], "env": previous["env"]}]
     done_moe = {(r["experts"], r["active"]) for r in res["rows"] if r["method"] == "moe"}
     done_lowrank = {r["keep"] for r in res["rows"] if "keep" in r}
     done_healed = {(r["experts"], r["active"]) for r in res["rows"] if r["method"] == "moe healed"}
@@ -269,10 +270,11 @@ def markdown(res: dict) -> str:
            f"tokens (dense ≈ {dense_fwd:.0f} ms) and one decoding step with a {lat['seq_len']}-token KV cache "
            f"(dense ≈ {dense_dec:.1f} ms). FFN fraction: FLOPs the FFNs run per token ÷ dense (MoE: k/E + the "
            "router).", ""]
-    if "resumed" in res:
-        r = res["resumed"]
-        out += [f"Resumed (`--resume`): the rows of an earlier run (code {r['code']}, {r['env']['date']}, load average "
-                f"{r['env']['load_average_1min']:.1f}) were kept, the missing ones measured by this one.", ""]
+    if res.get("resumed"):
+        runs = "; ".join(f"code {r['code']}, {r['env']['date']}, load average {r['env']['load_average_1min']:.1f}"
+                         for r in res["resumed"])
+        out += [f"Resumed (`--resume`): the rows of earlier runs ({runs}) were kept, the missing ones measured by "
+                "this one.", ""]
     fl = res["dense"]
     if "flops_per_token" in fl:
         ffn, head = fl["ffn_flops_per_token"] / fl["flops_per_token"], fl["flops_per_token_lm_head"] / fl["flops_per_token"]
