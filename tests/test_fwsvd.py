@@ -87,14 +87,20 @@ def test_output_fisher_matches_autograd():
     assert all((got[n] > 0).any() for n in targets)
 
 
-def test_weighted_whitened_svd_is_exact_and_optimal():
+def _layer(seed: int):
+    """(generator, W 24×16, inputs X of unequal scales, their ModuleStats) in float64."""
     from layerzip.stats import ModuleStats
-    from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     W = torch.randn(24, 16, generator=g, dtype=torch.float64)
     X = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
     st = ModuleStats(16)
     st.add(X)
+    return g, W, X, st
+
+
+def test_weighted_whitened_svd_is_exact_and_optimal():
+    from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
+    g, W, X, st = _layer(3)
     d = torch.rand(24, generator=g, dtype=torch.float64) * 5 + 0.05
     loss = lambda A, B: (d[:, None] * ((W - A @ B) @ X.T)).square().sum().item()
     r = 6
@@ -149,13 +155,9 @@ def test_shrinkage_keeps_strong_correlations_and_drops_noise():
 
 
 def test_kfac_whitened_svd_is_exact_and_optimal():
-    from layerzip.stats import ModuleStats, whiten
+    from layerzip.stats import whiten
     from layerzip.methods.svdllm import svdllm_factors, whitened_singular_values
-    g = torch.Generator().manual_seed(4)
-    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
-    X = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 16, dtype=torch.float64)
-    st = ModuleStats(16)
-    st.add(X)
+    g, W, X, st = _layer(4)
     Gy = torch.randn(300, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
     F = Gy.T @ Gy
     R = whiten(F)
