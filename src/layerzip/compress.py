@@ -33,6 +33,7 @@ from .embeddings import factorize_embeddings, split_embeddings, swap_
 from .errors import LayerzipError
 from .executors import LocalExecutor, make_executor
 from .lazy import source_of
+from .share import decompose_shared_
 from .methods import CompressConfig
 from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      set_module)
@@ -117,6 +118,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         report["calibration"] = calibration["calibration"]
         if calibration["whitening"]["inputs"]:
             report["whitening"] = calibration["whitening"]
+        if "share" in calibration:               # blocks per shared basis, by projection type
+            report["share"] = calibration["share"]
     report["ranks"] = ranks
     if budget is not None:
         report["module_bits"] = bits
@@ -179,6 +182,9 @@ def _check_budget(model: nn.Module, config: CompressConfig, budget: BytesBudget)
     if source_of(model) is not None:
         raise LayerzipError("--budget-bytes chooses low-bit storage, which needs the whole model in memory; pass "
                             "--no-stream")
+    if getattr(config, "share", None) is not None:
+        raise LayerzipError("--budget-bytes chooses low-bit storage per module, which a shared basis does not have; "
+                            "drop --share or --budget-bytes")
     if config.elastic or config.objective == "latency" or config.alloc == "uniform" or not config.uses_stats:
         raise LayerzipError("--budget-bytes chooses ranks and bits by the global allocation of an activation-aware "
                             "method; use --method svd-llm (or asvd/fwsvd with --alloc global), without --elastic, "
@@ -238,6 +244,13 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     driver = BlockDriver(model, calib or [], progress, desc=config.name, listeners=list(listeners))
     log = _StatsLog()
     stats: dict = dict(given or {})
+    if getattr(config, "share", None) is not None:     # bases shared across blocks: every block's statistics first
+        if collect:
+            stats = attach(driver.collect(targets))
+        t = time.perf_counter()
+        modules, ranks, sizes = decompose_shared_(model, targets, config, stats, keep, progress)
+        log.add(stats)
+        return modules, ranks, {**log.summary(), "share": sizes}, time.perf_counter() - t, t_gradients, {}
     t = time.perf_counter()                    # allocation (the spectra's SVDs) counts as decomposition
 
     def spectrum(name, st):

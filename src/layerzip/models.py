@@ -190,8 +190,9 @@ def count_params(model: nn.Module) -> int:
 
 
 def module_params(modules) -> int:
-    """Parameters of several modules (an iterable of modules)."""
-    return sum(p.numel() for m in modules for p in m.parameters())
+    """Parameters of several modules (an iterable of modules), each shared parameter (a tied head, a shared basis)
+    once."""
+    return sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
 
 
 def check_finite(targets: dict[str, nn.Module]) -> None:

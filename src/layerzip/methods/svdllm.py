@@ -26,6 +26,7 @@ from ..stats import Whitening, whiten
 from .base import CompressConfig, option, register_method
 from .correct import target_aware_factors
 from .fwsvd import row_weights
+from ..share import parse_share
 
 
 def _weigh(W: torch.Tensor, rows) -> torch.Tensor:
@@ -87,6 +88,9 @@ class SVDLLM(CompressConfig):
     fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
     kfac: bool = option(False, "svd-llm: with --fisher, weight by the output gradients' whole covariance (KFAC's "
                                "output factor), shrunk toward its diagonal, instead of the diagonal alone")
+    share: str | None = option(None, "svd-llm: one input basis per projection shared by N consecutive blocks "
+                                     "(Basis Sharing; the basis stored once), N ≥ 2, or auto: N per projection "
+                                     "type chosen with the ranks by the allocation")
     fisher_samples: int | None = option(None, "calibration sequences the output Fisher reads, evenly spread "
                                         "(default: causal LMs ≥ 2048 tokens and 1/8 of the calibration, "
                                         "encoders all)")
@@ -102,13 +106,19 @@ class SVDLLM(CompressConfig):
             raise LayerzipError(f"--fisher-samples must be a positive number of sequences, got {self.fisher_samples}")
         if self.kfac and self.fisher is False:
             raise LayerzipError("--kfac weights the output Fisher's covariance: drop --no-fisher")
+        self.share = parse_share(self.share)
+        if self.share is not None and (self.kfac or self.sequential or self.correct or self.elastic
+                                       or self.objective == "latency"):
+            raise LayerzipError("--share does not combine with --kfac, --sequential, --correct, --elastic or "
+                                "--objective latency; drop one")
         if self.kfac and self.correct:
             raise LayerzipError("--kfac and --correct do not combine (--correct refits with the diagonal Fisher); "
                                 "drop one")
 
     @property
     def stream_ok(self):
-        return not self.kfac      # --kfac holds every module's out × out gradient covariance until it decomposes
+        # --kfac holds every module's out × out gradient covariance until it decomposes; --share every block's Grams
+        return not self.kfac and self.share is None
 
     def gradient_batches(self, calib):
         return spread_sequences(calib, self.fisher_samples)
@@ -135,22 +145,24 @@ class SVDLLM(CompressConfig):
     def loss_units(self):
         return bool(self.fisher)
 
-    def _rows(self, stats):
+    def rows(self, stats):
+        """The output weighting of a module with these statistics: None, √(diagonal Fisher), or the Whitening of
+        the output-gradient covariance (--kfac)."""
         if not self.fisher:
             return None
         return stats.output_whitening if self.kfac else row_weights(stats.fisher_rows)
 
     def factors(self, W, stats, rank):
         if self.correct and hasattr(stats, "cross"):
-            return target_aware_factors(W, stats, rank, rows=self._rows(stats))
-        return svdllm_factors(W, stats, rank, whitening=stats.whitening, rows=self._rows(stats))
+            return target_aware_factors(W, stats, rank, rows=self.rows(stats))
+        return svdllm_factors(W, stats, rank, whitening=stats.whitening, rows=self.rows(stats))
 
     def spectrum(self, W, stats):
-        return whitened_singular_values(W, stats.whitening, rows=self._rows(stats))
+        return whitened_singular_values(W, stats.whitening, rows=self.rows(stats))
 
     @property
     def reads_gram(self):
-        return bool(self.correct)            # --correct's refit reads G'; otherwise only L
+        return bool(self.correct) or self.share is not None    # --correct's refit reads G', --share every G
 
     @property
     def gradients(self):

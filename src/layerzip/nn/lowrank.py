@@ -233,3 +233,59 @@ class LowBitLowRank(FactorizedLayer):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, rank={self.rank}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+@register_layer("lowrank_shared")
+class SharedBasisLinear(LowRankLinear):
+    """A LowRankLinear whose B (r×in, the input basis) is one Parameter shared by every layer of its group (Basis
+    Sharing: the same projection in n consecutive blocks, `compress --share`), each layer with its own A and bias.
+    `basis_of` names the group's owner, the module whose B the file holds (itself for the owner): `share_bases_`
+    ties the others to it after a model is built from specs, so B is one tensor in memory and once on disk.
+
+    >>> import torch
+    >>> a, b = SharedBasisLinear(8, 6, 3, basis_of="a"), SharedBasisLinear(8, 4, 3, basis_of="a")
+    >>> m = torch.nn.ModuleDict({"a": a, "b": b})
+    >>> share_bases_(m), m.b.B is m.a.B, sum(p.numel() for p in m.parameters()) == 3 * 8 + 3 * (6 + 4) + 6 + 4
+    ([('b', 'a')], True, True)
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int | None = None, bias: bool = True,
+                 basis_of: str = "", device=None, dtype=None):
+        super().__init__(in_features, out_features, rank, bias, device=device, dtype=dtype)
+        self.basis_of = basis_of
+
+    @classmethod
+    def from_factors(cls, A, B, bias=None, dtype=None, device=None, basis_of: str = "") -> "SharedBasisLinear":
+        layer = super().from_factors(A, B, bias, dtype=dtype, device=device)
+        layer.basis_of = basis_of
+        return layer
+
+    def spec(self) -> dict:
+        return {**super().spec(), "type": "lowrank_shared", "basis_of": self.basis_of}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype=None, device=None) -> "SharedBasisLinear":
+        if not isinstance(spec.get("basis_of"), str) or not spec["basis_of"]:
+            raise ValueError("basis_of must name the module holding the shared basis")
+        if spec.get("bits", 16) != 16:
+            raise ValueError("a shared basis is stored in the model's dtype, not low-bit")
+        return cls(spec["in"], spec["out"], spec["rank"], spec["bias"], spec["basis_of"], device=device, dtype=dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, basis_of={self.basis_of}"
+
+
+def share_bases_(model: nn.Module) -> list[tuple[str, str]]:
+    """Every SharedBasisLinear of `model` takes its owner's B (the same Parameter); returns [(member, owner)] for
+    the members that are not their own owner."""
+    pairs = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, SharedBasisLinear) and mod.basis_of != name:
+            owner = model.get_submodule(mod.basis_of)
+            if not (isinstance(owner, SharedBasisLinear) and owner.basis_of == mod.basis_of
+                    and owner.B.shape == mod.B.shape):
+                raise ValueError(f"{name} shares the basis of {mod.basis_of}, which does not hold a {tuple(mod.B.shape)} "
+                                 "shared basis")
+            mod.B = owner.B
+            pairs.append((name, mod.basis_of))
+    return pairs
