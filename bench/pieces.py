@@ -7,6 +7,8 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
 
     default        svd-llm's defaults: global allocation, diagonal output Fisher
     kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
+    share2         the defaults with one input basis per projection shared by 2 consecutive blocks (--share 2)
+    share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
 
 Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and keep), so a run
 can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md.
@@ -35,6 +37,10 @@ ROWS = {
                     what="svd-llm defaults: global allocation, diagonal output Fisher"),
     "kfac": dict(config=dict(kfac=True), gradients="output_cov",
                  what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
+    "share2": dict(config=dict(share=2), gradients="output",
+                   what="defaults + one input basis per projection for 2 consecutive blocks (--share 2)"),
+    "share-auto": dict(config=dict(share="auto"), gradients="output",
+                       what="defaults + blocks per shared basis chosen per projection type (--share auto)"),
 }
 
 
@@ -77,6 +83,8 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
                                "decompose": time.perf_counter() - t},
                    "perplexity": score(m.model, m.tokenizer, sets, windows, bench.eval_seq_len),
                    "code": common.code_version()}
+            if "share" in rep:
+                out["share"] = rep["share"]
             out["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in out["perplexity"].items()}
             res["rows"] = [r for r in res["rows"] if (r["row"], r["keep"]) != (row, keep)] + [out]
             print(row, keep, out["ratio_to_dense"], flush=True)

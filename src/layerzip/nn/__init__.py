@@ -3,6 +3,7 @@
 | class | W | parameters |
 |---|---|---|
 | LowRankLinear | A B | r(in+out) (LowBitLowRank: its int8 / int4 storage form, lowbit.py) |
+| SharedBasisLinear | A B, B shared by a group of layers (--share) | r·out each, r·in once per group |
 | BTTLinear | block tensor-train, 2 cores, rank r | r(n1·n2·m1 + m1·n1·m2) |
 | MonarchLinear | block-diag · permutation · block-diag | b²(⌈in/b⌉ + ⌈out/b⌉) |
 | KroneckerLinear | Σₜ Aₜ ⊗ Sₜ (PHM) | t(n² + ⌈out/n⌉⌈in/n⌉) |
