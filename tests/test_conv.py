@@ -170,11 +170,41 @@ def test_whitening_lowers_the_output_error():
     assert errs[True] < errs[False]
 
 
+def _planted(o, i, k, r_in, r_out, noise=0.05, seed=0):
+    """A kernel of Tucker ranks (r_in, r_out) plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    core = torch.randn(r_out, r_in, k, k, generator=g, dtype=D)
+    U_out, _ = torch.linalg.qr(torch.randn(o, r_out, generator=g, dtype=D))
+    U_in, _ = torch.linalg.qr(torch.randn(i, r_in, generator=g, dtype=D))
+    W = torch.einsum("abhw,oa,ib->oihw", core, U_out, U_in)
+    return W + noise * W.std() * torch.randn(W.shape, generator=g, dtype=D)
+
+
+def test_vbmf_finds_the_planted_ranks():
+    from layerzip.allocate import vbmf_rank
+    from layerzip.methods.conv import vbmf_shape
+    W = _planted(48, 32, 3, r_in=6, r_out=10)
+    assert vbmf_shape(Tucker2Conv, W) == {"rank_in": 6, "rank_out": 10}
+    assert vbmf_shape(LowRankConv, W) == {"rank": 10}
+    noise = torch.randn(40, 90, dtype=D)
+    assert vbmf_rank(torch.linalg.svdvals(noise), 40, 90) == 0
+    net = nn.Sequential(nn.Conv2d(32, 48, 3, padding=1, dtype=D))
+    with torch.no_grad():
+        net[0].weight.copy_(W)
+    x = torch.randn(2, 32, 8, 8, dtype=D)
+    ref = net(x)
+    rep = lz.compress_(net, lz.Tucker2(vbmf=True), calib=[x], progress=False)
+    assert rep["ranks"]["0"] == {"rank_in": 6, "rank_out": 10}
+    assert ((net(x) - ref).norm() / ref.norm()) < 0.1           # the noise (5%) is what is dropped
+
+
 def test_bad_conv_options_are_one_line_errors():
     for kw, what in [({"objective": "latency"}, "--objective"), ({"energy": 2.0}, "--energy"),
-                     ({"alloc": "global"}, "uniform only")]:
+                     ({"alloc": "global"}, "uniform only"), ({"vbmf": True}, "--vbmf")]:
         with pytest.raises(LayerzipError, match=what):
             lz.CP(**kw)
+    with pytest.raises(LayerzipError, match="--vbmf"):
+        lz.Tucker2(vbmf=True, alloc="global")
     with pytest.raises(LayerzipError, match="calibration images"):
         lz.compress_(_cnn(), lz.Tucker2(objective="flops"), progress=False)
     with pytest.raises(LayerzipError, match="no convolution"):

@@ -17,7 +17,8 @@ L Lᵀ; stats/conv.py), and:
 
 1×1 convolutions get `conv-svd`'s pair (unless `pointwise=False`); grouped / depthwise convs stay dense. Ranks:
 `keep` of each conv's parameters or FLOPs (`objective`), or the fewest components keeping `energy` of the
-(whitened) spectrum, or (`alloc="global"`) all convs together under one budget — each conv's normalized loss
+(whitened) spectrum, or (`vbmf`) EVBMF's ranks of the kernel's unfoldings, or (`alloc="global"`) all convs
+together under one budget — each conv's normalized loss
 estimate (the spectra's squared tails) against its cost, by bisection on a shared price.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..allocate import vbmf_rank
 from ..errors import LayerzipError
 from ..models import select_modules, set_module
 from ..nn.conv import (CPConv, FactorizedConv, LowRankConv, SpatialSVDConv, Tucker2Conv, conv_out_hw,
@@ -131,6 +133,24 @@ def tucker2_shapes(i: int, o: int, k: int) -> list[dict]:
     return out
 
 
+def vbmf_shape(cls: type[FactorizedConv], W: torch.Tensor) -> dict:
+    """The ranks EVBMF (allocate.vbmf_rank) keeps in the kernel's unfoldings (at least 1): the im2col matrix
+    (out × in·kh·kw) for a channel SVD, Tucker-2's input (out·kh·kw × in) and output unfoldings, the spatial
+    unfolding (in·kh × out·kw) for spatial SVD."""
+    o, i, kh, kw = W.shape
+
+    def rank(M):
+        return max(1, vbmf_rank(torch.linalg.svdvals(M.double()), *M.shape))
+    if cls is LowRankConv:
+        return {"rank": rank(W.flatten(1))}
+    if cls is SpatialSVDConv:
+        return {"rank": rank(SpatialSVDConv.unfold(W))}
+    if cls is Tucker2Conv:
+        ri, ro = rank(W.permute(0, 2, 3, 1).reshape(-1, i)), rank(W.flatten(1))
+        return {"rank_in": min(ri, ro * kh * kw), "rank_out": min(ro, ri * kh * kw)}
+    raise LayerzipError(f"--vbmf has no unfolding to choose {cls.__name__}'s rank from; use --keep")
+
+
 def _tail(s: torch.Tensor) -> torch.Tensor:
     """tail[r] = Σ_{j≥r} sⱼ² / Σ sⱼ² (the normalized loss of keeping r components), r = 0..len."""
     e = s.double().square()
@@ -144,6 +164,9 @@ class ConvConfig(CompressConfig):
     """Factorize every plain 2-D convolution (k×k with the method's layer, 1×1 as a low-rank pair)."""
     energy: float | None = option(None, "conv methods, cur: rank from this fraction of the (whitened) spectrum's "
                                         "energy (instead of --keep)")
+    vbmf: bool = option(False, "conv methods: each convolution's ranks by empirical variational Bayesian matrix "
+                               "factorization of its kernel's unfoldings (EVBMF, as Kim et al. 2016), instead of "
+                               "--keep")
     pointwise: bool = option(True, "conv methods: also factorize 1×1 convolutions (a 1×1 pair of rank r)")
     whiten: bool = option(True, "conv methods: with calibration images, minimize each convolution's output error "
                                 "(Gram of its input patches) instead of the kernel's")
@@ -161,6 +184,8 @@ class ConvConfig(CompressConfig):
             raise LayerzipError(f"--energy must be in (0, 1], got {self.energy}")
         if self.alloc == "global" and not self.global_ok:
             raise LayerzipError(f"method {self.name} supports --alloc uniform only (no loss estimate per rank)")
+        if self.vbmf and (self.energy is not None or self.alloc == "global" or self.objective == "flops"):
+            raise LayerzipError("--vbmf chooses every rank itself; drop --energy, --alloc global or --objective flops")
 
     # ------------------------------------------------------------------------------------------------ targets
     def targets_of(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -285,7 +310,10 @@ class ConvConfig(CompressConfig):
             dense = dense_conv_flops(conv, in_hw) if self.objective == "flops" else conv.weight.numel()
             # parameters: `keep` counts the biases, which stay, so the kernel keeps (keep·(w + b) − b) / w
             nb = 0 if self.objective == "flops" or conv.bias is None else conv.bias.numel()
-            shapes, loss = self.options(cls, W, st, loss=self.alloc == "global" or self.energy is not None)
+            if self.vbmf:
+                shapes, loss = [vbmf_shape(cls, W)], None
+            else:
+                shapes, loss = self.options(cls, W, st, loss=self.alloc == "global" or self.energy is not None)
             costs = [cost(s) for s in shapes]
             useful = [j for j, c in enumerate(costs) if c < dense]
             plan[name] = dict(cls=cls, conv=conv, geom=geom, stats=st, dense=dense, in_hw=in_hw,
@@ -320,6 +348,8 @@ class ConvConfig(CompressConfig):
 
     def _choose(self, plan: dict) -> dict[str, int | None]:
         """Index into each conv's shapes (None: stays dense)."""
+        if self.vbmf:                                   # its one shape, where it is smaller than the conv
+            return {n: 0 if p["shapes"] else None for n, p in plan.items()}
         if self.energy is not None:
             out = {}
             for n, p in plan.items():
@@ -401,8 +431,8 @@ class CP(ConvConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.energy is not None:
-            raise LayerzipError("method cp has no spectrum to take --energy from; use --keep")
+        if self.energy is not None or self.vbmf:
+            raise LayerzipError("method cp has no spectrum to take --energy or --vbmf from; use --keep")
 
 
 @register_method("spatial-svd")
