@@ -146,6 +146,10 @@ def test_shared_model_saves_each_basis_once_and_loads_natively(tmp_path, tokeniz
             torch.testing.assert_close(other(input_ids=ids).logits, want, rtol=0, atol=0)
             members = [m for m in other.modules() if isinstance(m, SharedBasisLinear)]
             assert len({id(m.B) for m in members}) == len(owners)
+        from layerzip.heal import rebalance_
+        rebalance_(back)                     # healing re-splits a group's A's and its B together
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+        assert all(m.B is back.get_submodule(m.basis_of).B for m in back.modules() if isinstance(m, SharedBasisLinear))
         lz.merge_(back)
         assert not any(isinstance(m, lz.FactorizedLayer) for m in back.modules())
         torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
