@@ -46,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import layerzip as lz  # noqa: E402
+import data  # noqa: E402
 from layerzip.nn import factorizable  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -82,12 +83,8 @@ def crops(img: torch.Tensor, n: int, size: int, rng: random.Random) -> list[torc
 
 
 def load_mnist():
-    path = Path(importlib.util.find_spec("mnist").origin).parent / "data" / "mnist.pkl.gz"
-    with gzip.open(path, "rb") as f:     # the package's own pickle of numpy arrays (no code objects)
-        (xtr, ytr), _, (xte, yte) = pickle.load(f, encoding="latin1")
-    t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
-    return t(xtr, torch.float32).reshape(-1, 1, 28, 28), t(ytr, torch.long), \
-        t(xte, torch.float32).reshape(-1, 1, 28, 28), t(yte, torch.long)
+    xtr, ytr, xte, yte = data.mnist()
+    return xtr.reshape(-1, 1, 28, 28), ytr, xte.reshape(-1, 1, 28, 28), yte
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -375,7 +372,7 @@ def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None
         lz.models.set_module(model, name, new)
 
 
-VARIANTS = ("plain", "act", "act+global", "act+global flops")
+VARIANTS = ("plain", "act", "act+global", "act+global flops", "vbmf")
 
 
 def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None) -> list[dict]:
@@ -398,7 +395,8 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
                 todo.append((m, dict(keep=keep, alloc="global"), "act+global"))
                 todo.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
         todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers]
-    for method, kw, label in [t for t in todo if t[2] in variants or t[2] == "peer"]:
+    todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
+    for method, kw, label in [t for t in todo if t[2] in variants or t[2] == "peer" and peers]:
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         try:
@@ -409,11 +407,13 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
                 METHODS[method](**kw).apply_(model, stats=stats, progress=False)
                 cparams = conv_params(model)
         except (RuntimeError, MemoryError) as e:
-            rows.append({"method": method, "variant": label, "keep": kw["keep"], "error": str(e).splitlines()[0]})
+            rows.append({"method": method, "variant": label, "keep": kw.get("keep", "–"),
+                         "error": str(e).splitlines()[0]})
             continue
         secs = time.perf_counter() - t
         f = flops(model, task.bench_input)
-        row = {"method": method, "variant": label, "keep": kw["keep"], "params_kept": cparams / base["conv_params"],
+        row = {"method": method, "variant": label, "keep": kw.get("keep", "–"),
+               "params_kept": cparams / base["conv_params"],
                "flops_kept": f / base["flops"], "seconds": secs + (0 if label in ("plain", "peer") else t_cal),
                **task.score(model)}
         d, c = latencies([dense, model], task.bench_input, task.reps)
@@ -476,7 +476,8 @@ def report() -> None:
              "Written by `python bench/conv.py --report` from `bench/results/conv_*.json` (see the script's docstring "
              "for models, data and metrics). *plain*: the kernel's own projection (no data); *act*: activation-aware "
              "(Gram of the input patches, uniform keep per conv); *act+global*: one budget over all convs "
-             "(parameters, or FLOPs at the feature-map sizes); *peer*: tensorly-torch `FactorizedConv.from_conv` "
+             "(parameters, or FLOPs at the feature-map sizes); *vbmf*: activation-aware, each conv's ranks by EVBMF "
+             "of its kernel's unfoldings (no keep: the size is what it finds); *peer*: tensorly-torch `FactorizedConv.from_conv` "
              "(`implementation=\"factorized\"`). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
              "model (FlopCounterMode), `speedup` = dense latency / compressed latency on the 2-core CPU (batch in the "
              "JSON), `÷ bound` = speedup / (dense FLOPs / compressed FLOPs). Seconds include the shared calibration for "
@@ -558,6 +559,8 @@ def main():
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of results/conv_MODEL.json this run does not "
+                                                         "measure again (same method, variant and keep)")
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--memory", action="store_true", help="peak memory of one CP / Tucker decomposition of CRAFT's "
                     "largest conv, layerzip vs tltorch (results/conv_memory.json)")
@@ -577,8 +580,13 @@ def main():
             **({"photos": task.photos} if hasattr(task, "photos") else {})}
     OUT.mkdir(exist_ok=True)
 
+    f = OUT / f"conv_{a.model}.json"
+    old = json.loads(f.read_text())["rows"] if a.merge and f.is_file() else []
+
     def save(rows):
-        (OUT / f"conv_{a.model}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        key = {(r["method"], r.get("variant"), r["keep"]) for r in rows}
+        kept = [r for r in old if (r["method"], r.get("variant"), r["keep"]) not in key]
+        f.write_text(json.dumps({"meta": meta, "rows": kept + rows}, indent=1))
     save(run(task, a.keeps, a.methods, a.peers, a.threads, a.variants, save))
 
 

