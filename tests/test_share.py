@@ -174,13 +174,19 @@ def test_auto_shares_duplicated_blocks_and_never_loses_to_no_sharing(tmp_path, t
             assert sharing.loss(sharing.groups(chosen), keep) < 0.5 * none
 
 
-def test_cli_share_and_its_refusals(tmp_path, tokenizer, capsys):
+def test_cli_share_and_its_refusals(tmp_path, tokenizer, capsys, calib_file):
     d = _llama_dir(tmp_path, tokenizer)
     code, out, err = run_cli(capsys, "compress", str(d), "--out", str(tmp_path / "o"), "--keep", "0.5", "--share",
                              "2", "--calib-samples", "8", "--seq-len", "32", "--json")
     assert code == 0, err
     assert json.loads(out)["keep_achieved"] <= 0.5
     assert json.loads((tmp_path / "o" / "layerzip.json").read_text())["share"]["mlp.up_proj"] == 2
+    ppl = {}
+    for how in ("--stream", "--no-stream"):        # a streamed read ties each member to its basis too
+        code, out, err = run_cli(capsys, "eval", str(tmp_path / "o"), how, "--text", str(calib_file), "--json")
+        assert code == 0, err
+        ppl[how] = json.loads(out)["perplexity"]
+    assert ppl["--stream"] == pytest.approx(ppl["--no-stream"], rel=1e-4)
     for extra, what in [(["--share", "1"], "--share"), (["--share", "2", "--stream"], "--no-stream"),
                         (["--share", "2", "--budget-bytes", "1e6"], "--share")]:
         code, out, err = run_cli(capsys, "compress", str(d), "--out", str(tmp_path / "x"), "--keep", "0.5", *extra,

@@ -295,6 +295,7 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
         with init_empty_weights(include_buffers=False):
             model = model_class(config)._from_config(config, dtype=dtype or _config_dtype(config))
     model.tie_weights()
+    share_bases_(model)       # init_empty_weights re-creates an assigned Parameter: shared bases tied again here
     model.eval()
     source = LazyWeights(model, _weight_files(path), device)
     found = find_blocks(model)

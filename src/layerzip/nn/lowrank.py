@@ -284,8 +284,8 @@ def share_bases_(model: nn.Module) -> list[tuple[str, str]]:
             owner = model.get_submodule(mod.basis_of)
             if not (isinstance(owner, SharedBasisLinear) and owner.basis_of == mod.basis_of
                     and owner.B.shape == mod.B.shape):
-                raise ValueError(f"{name} shares the basis of {mod.basis_of}, which does not hold a {tuple(mod.B.shape)} "
-                                 "shared basis")
+                raise ValueError(f"{name} shares the basis of {mod.basis_of}, which does not hold a "
+                                 f"{tuple(mod.B.shape)} shared basis")
             mod.B = owner.B
             pairs.append((name, mod.basis_of))
     return pairs
