@@ -436,7 +436,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
             continue
         secs = time.perf_counter() - t
         f = flops(model, task.bench_input)
-        row = {"method": method, "variant": label, "keep": kw.get("keep", "–"),
+        row = {"method": method, "variant": label, "keep": kw.get("keep", "–"), "torch": torch.__version__,
                "params_kept": cparams / base["conv_params"],
                "flops_kept": f / base["flops"], "seconds": secs + (0 if label in ("plain", "peer") else t_cal),
                **task.score(model)}
@@ -610,10 +610,12 @@ def main():
     f = OUT / f"conv_{a.model}.json"
     old = json.loads(f.read_text())["rows"] if a.merge and f.is_file() else []
 
-    def save(rows):
-        key = {(r["method"], r.get("variant"), r["keep"]) for r in rows}
-        kept = [r for r in old if (r["method"], r.get("variant"), r["keep"]) not in key]
-        f.write_text(json.dumps({"meta": meta, "rows": kept + rows}, indent=1))
+    def save(rows):                     # merged: each old row in its place (or its new measurement), then the rest
+        def key(r):
+            return r["method"], r.get("variant"), r["keep"]
+        new = {key(r): r for r in rows}
+        merged = [new.pop(key(r), r) for r in old]
+        f.write_text(json.dumps({"meta": meta, "rows": merged + list(new.values())}, indent=1))
     save(run(task, a.keeps, a.methods, a.peers, a.threads, a.variants, save))
 
 
