@@ -10,9 +10,13 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     share2         the defaults with one input basis per projection shared by 2 consecutive blocks (--share 2)
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
 
-Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and keep), so a run
-can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md.
-    python bench/pieces.py --rows default kfac --keeps 0.8 0.6 0.5
+    global         global allocation (an encoder's default with 64 documents is uniform ranks)
+
+An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
+pairs instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
+keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md (every model).
+    python bench/pieces.py --rows default kfac share2 share-auto --keeps 0.8 0.6 0.5
+    python bench/pieces.py --model minilm --rows default global share2 share-auto --keeps 0.5 0.3
 """
 from __future__ import annotations
 
@@ -39,24 +43,37 @@ ROWS = {
                  what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
     "share2": dict(config=dict(share=2), gradients="output",
                    what="defaults + one input basis per projection for 2 consecutive blocks (--share 2)"),
-    "share-auto": dict(config=dict(share="auto"), gradients="output",
-                       what="defaults + blocks per shared basis chosen per projection type (--share auto)"),
+    "share-auto": dict(config=dict(share="auto", alloc="global"), gradients="output",
+                       what="defaults + blocks per shared basis chosen per projection type (--share auto; "
+                            "global allocation)"),
+    "global": dict(config=dict(alloc="global"), gradients="output",
+                   what="global allocation (an encoder's default with 64 documents is uniform)"),
 }
 
 
 def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
     loaded = bench.load()
     calib = bench.calib(loaded)
-    sets = held_out(bench)
+    if bench.causal:
+        sets = held_out(bench)
+
+        def evaluate(m):
+            return score(m.model, m.tokenizer, sets, windows, bench.eval_seq_len)
+    else:           # an encoder: retrieval on held-out python-docs pairs and cosine to the dense embeddings
+        ref = bench.reference(loaded)
+
+        def evaluate(m):
+            return {k: v for k, v in bench.evaluate(m, ref).items() if k in ("recall_at_1", "mrr", "cosine_to_dense")}
     key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
            "eval_seq_len": bench.eval_seq_len}
     name = f"pieces_{bench.name}"
     prev = common.read_json(name) if (common.RESULTS / f"{name}.json").is_file() else {}
-    res = {"model": bench.title, "bench": bench.name, **key, "env": common.env(), "code": common.code_version()}
+    res = {"model": bench.title, "bench": bench.name, "causal": bench.causal, **key, "env": common.env(),
+           "code": common.code_version()}
     if prev and all(prev.get(k) == v for k, v in key.items()):
         res["dense"], res["rows"] = prev["dense"], prev["rows"]
     else:
-        res["dense"], res["rows"] = score(loaded.model, loaded.tokenizer, sets, windows, bench.eval_seq_len), []
+        res["dense"], res["rows"] = evaluate(loaded), []
     print("dense", res["dense"], flush=True)
     t = time.perf_counter()
     grams = lz.calibrate(loaded.model, lz.SVDLLM(alloc="global", fisher=False), calib, progress=True)
@@ -66,13 +83,13 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
     for row in rows:
         spec = ROWS[row]
         cfg0 = lz.SVDLLM(keep=keeps[0], **spec["config"]).resolve(loaded.model, calib)
-        if spec["gradients"] not in grads:
+        kind = spec["gradients"] if cfg0.fisher else None
+        if kind is not None and kind not in grads:
             t = time.perf_counter()
-            grads[spec["gradients"]] = (gradients(loaded.model, targets, spec["gradients"],
-                                                  cfg0.gradient_batches(calib), progress=True),
-                                        time.perf_counter() - t)
-        fisher, seconds_fisher = grads[spec["gradients"]]
-        stats = with_fisher(grams, fisher)
+            grads[kind] = (gradients(loaded.model, targets, kind, cfg0.gradient_batches(calib), progress=True),
+                           time.perf_counter() - t)
+        fisher, seconds_fisher = grads[kind] if kind is not None else (None, 0.0)
+        stats = with_fisher(grams, fisher) if fisher is not None else grams
         for keep in keeps:
             m = bench.load()
             t = time.perf_counter()
@@ -81,15 +98,21 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
             out = {"row": row, "what": spec["what"], "keep": keep, "keep_achieved": rep["keep_achieved"],
                    "seconds": {"grams": seconds_grams, "gradients": seconds_fisher,
                                "decompose": time.perf_counter() - t},
-                   "perplexity": score(m.model, m.tokenizer, sets, windows, bench.eval_seq_len),
+                   "perplexity" if bench.causal else "metrics": evaluate(m),
                    "code": common.code_version()}
             if "share" in rep:
                 out["share"] = rep["share"]
-            out["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in out["perplexity"].items()}
+            if bench.causal:
+                out["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in out["perplexity"].items()}
             res["rows"] = [r for r in res["rows"] if (r["row"], r["keep"]) != (row, keep)] + [out]
-            print(row, keep, out["ratio_to_dense"], flush=True)
+            print(row, keep, out.get("ratio_to_dense") or out["metrics"], flush=True)
             common.write_json(name, res)
     return res
+
+
+def _value(r: dict, s: str) -> float:
+    """What a row's cell shows for metric / set `s`: perplexity ÷ dense (causal), the metric itself (encoders)."""
+    return r["ratio_to_dense"][s] if "ratio_to_dense" in r else r["metrics"][s]
 
 
 def plot(res: dict):
@@ -98,47 +121,65 @@ def plot(res: dict):
     for ax, s in zip(axes[0], sets):
         for row in dict.fromkeys(r["row"] for r in res["rows"]):
             rs = sorted((r for r in res["rows"] if r["row"] == row), key=lambda r: r["keep_achieved"])
-            ax.plot([r["keep_achieved"] for r in rs], [r["ratio_to_dense"][s] for r in rs], "o-", label=row)
+            ax.plot([r["keep_achieved"] for r in rs], [_value(r, s) for r in rs], "o-", label=row)
         ax.set_xlabel("keep_achieved (block-linear parameters)")
-        ax.set_ylabel("perplexity ÷ dense")
-        ax.set_yscale("log")
-        ax.set_title(f"{res['model']}: held-out {s}", fontsize=10)
+        if res.get("causal", True):
+            ax.set_ylabel("perplexity ÷ dense")
+            ax.set_yscale("log")
+            ax.set_title(f"{res['model']}: held-out {s}", fontsize=10)
+        else:
+            ax.axhline(res["dense"][s], color="k", lw=0.8, ls=":", label="dense")
+            ax.set_ylabel(s)
+            ax.set_title(f"{res['model']}: held-out python-docs pairs", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     return common.save_figure(fig, common.RESULTS / f"pieces_{res['bench']}.png")
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict) -> list[str]:
     sets = list(res["dense"])
     keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
-    out = [f"# Quality pieces on {res['model']}", "",
-           f"Written by `python bench/pieces.py` ({res['env']['date']}, code {res['code']}). Calibration "
-           f"{res['calib_tokens']} tokens of python docs (the benchmark's); held-out perplexity on "
-           f"{res['eval_windows']} windows × {res['eval_seq_len']} tokens of each set, ÷ dense ("
-           + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings.", "",
-           f"![](results/pieces_{res['bench']}.png)", "",
-           "| row | what | " + " | ".join(f"keep {k}" for k in keeps) + " |",
-           "|---|---|" + "---|" * len(keeps)]
+    causal = res.get("causal", True)
+    about = (f"Calibration {res['calib_tokens']} tokens of python docs (the benchmark's); held-out perplexity on "
+             f"{res['eval_windows']} windows × {res['eval_seq_len']} tokens of each set, ÷ dense ("
+             + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings."
+             if causal else
+             f"Calibration {res['calib_tokens']} tokens (64 standard-library docstrings, the benchmark's); held-out "
+             "python-docs {section title → body} pairs: each cell " + " / ".join(sets) + " (dense "
+             + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
+    out = [f"## {res['model']}", "", f"`python bench/pieces.py --model {res['bench']}` ({res['env']['date']}, code "
+           f"{res['code']}). {about}", "", f"![](results/pieces_{res['bench']}.png)", "",
+           "| row | what | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
     for row in dict.fromkeys(r["row"] for r in res["rows"]):
         by = {r["keep"]: r for r in res["rows"] if r["row"] == row}
-        cells = [" / ".join(f"{by[k]['ratio_to_dense'][s]:.3f}" for s in sets) if k in by else "–" for k in keeps]
+        cells = [" / ".join(f"{_value(by[k], s):.3f}" for s in sets) if k in by else "–" for k in keeps]
         out.append(f"| {row} | {next(iter(by.values()))['what']} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    shared = [r for r in res["rows"] if r.get("share") and r["row"] == "share-auto"]
+    if shared:
+        out += ["", "Blocks per shared basis that `--share auto` chose: " + "; ".join(
+            f"keep {r['keep']}: " + ", ".join(f"{t} {n}" for t, n in r["share"].items()) for r in shared) + "."]
+    return out + [""]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="gemma")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--model", default="gemma", choices=["gemma", "minilm"])
+    ap.add_argument("--rows", nargs="+", default=["default", "kfac", "share2", "share-auto"], choices=list(ROWS))
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5])
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    bench = common.benches(False, only=[a.model])[0]
-    res = common.read_json(f"pieces_{bench.name}") if a.report_only else run(bench, a.rows, a.keeps, a.eval_windows)
-    plot(res)
-    (common.RESULTS.parent / "PIECES.md").write_text(markdown(res))
+    if not a.report_only:
+        bench = common.benches(False, only=[a.model])[0]
+        plot(run(bench, a.rows, a.keeps, a.eval_windows))
+    lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
+             "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py.", ""]
+    for f in sorted(common.RESULTS.glob("pieces_*.json")):
+        res = common.read_json(f.stem)
+        plot(res)
+        lines += markdown(res)
+    (common.RESULTS.parent / "PIECES.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":
