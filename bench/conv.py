@@ -27,6 +27,7 @@ fraction of parameters kept, the same meaning as our keep; its `implementation="
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import importlib.util
@@ -36,6 +37,7 @@ import pickle
 import random
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -387,8 +389,9 @@ def aimet_compress(model: nn.Module, keep: float, task: "Task") -> nn.Module:
     params = SpatialSvdParameters(SpatialSvdParameters.Mode.manual, SpatialSvdParameters.ManualModeParams(
         [ModuleCompRatioPair(m, Decimal(str(keep))) for m in convs]))
     shape = (1, *task.bench_input.shape[1:])
-    new, _ = ModelCompressor.compress_model(model, lambda m, iters, use_cuda=False: task.score(m)["agreement"], 1,
-                                            shape, CompressionScheme.spatial_svd, CostMetric.memory, params)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):     # it writes ./data/*.pkl
+        new, _ = ModelCompressor.compress_model(model, lambda m, iters, use_cuda=False: task.score(m)["agreement"],
+                                                1, shape, CompressionScheme.spatial_svd, CostMetric.memory, params)
     return new
 
 
