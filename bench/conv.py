@@ -405,10 +405,6 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
     base = {"flops": flops(dense, task.bench_input), "conv_params": conv_params(dense)}
     rows = [{"method": "dense", "keep": 1.0, "flops_kept": 1.0, "params_kept": 1.0, **task.score(dense),
              "seconds": 0.0}]
-    t = time.perf_counter()
-    stats = lz.Tucker2().calibrate(dense, task.calib)          # one calibration for every layerzip row
-    t_cal = time.perf_counter() - t
-    print(f"{task.name}: calibrated in {t_cal:.1f}s", file=sys.stderr)
     todo = []
     for keep in keeps:
         for m in methods:
@@ -420,7 +416,14 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
         todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers if f != "aimet"]
         todo += [("aimet-spatial-svd", dict(keep=keep), "peer") for f in peers if f == "aimet"]
     todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
-    for method, kw, label in [t for t in todo if t[2] in variants or t[2] == "peer" and peers]:
+    todo = [t for t in todo if t[2] in variants or t[2] == "peer" and peers]
+    stats, t_cal = None, 0.0
+    if any(label not in ("plain", "peer") for _, _, label in todo):    # one calibration for every layerzip row
+        t = time.perf_counter()
+        stats = lz.Tucker2().calibrate(dense, task.calib)
+        t_cal = time.perf_counter() - t
+        print(f"{task.name}: calibrated in {t_cal:.1f}s", file=sys.stderr)
+    for method, kw, label in todo:
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         try:

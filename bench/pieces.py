@@ -38,7 +38,8 @@ from layerzip.stats import with_fisher  # noqa: E402
 
 ROWS = {
     "default": dict(config=dict(), gradients="output",
-                    what="svd-llm defaults: global allocation, diagonal output Fisher"),
+                    what="svd-llm defaults (causal LMs: global allocation, diagonal output Fisher; an encoder "
+                            "with 64 documents: uniform ranks)"),
     "kfac": dict(config=dict(kfac=True), gradients="output_cov",
                  what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
     "share2": dict(config=dict(share=2), gradients="output",
