@@ -317,6 +317,11 @@ class Task:
         with torch.no_grad():
             self.ref = [self.model(x) for x in self.eval]
 
+    def metric(self, model: nn.Module) -> float:
+        """One number, larger is better (what a peer's search reads): agreement, or fidelity (CRAFT)."""
+        s = self.score(model)
+        return s.get("agreement", s.get("fidelity"))
+
     @torch.no_grad()
     def score(self, model: nn.Module) -> dict:
         outs = [model(x) for x in self.eval]
@@ -378,24 +383,26 @@ def tltorch_compress_(model: nn.Module, factorization: str, keep: float) -> None
 
 def aimet_compress(model: nn.Module, keep: float, task: "Task") -> nn.Module:
     """aimet-torch's spatial SVD (manual mode: every k×k plain conv at compression ratio `keep` of its parameters,
-    data-free, as AIMET's docs run it): the compressed model (each conv a k×1 and a 1×k nn.Conv2d). Runs only in
-    the venv of its own that `--peers aimet` needs (torch 2.14.1: `python -m venv bench/cache/aimet-venv &&
-    bench/cache/aimet-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 aimet-torch -e .`)."""
+    data-free, as AIMET's docs run it; dilated convs, which its splitter refuses, stay dense): the compressed model
+    (each conv a k×1 and a 1×k nn.Conv2d). Runs only in the venv of its own that `--peers aimet` needs (torch
+    2.14.1: `python -m venv bench/cache/aimet-venv && bench/cache/aimet-venv/bin/pip install torch==2.14.1
+    torchvision==0.29.1 aimet-torch -e .`)."""
     from decimal import Decimal
     from aimet_torch.common.defs import CompressionScheme, CostMetric
     from aimet_torch.compress import ModelCompressor
     from aimet_torch.defs import ModuleCompRatioPair, SpatialSvdParameters
-    convs = [m for m in model.modules() if factorizable(m) and m.kernel_size != (1, 1)]
+    convs = [m for m in model.modules()         # aimet's splitter asserts dilation 1: dilated convs stay dense
+             if factorizable(m) and m.kernel_size != (1, 1) and m.dilation == (1, 1)]
     params = SpatialSvdParameters(SpatialSvdParameters.Mode.manual, SpatialSvdParameters.ManualModeParams(
         [ModuleCompRatioPair(m, Decimal(str(keep))) for m in convs]))
     shape = (1, *task.bench_input.shape[1:])
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):     # it writes ./data/*.pkl
-        new, _ = ModelCompressor.compress_model(model, lambda m, iters, use_cuda=False: task.score(m)["agreement"],
-                                                1, shape, CompressionScheme.spatial_svd, CostMetric.memory, params)
+        new, _ = ModelCompressor.compress_model(model, lambda m, iters, use_cuda=False: task.metric(m), 1, shape,
+                                                CompressionScheme.spatial_svd, CostMetric.memory, params)
     return new
 
 
-VARIANTS = ("plain", "act", "act+global", "act+global flops", "vbmf")
+VARIANTS = ("plain", "plain k×k", "act", "act+global", "act+global flops", "vbmf")
 
 
 def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None) -> list[dict]:
@@ -409,6 +416,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
     for keep in keeps:
         for m in methods:
             todo.append((m, dict(keep=keep, whiten=False), "plain"))
+            todo.append((m, dict(keep=keep, whiten=False, pointwise=False), "plain k×k"))     # 1×1 dense, as aimet
             todo.append((m, dict(keep=keep), "act"))
             if m != "cp":
                 todo.append((m, dict(keep=keep, alloc="global"), "act+global"))
@@ -418,7 +426,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
     todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
     todo = [t for t in todo if t[2] in variants or t[2] == "peer" and peers]
     stats, t_cal = None, 0.0
-    if any(label not in ("plain", "peer") for _, _, label in todo):    # one calibration for every layerzip row
+    if any(label not in ("plain", "plain k×k", "peer") for _, _, label in todo):    # one calibration, every row
         t = time.perf_counter()
         stats = lz.Tucker2().calibrate(dense, task.calib)
         t_cal = time.perf_counter() - t
@@ -444,7 +452,8 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
         f = flops(model, task.bench_input)
         row = {"method": method, "variant": label, "keep": kw.get("keep", "–"), "torch": torch.__version__,
                "params_kept": cparams / base["conv_params"],
-               "flops_kept": f / base["flops"], "seconds": secs + (0 if label in ("plain", "peer") else t_cal),
+               "flops_kept": f / base["flops"],
+               "seconds": secs + (0 if label in ("plain", "plain k×k", "peer") else t_cal),
                **task.score(model)}
         d, c = latencies([dense, model], task.bench_input, task.reps)
         row.update(latency_ms=1000 * c, dense_latency_ms=1000 * d, speedup=d / c, flop_bound=base["flops"] / f,
@@ -505,7 +514,8 @@ def report() -> None:
     lines = ["# Convolutions on real CNNs", "",
              "Written by `python bench/conv.py --report` from `bench/results/conv_*.json` (see the script's docstring "
              "for models, data and metrics). *plain*: the kernel's own projection (no data); *act*: activation-aware "
-             "(Gram of the input patches, uniform keep per conv); *act+global*: one budget over all convs "
+             "(Gram of the input patches, uniform keep per conv); *plain k×k*: plain with the 1×1 convs left dense (as "
+             "aimet's spatial SVD leaves them); *act+global*: one budget over all convs "
              "(parameters, or FLOPs at the feature-map sizes); *vbmf*: activation-aware, each conv's ranks by "
              "EVBMF of its kernel's unfoldings (no keep: the size is what it finds); *peer*: tensorly-torch "
              "`FactorizedConv.from_conv` (`implementation=\"factorized\"`) and aimet-torch's spatial SVD (manual "
