@@ -624,7 +624,10 @@ def main():
     OUT.mkdir(exist_ok=True)
 
     f = OUT / f"conv_{a.model}.json"
-    old = json.loads(f.read_text())["rows"] if a.merge and f.is_file() else []
+    prev = json.loads(f.read_text()) if a.merge and f.is_file() else {"rows": []}
+    old = prev["rows"]
+    if "meta" in prev:                  # merged: the file's notes on its rows stay; each row records its torch
+        meta.update(about=prev["meta"].get("about", meta["about"]), torch="per row")
 
     def save(rows):                     # merged: each old row in its place (or its new measurement), then the rest
         def key(r):
