@@ -83,7 +83,9 @@ class SVDLLM(CompressConfig):
     4096 calibration tokens gave the quality of all of them on two held-out sets while 1024 lost 2.5–3%
     (bench/COST.md). An encoder's Fisher reads every sequence (each is one sample).
     `sequential` and `correct` together fit A and B to map the compressed inputs to the original outputs
-    (correct.target_aware_factors); off by default: they lost to the defaults on held-out data."""
+    (correct.target_aware_factors); off by default: they lost to the defaults on held-out data. `share` (N or
+    "auto") shares one input basis per projection across N consecutive blocks (share.py); off by default: on
+    Gemma-3-270M sharing 2 blocks lost at every keep and auto chose not to share (bench/PIECES.md)."""
     alloc: str | None = option(None, "rank allocation: uniform | global (default: the method's best)")
     fisher: bool | None = option(None, "svd-llm: weight each output by its loss gradient² (output Fisher)")
     kfac: bool = option(False, "svd-llm: with --fisher, weight by the output gradients' whole covariance (KFAC's "
