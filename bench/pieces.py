@@ -13,7 +13,7 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     global         global allocation (an encoder's default with 64 documents is uniform ranks)
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
-pairs instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
+pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
 keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md (every model).
     python bench/pieces.py --rows default kfac share2 share-auto --keeps 0.8 0.6 0.5
     python bench/pieces.py --model minilm --rows default global share2 share-auto --keeps 0.5 0.3
@@ -33,6 +33,8 @@ import common  # noqa: E402
 from common import lz  # noqa: E402
 from fisher_tokens import held_out, score  # noqa: E402
 from layerzip.compress import gradients  # noqa: E402
+from layerzip.data import builtin_pairs  # noqa: E402
+from layerzip.jobs import retrieval_eval  # noqa: E402
 from layerzip.models import select_targets  # noqa: E402
 from layerzip.stats import with_fisher  # noqa: E402
 
@@ -60,11 +62,14 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
 
         def evaluate(m):
             return score(m.model, m.tokenizer, sets, windows, bench.eval_seq_len)
-    else:           # an encoder: retrieval on held-out python-docs pairs and cosine to the dense embeddings
-        ref = bench.reference(loaded)
+    else:           # an encoder: retrieval on held-out python-docs pairs, cosine to the dense embeddings, and
+        ref = bench.reference(loaded)       # retrieval on a second held-out set (standard-library docstring pairs)
+        doc_pairs = builtin_pairs(200)
 
         def evaluate(m):
-            return {k: v for k, v in bench.evaluate(m, ref).items() if k in ("recall_at_1", "mrr", "cosine_to_dense")}
+            out = {k: v for k, v in bench.evaluate(m, ref).items() if k in ("recall_at_1", "mrr", "cosine_to_dense")}
+            second = retrieval_eval(m, doc_pairs, progress=False)
+            return {**out, "docstrings_recall_at_1": second["recall_at_1"], "docstrings_mrr": second["mrr"]}
     key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
            "eval_seq_len": bench.eval_seq_len}
     name = f"pieces_{bench.name}"
@@ -147,7 +152,8 @@ def markdown(res: dict) -> list[str]:
              + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings."
              if causal else
              f"Calibration {res['calib_tokens']} tokens (64 standard-library docstrings, the benchmark's); held-out "
-             "python-docs {section title → body} pairs: each cell " + " / ".join(sets) + " (dense "
+             "python-docs {section title → body} pairs (100) and held-out standard-library docstring {summary → rest} "
+             "pairs (200, `docstrings_`): each cell " + " / ".join(sets) + " (dense "
              + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
     out = [f"## {res['model']}", "", f"`python bench/pieces.py --model {res['bench']}` ({res['env']['date']}, code "
            f"{res['code']}). {about}", "", f"![](results/pieces_{res['bench']}.png)", "",
