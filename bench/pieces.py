@@ -11,6 +11,7 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
 
     global         global allocation (an encoder's default with 64 documents is uniform ranks)
+    heal8          the defaults, then 8 steps of healing (lz.heal_) toward the dense model on calibration text
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
@@ -33,7 +34,7 @@ import common  # noqa: E402
 from common import lz  # noqa: E402
 from fisher_tokens import held_out, score  # noqa: E402
 from layerzip.compress import gradients  # noqa: E402
-from layerzip.data import builtin_pairs  # noqa: E402
+from layerzip.data import builtin_pairs, token_batches  # noqa: E402
 from layerzip.jobs import retrieval_eval  # noqa: E402
 from layerzip.models import select_targets  # noqa: E402
 from layerzip.stats import with_fisher  # noqa: E402
@@ -51,6 +52,9 @@ ROWS = {
                             "global allocation)"),
     "global": dict(config=dict(alloc="global"), gradients="output",
                    what="global allocation (an encoder's default with 64 documents is uniform)"),
+    "heal8": dict(config=dict(), gradients="output", heal_steps=8,
+                  what="defaults, then 8 steps of healing (lz.heal_: logits KL to the dense model, balanced factors, "
+                       "lr 1e-5, 2 × 128 calibration tokens a step)"),
 }
 
 
@@ -101,6 +105,11 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
             t = time.perf_counter()
             rep = lz.compress_(m.model, lz.SVDLLM(keep=keep, **spec["config"]), calib=calib, progress=False,
                                stats=stats)
+            healed = None
+            if spec.get("heal_steps"):
+                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal,
+                                             2 * spec["heal_steps"], 128, batch_size=2)
+                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=spec["heal_steps"], progress=True)
             out = {"row": row, "what": spec["what"], "keep": keep, "keep_achieved": rep["keep_achieved"],
                    "seconds": {"grams": seconds_grams, "gradients": seconds_fisher,
                                "decompose": time.perf_counter() - t},
@@ -108,6 +117,8 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
                    "code": common.code_version()}
             if "share" in rep:
                 out["share"] = rep["share"]
+            if healed is not None:
+                out["heal"] = {k: v for k, v in healed.items() if k != "losses"}
             if bench.causal:
                 out["ratio_to_dense"] = {k: v / res["dense"][k] for k, v in out["perplexity"].items()}
             res["rows"] = [r for r in res["rows"] if (r["row"], r["keep"]) != (row, keep)] + [out]
