@@ -14,7 +14,8 @@ import layerzip as lz
 from layerzip.errors import LayerzipError
 from layerzip.io import WEIGHTS, load_model
 from layerzip.nn import SharedBasisLinear
-from layerzip.share import Sharing, group_losses, parse_share, shared_factors
+from layerzip.methods.svdllm import parse_share
+from layerzip.share import Sharing, group_losses, shared_factors
 from layerzip.stats import ModuleStats
 
 from conftest import run_cli

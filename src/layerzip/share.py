@@ -32,25 +32,11 @@ from tqdm.auto import tqdm
 
 from .errors import LayerzipError
 from .models import find_blocks, linear_shape, set_module
-from .nn import SharedBasisLinear, dense_weight_and_bias, singular_values
+from .methods.svdllm import _unweigh, _weigh
+from .nn import SharedBasisLinear, dense_weight_and_bias
 from .stats import whiten
 
 AUTO_SIZES = (1, 2, 4)
-
-
-def parse_share(value) -> int | str | None:
-    """None, an integer n ≥ 2, or "auto" (from the command line's string or the Python API's int)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if isinstance(value, bool) or n < 2 or str(n) != str(value).strip():
-        raise LayerzipError(f"--share must be an integer ≥ 2 (blocks per shared basis) or auto, got {value!r}")
-    return n
 
 
 def projection_types(targets: dict[str, nn.Module], model: nn.Module) -> dict[str, list[str]]:
@@ -79,7 +65,7 @@ def unit_shape(shapes: dict[str, tuple[int, int]], group: tuple[str, ...]) -> tu
 def _stacked_svd(Ws: list[torch.Tensor], grams: list[torch.Tensor], rows: list):
     """(each member's row block of U, Σ, Vᵀ, the whitening of the mean Gram) of M = [D_i W_i] L̄."""
     wt = whiten(sum(grams) / len(grams))
-    M = torch.cat([W if d is None else d.to(W)[:, None] * W for W, d in zip(Ws, rows)]) @ wt.L
+    M = torch.cat([_weigh(W, d) for W, d in zip(Ws, rows)]) @ wt.L
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U.split([W.shape[0] for W in Ws]), S, Vh, wt
 
@@ -112,7 +98,7 @@ def shared_factors(Ws, grams, rows, rank: int) -> tuple[list[torch.Tensor], torc
     Us, S, Vh, wt = _stacked_svd(Ws, grams, rows)
     s = S[:rank].sqrt()
     B = wt.right_solve(s[:, None] * Vh[:rank])
-    return [U[:, :rank] * s if d is None else U[:, :rank] * s / d.to(U)[:, None] for U, d in zip(Us, rows)], B
+    return [_unweigh(U[:, :rank] * s, d) for U, d in zip(Us, rows)], B
 
 
 class Sharing:

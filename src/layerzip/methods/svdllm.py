@@ -26,7 +26,6 @@ from ..stats import Whitening, whiten
 from .base import CompressConfig, option, register_method
 from .correct import target_aware_factors
 from .fwsvd import row_weights
-from ..share import parse_share
 
 
 def _weigh(W: torch.Tensor, rows) -> torch.Tensor:
@@ -63,6 +62,21 @@ def whitened_singular_values(W: torch.Tensor, whitening: Whitening, rows=None) -
     """σ(D W L) (or σ(Rᵀ W L)): σ_{r+1..}² summed is the exact (output-weighted) layer loss of rank r (for
     allocation and analysis)."""
     return singular_values(_weigh(W, rows) @ whitening.L)
+
+
+def parse_share(value) -> int | str | None:
+    """None, an integer n ≥ 2, or "auto" (from the command line's string or the Python API's int)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(value, bool) or n < 2 or str(n) != str(value).strip():
+        raise LayerzipError(f"--share must be an integer ≥ 2 (blocks per shared basis) or auto, got {value!r}")
+    return n
 
 
 @register_method("svd-llm")
