@@ -403,6 +403,7 @@ def aimet_compress(model: nn.Module, keep: float, task: "Task") -> nn.Module:
 
 
 VARIANTS = ("plain", "plain k×k", "act", "act+global", "act+global flops", "vbmf")
+DATA_FREE = ("plain", "plain k×k", "peer")       # rows that read no calibration
 
 
 def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None) -> list[dict]:
@@ -426,7 +427,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
     todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
     todo = [t for t in todo if t[2] in variants or t[2] == "peer" and peers]
     stats, t_cal = None, 0.0
-    if any(label not in ("plain", "plain k×k", "peer") for _, _, label in todo):    # one calibration, every row
+    if any(label not in DATA_FREE for _, _, label in todo):    # one calibration, every row
         t = time.perf_counter()
         stats = lz.Tucker2().calibrate(dense, task.calib)
         t_cal = time.perf_counter() - t
@@ -453,7 +454,7 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
         row = {"method": method, "variant": label, "keep": kw.get("keep", "–"), "torch": torch.__version__,
                "params_kept": cparams / base["conv_params"],
                "flops_kept": f / base["flops"],
-               "seconds": secs + (0 if label in ("plain", "plain k×k", "peer") else t_cal),
+               "seconds": secs + (0 if label in DATA_FREE else t_cal),
                **task.score(model)}
         d, c = latencies([dense, model], task.bench_input, task.reps)
         row.update(latency_ms=1000 * c, dense_latency_ms=1000 * d, speedup=d / c, flop_bound=base["flops"] / f,
