@@ -5,19 +5,24 @@ calibration (the benchmark's), one statistics pass per kind shared by the rows t
 on two held-out sets: python-docs windows (the calibration's source, disjoint files) and standard-library
 docstrings (another source), each as a ratio to the dense model's. Rows:
 
-    default        svd-llm's defaults: global allocation, diagonal output Fisher
+    default        svd-llm's defaults: global allocation, diagonal output Fisher, 32 block-refinement steps
+    refine0        the previous default: the same without block refinement (--refine-steps 0)
     kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
     share2         the defaults with one input basis per projection shared by 2 consecutive blocks (--share 2)
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
 
     global         global allocation (an encoder's default with 64 documents is uniform ranks)
-    heal8          the defaults, then 8 steps of healing (lz.heal_) toward the dense model on calibration text
+    heal8          the previous default, then 8 steps of healing (lz.heal_) toward the dense model on calibration
+                   text
+    refine+heal8   the default, then the same healing
+
+kfac, share2, share-auto and global are measured without block refinement (each against refine0).
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
 keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md (every model).
-    python bench/pieces.py --rows default kfac share2 share-auto --keeps 0.8 0.6 0.5
-    python bench/pieces.py --model minilm --rows default global share2 share-auto --keeps 0.5 0.3
+    python bench/pieces.py --rows default refine0 kfac share2 share-auto --keeps 0.8 0.6 0.5
+    python bench/pieces.py --model minilm --rows default refine0 global share2 share-auto --keeps 0.5 0.3
 """
 from __future__ import annotations
 
@@ -42,19 +47,23 @@ from layerzip.stats import with_fisher  # noqa: E402
 ROWS = {
     "default": dict(config=dict(), gradients="output",
                     what="svd-llm defaults (causal LMs: global allocation, diagonal output Fisher; an encoder "
-                            "with 64 documents: uniform ranks)"),
-    "kfac": dict(config=dict(kfac=True), gradients="output_cov",
+                            "with 64 documents: uniform ranks), then 32 block-refinement steps per block"),
+    "refine0": dict(config=dict(refine_steps=0), gradients="output",
+                    what="the previous default: svd-llm's defaults without block refinement (--refine-steps 0)"),
+    "kfac": dict(config=dict(kfac=True, refine_steps=0), gradients="output_cov",
                  what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
     "share2": dict(config=dict(share=2), gradients="output",
                    what="defaults + one input basis per projection for 2 consecutive blocks (--share 2)"),
     "share-auto": dict(config=dict(share="auto", alloc="global"), gradients="output",
                        what="defaults + blocks per shared basis chosen per projection type (--share auto; "
                             "global allocation)"),
-    "global": dict(config=dict(alloc="global"), gradients="output",
+    "global": dict(config=dict(alloc="global", refine_steps=0), gradients="output",
                    what="global allocation (an encoder's default with 64 documents is uniform)"),
-    "heal8": dict(config=dict(), gradients="output", heal_steps=8,
-                  what="defaults, then 8 steps of healing (lz.heal_: logits KL to the dense model, balanced factors, "
-                       "lr 1e-5, 2 × 128 calibration tokens a step)"),
+    "heal8": dict(config=dict(refine_steps=0), gradients="output", heal_steps=8,
+                  what="the previous default, then 8 steps of healing (lz.heal_: logits KL to the dense model, "
+                       "balanced factors, lr 1e-5, 2 × 128 calibration tokens a step)"),
+    "refine+heal8": dict(config=dict(), gradients="output", heal_steps=8,
+                         what="the default (with block refinement), then the same 8 healing steps"),
 }
 
 
@@ -115,8 +124,9 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
                                "decompose": time.perf_counter() - t},
                    "perplexity" if bench.causal else "metrics": evaluate(m),
                    "code": common.code_version()}
-            if "share" in rep:
-                out["share"] = rep["share"]
+            for k in ("share", "refine"):
+                if k in rep:
+                    out[k] = rep[k]
             if healed is not None:
                 out["heal"] = {k: v for k, v in healed.items() if k != "losses"}
             if bench.causal:
@@ -183,7 +193,7 @@ def markdown(res: dict) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma", choices=["gemma", "minilm"])
-    ap.add_argument("--rows", nargs="+", default=["default", "kfac", "share2", "share-auto"], choices=list(ROWS))
+    ap.add_argument("--rows", nargs="+", default=["default", "refine0"], choices=list(ROWS))
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5])
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--report-only", action="store_true")

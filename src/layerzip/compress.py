@@ -88,7 +88,7 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         try:
             modules, ranks, calibration, t_decompose, t_gradients, bits = _decompose(
                 model, linear, inner, calib, progress, listeners, stats, pool, budget) if linear else \
-                ({}, {}, None, 0.0, 0.0, {})
+                ({}, {}, {}, 0.0, 0.0, {})
         finally:
             if own:
                 pool.close()
@@ -114,7 +114,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     if config.elastic:
         report["elastic"] = {**getattr(model, elastic.ATTR), "stored_params": count_params(model),
                              "stored_ranks": {n: m.rank for n, m in elastic.modules(model).items()}}
-    if calibration:
+    if calibration and "refine" in calibration:
+        report["refine"] = calibration["refine"]          # block refinement: steps, mean normalized losses, time
+    if calibration and "calibration" in calibration:
         report["calibration"] = calibration["calibration"]
         if calibration["whitening"]["inputs"]:
             report["whitening"] = calibration["whitening"]
@@ -278,6 +280,10 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     seconds = time.perf_counter() - t
 
     executor = executor or LocalExecutor()
+    refine = _RefineLog(config.refine) if config.refine is not None and chosen else None
+    if refine is not None and not calib:
+        raise LayerzipError("--refine-steps fits each block on calibration text; pass calibration batches or "
+                            "--refine-steps 0")
 
     def decompose(names, st):
         nonlocal seconds
@@ -296,11 +302,14 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
         seconds += time.perf_counter() - t
 
     if saved is not None:
-        saved.walk(model, driver, chosen, config, collect, decompose, attach, modules, log)
+        saved.walk(model, driver, chosen, config, collect, decompose, attach, modules, log, refine)
     elif collect and (config.sequential or not stats):
         stats = {}                             # the walk recollects (sequential) or collects as it goes
         driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
-                    paired=config.sequential and config.correct)
+                    paired=config.sequential and config.correct, refine=refine)
+    elif refine is not None:                   # statistics at hand; a walk for the refinement's streams
+        driver.walk(chosen, lambda names, _: decompose(names, {n: stats[n] for n in names if n in stats}),
+                    collect=False, refine=refine)
     else:
         groups: dict[int, list[str]] = {}        # modules that read one input together, as a walk gives them
         for name in chosen:
@@ -310,7 +319,31 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     if config.elastic:      # ElasticLinear modules, set to --keep: the ranks reported are that size's
         modules, now = elastic.wrap_(model, list(targets), spectra, config)
         ranks = now["ranks"]
-    return modules, ranks, log.summary() if config.needs_stats else None, seconds, t_gradients, bits
+    summary = log.summary() if config.needs_stats else {}
+    if refine is not None:
+        summary["refine"] = refine.summary()
+    return modules, ranks, summary, seconds, t_gradients, bits
+
+
+class _RefineLog:
+    """refine.Refine applied per block by the driver, its losses and time kept for the report."""
+
+    def __init__(self, refine):
+        self.refine, self.blocks, self.seconds = refine, [], 0.0
+
+    def __call__(self, *args):
+        t = time.perf_counter()
+        out = self.refine(*args)
+        self.seconds += time.perf_counter() - t
+        if out:
+            self.blocks.append(out)
+        return out
+
+    def summary(self) -> dict:
+        n = max(len(self.blocks), 1)
+        return {"steps": self.refine.steps, "lr": self.refine.lr, "blocks": len(self.blocks),
+                "loss_first": sum(b["loss_first"] for b in self.blocks) / n,
+                "loss_last": sum(b["loss_last"] for b in self.blocks) / n, "seconds": self.seconds}
 
 
 class _Progress:
@@ -438,7 +471,7 @@ class _Progress:
             return done, None
         return done, self._load_streams("streams.safetensors")
 
-    def walk(self, model, driver, chosen, config, collect, decompose, attach, modules, log) -> None:
+    def walk(self, model, driver, chosen, config, collect, decompose, attach, modules, log, refine=None) -> None:
         source = source_of(model)
         prefix, blocks = find_blocks(model)
         start, streams = self._restore(model, source, blocks, prefix, modules, log)
@@ -451,29 +484,33 @@ class _Progress:
             (self.dir / f"stats-{l:05d}.safetensors").unlink(missing_ok=True)
 
         on_disk = collect and not config.sequential and self.state.get("stats_on_disk")
-        if collect and not on_disk:
+
+        def from_disk(names):
+            if not (on_disk and names):
+                return {}
+            l = int(names[0][len(prefix) + 1:].split(".")[0])    # noqa: E741
+            st = stats_from_tensors(self._load_tensors(f"stats-{l:05d}.safetensors"))
+            return attach({n: st[n] for n in names})
+
+        if (collect and not on_disk) or refine is not None:     # a walk: statistics as it goes, or refinement
             def listener(ev):
                 if ev.kind == "block_done" and ev.block is not None:
                     block_done(ev.block, ev.streams)
+            gathers = collect and not on_disk
             driver.listeners.append(listener)
             try:
-                driver.walk(chosen, lambda names, st: decompose(names, attach(st)), sequential=config.sequential,
-                            paired=config.sequential and config.correct, start=start, streams=streams,
-                            all_blocks=True)
+                driver.walk(chosen, lambda names, st: decompose(names, attach(st) if gathers else from_disk(names)),
+                            sequential=config.sequential, paired=config.sequential and config.correct, start=start,
+                            streams=streams, all_blocks=True, collect=gathers, refine=refine)
             finally:
                 driver.listeners.remove(listener)
             return
         for l in tqdm(range(start, len(blocks)), desc=f"decomposing ({config.name})", unit="block",   # noqa: E741
                       disable=not driver.progress):
             with driver.hold(blocks[l]):
-                pre = f"{prefix}.{l}."
-                names = [n for n in chosen if n.startswith(pre)]
+                names = [n for n in chosen if n.startswith(f"{prefix}.{l}.")]
                 check_finite({n: chosen[n] for n in names})
-                st = {}
-                if on_disk and names:
-                    st = stats_from_tensors(self._load_tensors(f"stats-{l:05d}.safetensors"))
-                    st = attach({n: st[n] for n in names})
-                decompose(names, st)
+                decompose(names, from_disk(names))
                 block_done(l, None)
 
 

@@ -49,6 +49,7 @@ from .stats import (Frozen, ModuleStats, PairedStats, StatsCollector, add_row_fi
                     lm_labels, output_fisher_hooks, sensitivity_loss, zeros_for_missing)
 
 OnStats = Callable[[list, dict], None]
+Refiner = Callable[[nn.Module, list, list, list, list, list], dict]
 _UNKNOWN = object()       # a block's output form before block 0 has run
 
 
@@ -148,20 +149,27 @@ class BlockDriver:
 
     @torch.no_grad()
     def walk(self, targets: dict[str, nn.Module], on_stats: OnStats, sequential: bool = False,
-             paired: bool = False, start: int = 0, streams: dict | None = None, all_blocks: bool = False) -> None:
+             paired: bool = False, start: int = 0, streams: dict | None = None, all_blocks: bool = False,
+             collect: bool = True, refine: Refiner | None = None) -> None:
         """Call `on_stats(names, {name: stats})` for every target, block by block. `sequential`: statistics of the
         compressed stream (what `on_stats` did to earlier modules is seen by later ones); `paired` (with
         sequential): PairedStats against the original stream, for the correction. `start`, `streams`: resume at
         block `start` with the streams a `block_done` event carried. `all_blocks`: walk every block even when no
-        target is inside (a streamed compression writes every block out)."""
+        target is inside (a streamed compression writes every block out). `collect` False: no statistics
+        (`on_stats(names, {})`, which has them already). `refine` (not with sequential): after `on_stats`,
+        `refine(block, calls, inputs, targets, originals, masks)` fits the changed block on the compressed stream
+        (`inputs`) to the original block's output (`targets`; `originals` its input) — refine.Refine."""
+        if refine is not None and sequential:
+            raise LayerzipError("block refinement walks the original and the compressed stream itself; it does "
+                                "not combine with --sequential")
         found, inside, rest = self._split(targets)
         if rest and not sequential:
-            self._outside(rest, on_stats)
+            self._outside(rest, on_stats, collect)
         if inside or (all_blocks and found):
             bar = Progress(f"{self.desc}: blocks", len(found[1]) - start) if self.progress else None
             self.listeners += [bar] if bar else []
             try:
-                self._blocks(found, inside, on_stats, sequential, paired, start, streams)
+                self._blocks(found, inside, on_stats, sequential, paired, start, streams, collect, refine)
             finally:
                 if bar:
                     self.listeners.remove(bar)
@@ -169,9 +177,9 @@ class BlockDriver:
         if rest and sequential:
             self._outside(rest, on_stats)
 
-    def _outside(self, rest: dict, on_stats: OnStats) -> None:
+    def _outside(self, rest: dict, on_stats: OnStats, collect: bool = True) -> None:
         self.emit("block_started", None, rest)
-        stats = collect_stats(self.model, rest, self.batches, progress=False)
+        stats = collect_stats(self.model, rest, self.batches, progress=False) if collect else {}
         self.emit("stats_ready", None, rest, stats)
         on_stats(list(rest), stats)
         self.emit("block_done", None, rest)
@@ -272,12 +280,12 @@ class BlockDriver:
                 m.__dict__.pop("forward", None)
 
     def _blocks(self, found, inside: dict, on_stats: OnStats, sequential: bool, paired: bool, start: int,
-                streams: dict | None) -> None:
+                streams: dict | None, collect: bool = True, refine: Refiner | None = None) -> None:
         prefix, blocks = found
         calls = self._capture(blocks, self.batches)
         if streams is None:
             h_orig = [block_hidden(*c) for c in calls[0]]      # the original model's stream
-            h_cur = list(h_orig) if sequential else None       # the compressed model's stream
+            h_cur = list(h_orig) if sequential or refine else None    # the compressed model's stream
         else:
             h_orig, h_cur = streams.get("orig"), streams.get("cur")
         for l, block in enumerate(blocks):   # noqa: E741
@@ -291,15 +299,21 @@ class BlockDriver:
                 if self.source is not None:
                     check_finite({full: block.get_submodule(loc) for loc, full in local.items()})
                 if not sequential:
-                    h_orig = self._stats_pass(block, local, calls[l], h_orig, l, on_stats)
+                    h_next = self._stats_pass(block, local, calls[l], h_orig, l, on_stats, collect)
+                    if refine is not None:
+                        if local:
+                            refine(block, calls[l], h_cur, h_next, h_orig, self.masks)
+                        h_cur = [run_block(block, call, h_cur[b]) for b, call in enumerate(calls[l])]
+                    h_orig = h_next
                 else:
                     h_orig, h_cur = self._sequential_pass(block, local, calls[l], h_orig, h_cur, l, on_stats, paired)
                 calls[l] = None                                # free this block's captured inputs
                 self.emit("block_done", l, local.values(), streams={"orig": h_orig, "cur": h_cur})
 
-    def _stats_pass(self, block, local, calls, h, l, on_stats):
-        """One run of the original block per batch, hooks on its targets: statistics and the next stream."""
-        mods = {full: block.get_submodule(loc) for loc, full in local.items()}
+    def _stats_pass(self, block, local, calls, h, l, on_stats, collect: bool = True):
+        """One run of the original block per batch, hooks on its targets (`collect`): statistics and the next
+        stream."""
+        mods = {full: block.get_submodule(loc) for loc, full in local.items()} if collect else {}
         with StatsCollector(mods, {n: linear_shape(m)[1] for n, m in mods.items()}) as col:
             h_next = []
             for b, call in enumerate(calls):
@@ -307,8 +321,9 @@ class BlockDriver:
                 h_next.append(run_block(block, call, h[b]))
         if local:
             col.check_complete()
-            self.emit("stats_ready", l, local.values(), col.stats)
-            on_stats(list(local.values()), col.stats)
+            stats = col.stats if collect else {}
+            self.emit("stats_ready", l, local.values(), stats)
+            on_stats(list(local.values()), stats)
         return h_next
 
     def _sequential_pass(self, block, local, calls, h_orig, h_cur, l, on_stats, paired):

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .errors import LayerzipError
 from .models import BlockOutputs, backbone, find_blocks, is_causal, select_targets
 from .nn import FactorizedLayer
+from .refine import rebalance_
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
@@ -38,31 +39,6 @@ def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
     for p in params:
         p.requires_grad_(True)
     return params, what
-
-
-@torch.no_grad()
-def rebalance_(model: nn.Module) -> int:
-    """Re-split every low-rank A·B as U√S · √S Vᵀ (same product). Whitened factors (SVD-LLM's B = √S Vᵀ L⁻¹) can
-    be badly scaled, and Adam moves every entry by about lr: balanced factors make that step uniform in effect.
-    The layers of one shared basis (--share) are re-split together, their A's stacked.
-
-    A = Qa Ra, Bᵀ = Qb Rb (QR), Ra Rbᵀ = u s vᵀ  =>  A·B = (Qa u √s)(√s vᵀ Qbᵀ)."""
-    groups: dict[int, list[nn.Module]] = {}
-    for m in model.modules():
-        A, B = getattr(m, "A", None), getattr(m, "B", None)
-        if isinstance(m, FactorizedLayer) and isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) \
-                and A.dim() == 2 and B.dim() == 2 and A.shape[1] == B.shape[0]:
-            groups.setdefault(id(B), []).append(m)
-    for mods in groups.values():
-        A, B = torch.cat([m.A.double() for m in mods]), mods[0].B
-        Qa, Ra = torch.linalg.qr(A)
-        Qb, Rb = torch.linalg.qr(B.double().T)
-        u, s, vh = torch.linalg.svd(Ra @ Rb.T)
-        r = s.sqrt()
-        for m, a in zip(mods, ((Qa @ u) * r).split([m.A.shape[0] for m in mods])):
-            m.A.copy_(a)
-        B.copy_((vh.T * r).T @ Qb.T)
-    return sum(map(len, groups.values()))
 
 
 def _head(model: nn.Module):

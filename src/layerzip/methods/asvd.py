@@ -35,6 +35,7 @@ class ASVD(CompressConfig):
     alpha: float = option(0.5, "asvd: exponent of the activation scaling (mean |x|)^alpha")
     uses_stats: ClassVar[bool] = True
     prefix_ok: ClassVar[bool] = True
+    refine_ok: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return asvd_factors(W, stats, rank, self.alpha)

@@ -15,7 +15,7 @@ help: the CLI offers every field of every registered method as `--field-name`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -25,6 +25,7 @@ from .. import allocate, speed
 from ..errors import LayerzipError
 from ..models import select_targets
 from ..nn import LowRankLinear, singular_values
+from ..refine import Refine
 from ..registry import METHODS
 from .correct import refit_left
 
@@ -56,6 +57,10 @@ class CompressConfig:
     keep_min: float = option(0.3, "--elastic: the smallest keep the directory can be loaded at")
     keep_max: float = option(1.0, "--elastic: the largest keep the directory can be loaded at (below 1: a smaller "
                                   "file)")
+    refine_steps: int | None = option(None, "Adam steps per block fitting its low-rank factors so that, fed the "
+                                            "compressed model's stream, it gives the original block's output "
+                                            "(AA-SVD's block refinement); 0: off (default: the method's)")
+    refine_lr: float = option(1e-4, "learning rate of --refine-steps")
 
     name: ClassVar[str] = "?"
     uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
@@ -64,6 +69,8 @@ class CompressConfig:
     correct_ok: ClassVar[bool] = True
     stream_ok: ClassVar[bool] = True          # works on a streamed model, one block in memory at a time
     prefix_ok: ClassVar[bool] = False         # rank-r factors = the first r of the full-rank ones (--elastic)
+    refine_ok: ClassVar[bool] = False         # its layers are low-rank factors that --refine-steps may train
+    REFINE_STEPS: ClassVar[int] = 0           # --refine-steps when not given (where refinement applies)
 
     def __post_init__(self):
         if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
@@ -83,6 +90,16 @@ class CompressConfig:
         elif (self.keep_min, self.keep_max) != (0.3, 1.0):
             raise LayerzipError("--keep-min / --keep-max set the range of an elastic model; add --elastic or drop "
                                 "them")
+        if self.refine_steps is not None or self.refine_lr != 1e-4:
+            Refine(self.refine_steps or 0, self.refine_lr)          # their ranges
+        if self.refine_steps:
+            if not self.refine_ok:
+                ok = ", ".join(n for n, c in METHODS.items() if getattr(c, "refine_ok", False))
+                raise LayerzipError(f"method {self.name} has no low-rank factors for --refine-steps to train; use "
+                                    f"one of --method {ok} or drop --refine-steps")
+            if self.sequential or self.elastic:
+                raise LayerzipError("--refine-steps does not combine with --sequential (it walks the compressed "
+                                    "stream itself) or --elastic (one decomposition for every size); drop one")
         if self.sequential and not self.needs_stats:
             raise LayerzipError(f"--sequential changes the statistics, which method {self.name} does not use; add "
                                 "--correct (refit toward the original outputs) or pick svd-llm, asvd or cur")
@@ -178,7 +195,20 @@ class CompressConfig:
     # ----------------------------------------------------------------------------------------- its whole-model part
     def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":
         """The config with model- and data-dependent defaults filled in (see SVDLLM); the report records this one."""
-        return self
+        steps = self.resolved_refine_steps()
+        return self if steps == self.refine_steps else replace(self, refine_steps=steps)
+
+    def resolved_refine_steps(self) -> int:
+        """--refine-steps, or the method's default where refinement applies (not with --sequential, --elastic)."""
+        if self.refine_steps is not None:
+            return self.refine_steps
+        return self.REFINE_STEPS if self.refine_ok and not (self.sequential or self.elastic) else 0
+
+    @property
+    def refine(self) -> Refine | None:
+        """The block refinement the driver runs after each block's decomposition (refine.Refine), or None."""
+        steps = self.resolved_refine_steps()
+        return Refine(steps, self.refine_lr) if steps else None
 
     def restructure_(self, model: nn.Module, calib: list[dict] | None, progress: bool) -> dict:
         """A whole-model change made before the modules are decomposed; returns its report entries."""

@@ -38,6 +38,7 @@ class FWSVD(CompressConfig):
     uses_stats: ClassVar[bool] = True
     sequential_ok: ClassVar[bool] = False
     prefix_ok: ClassVar[bool] = True
+    refine_ok: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return fwsvd_factors(W, stats, rank)

@@ -21,6 +21,7 @@ def svd_factors(W: torch.Tensor, stats, rank: int):
 class SVD(CompressConfig):
     """Truncated SVD of W (no calibration)."""
     prefix_ok: ClassVar[bool] = True
+    refine_ok: ClassVar[bool] = True
 
     def factors(self, W, stats, rank):
         return svd_factors(W, stats, rank)

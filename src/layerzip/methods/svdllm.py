@@ -112,6 +112,8 @@ class SVDLLM(CompressConfig):
                                         "encoders all)")
     uses_stats: ClassVar[bool] = True
     prefix_ok: ClassVar[bool] = True          # A, B at rank r: the first r of one whitened SVD (also with fisher)
+    refine_ok: ClassVar[bool] = True
+    REFINE_STEPS: ClassVar[int] = 32
     ENCODER_FISHER_MIN_SEQUENCES: ClassVar[int] = 512
     FISHER_MIN_TOKENS: ClassVar[int] = 2048
     FISHER_FRACTION: ClassVar[float] = 1 / 8
@@ -124,9 +126,9 @@ class SVDLLM(CompressConfig):
             raise LayerzipError("--kfac weights the output Fisher's covariance: drop --no-fisher")
         self.share = parse_share(self.share)
         if self.share is not None and (self.kfac or self.sequential or self.correct or self.elastic
-                                       or self.objective == "latency"):
-            raise LayerzipError("--share does not combine with --kfac, --sequential, --correct, --elastic or "
-                                "--objective latency; drop one")
+                                       or self.objective == "latency" or self.refine_steps):
+            raise LayerzipError("--share does not combine with --kfac, --sequential, --correct, --elastic, "
+                                "--objective latency or --refine-steps; drop one")
         if self.kfac and self.correct:
             raise LayerzipError("--kfac and --correct do not combine (--correct refits with the diagonal Fisher); "
                                 "drop one")
@@ -138,6 +140,9 @@ class SVDLLM(CompressConfig):
 
     def gradient_batches(self, calib):
         return spread_sequences(calib, self.fisher_samples)
+
+    def resolved_refine_steps(self):
+        return 0 if self.share is not None and self.refine_steps is None else super().resolved_refine_steps()
 
     def resolve(self, model, calib=None):
         causal = is_causal(model)
@@ -152,7 +157,8 @@ class SVDLLM(CompressConfig):
             samples = min(sequences, math.ceil(want * sequences / max(tokens, 1)))
         resolved = {"alloc": self.alloc or ("global" if best or self.objective == "latency" or self.elastic
                                            else "uniform"),
-                    "fisher": fisher, "fisher_samples": samples}
+                    "fisher": fisher, "fisher_samples": samples,
+                    "refine_steps": self.resolved_refine_steps()}
         if all(getattr(self, k) == v for k, v in resolved.items()):
             return self                     # nothing left to decide (and the caller's instance is kept)
         return replace(self, **resolved)
