@@ -7,6 +7,7 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
 
     default        svd-llm's defaults: global allocation, diagonal output Fisher, 32 block-refinement steps
     refine0        the previous default: the same without block refinement (--refine-steps 0)
+    refine16       the default with 16 refinement steps
     kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
     share2         the defaults with one input basis per projection shared by 2 consecutive blocks (--share 2)
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
@@ -50,6 +51,8 @@ ROWS = {
                             "with 64 documents: uniform ranks), then 32 block-refinement steps per block"),
     "refine0": dict(config=dict(refine_steps=0), gradients="output",
                     what="the previous default: svd-llm's defaults without block refinement (--refine-steps 0)"),
+    "refine16": dict(config=dict(refine_steps=16), gradients="output",
+                     what="the default with 16 block-refinement steps instead of 32"),
     "kfac": dict(config=dict(kfac=True, refine_steps=0), gradients="output_cov",
                  what="two-sided: the output gradients' covariance, shrunk toward its diagonal (--kfac)"),
     "share2": dict(config=dict(share=2), gradients="output",

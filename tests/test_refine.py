@@ -102,9 +102,10 @@ def test_defaults():
     assert lz.SVDLLM(keep=0.5, sequential=True).resolve(model, batches).refine_steps == 0
     assert lz.SVDLLM(keep=0.5, share=2).resolve(model, batches).refine_steps == 0
     assert lz.SVDLLM(keep=0.5, alloc="global", elastic=True).resolve(model, batches).refine_steps == 0
+    assert lz.SVDLLM(keep=0.5).resolve(tiny_model("bert"), _batches(False)).refine_steps == 0    # encoders: opt-in
     assert lz.SVD(keep=0.5).resolve(model).refine_steps == 0           # opt-in for the other low-rank methods
     assert lz.SVD(keep=0.5, refine_steps=4).refine is not None
-    assert lz.SVDLLM(keep=0.5, refine_steps=0).refine is None
+    assert lz.SVDLLM(keep=0.5, refine_steps=0).refine is None and lz.SVDLLM(keep=0.5).refine is None
 
 
 @pytest.mark.parametrize("make, words", [
@@ -124,6 +125,9 @@ def test_cli_refine_flags(tiny_dirs, calib_file, tmp_path, capsys):
     code, out, err = run_cli(capsys, "compress", str(tiny_dirs["llama"]), "--out", str(tmp_path / "a"),
                              "--method", "cur", "--refine-steps", "4", "--calib", str(calib_file))
     assert code == 2 and "no low-rank factors" in err and not (tmp_path / "a").exists()
+    code, out, err = run_cli(capsys, "compress", str(tiny_dirs["llama"]), "--out", str(tmp_path / "a"),
+                             "--refine-steps", "-1", "--calib", str(calib_file))
+    assert code == 2 and "--refine-steps must be" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(capsys, "compress", str(tiny_dirs["llama"]), "--out", str(tmp_path / "b"),
                              "--refine-steps", "3", "--calib", str(calib_file), "--calib-samples", "4",
                              "--seq-len", "32", "--json")

@@ -6,6 +6,9 @@
 With uniform ranks every block is decomposed as soon as its statistics are ready (the driver then frees them);
 global allocation first collects every module's statistics (its spectra), then allocates, then decomposes.
 `--sequential` decomposes inside the driver's walk, each group of modules from the compressed stream.
+`--refine-steps` (svd-llm's default): after a block is decomposed, the driver fits its factors on the compressed
+stream to the original block's output (refine.py); with the statistics already at hand (global allocation), one
+more walk, without hooks, decomposes and refines block by block.
 `merge_` turns every factorized layer back into `nn.Linear` (PEFT's `merge_and_unload`).
 `--elastic` (elastic.py): the same walk, every module decomposed up to its largest rank of the keep range, then
 wrapped as an ElasticLinear with its spectrum and set to `--keep`; the report counts the parameters that size uses.

@@ -11,6 +11,8 @@
                                  accumulate its Grams (paired with the original stream's input for --correct)
                    statistics ready -> `on_stats(names, stats)` (which may decompose those modules right away)
                    --sequential: the compressed stream's next state = compressed block l (its current state)
+                   refine (--refine-steps): fit the decomposed block l on the compressed stream to the original
+                                 block's output (refine.py); the compressed stream's next state = block l on it
                    block done
     targets outside the blocks (a head named by --include): one forward of the whole model, before the blocks
     change (default) or after (--sequential)

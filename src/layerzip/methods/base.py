@@ -195,20 +195,21 @@ class CompressConfig:
     # ----------------------------------------------------------------------------------------- its whole-model part
     def resolve(self, model: nn.Module, calib: list[dict] | None = None) -> "CompressConfig":
         """The config with model- and data-dependent defaults filled in (see SVDLLM); the report records this one."""
-        steps = self.resolved_refine_steps()
+        steps = self.resolved_refine_steps(model)
         return self if steps == self.refine_steps else replace(self, refine_steps=steps)
 
-    def resolved_refine_steps(self) -> int:
-        """--refine-steps, or the method's default where refinement applies (not with --sequential, --elastic)."""
+    def resolved_refine_steps(self, model: nn.Module | None = None) -> int:
+        """--refine-steps, or the method's default for `model` where refinement applies (not with --sequential,
+        --elastic)."""
         if self.refine_steps is not None:
             return self.refine_steps
         return self.REFINE_STEPS if self.refine_ok and not (self.sequential or self.elastic) else 0
 
     @property
     def refine(self) -> Refine | None:
-        """The block refinement the driver runs after each block's decomposition (refine.Refine), or None."""
-        steps = self.resolved_refine_steps()
-        return Refine(steps, self.refine_lr) if steps else None
+        """The block refinement the driver runs after each block's decomposition (refine.Refine), or None (also
+        before `resolve` fills in the default)."""
+        return Refine(self.refine_steps, self.refine_lr) if self.refine_steps else None
 
     def restructure_(self, model: nn.Module, calib: list[dict] | None, progress: bool) -> dict:
         """A whole-model change made before the modules are decomposed; returns its report entries."""
