@@ -8,6 +8,7 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     default        svd-llm's defaults: global allocation, diagonal output Fisher, 32 block-refinement steps
     refine0        the previous default: the same without block refinement (--refine-steps 0)
     refine16       the default with 16 refinement steps
+    refine32       32 refinement steps asked for (an encoder's default has none)
     kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
     share2         the defaults with one input basis per projection shared by 2 consecutive blocks (--share 2)
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
@@ -51,6 +52,8 @@ ROWS = {
                             "with 64 documents: uniform ranks), then 32 block-refinement steps per block"),
     "refine0": dict(config=dict(refine_steps=0), gradients="output",
                     what="the previous default: svd-llm's defaults without block refinement (--refine-steps 0)"),
+    "refine32": dict(config=dict(refine_steps=32), gradients="output",
+                     what="--refine-steps 32 (what causal LMs get by default; an encoder's default has none)"),
     "refine16": dict(config=dict(refine_steps=16), gradients="output",
                      what="the default with 16 block-refinement steps instead of 32"),
     "kfac": dict(config=dict(kfac=True, refine_steps=0), gradients="output_cov",
@@ -205,7 +208,9 @@ def main():
         bench = common.benches(False, only=[a.model])[0]
         plot(run(bench, a.rows, a.keeps, a.eval_windows))
     lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
-             "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py.", ""]
+             "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py. "
+             "kfac, share2, share-auto, global and heal8 are measured without block refinement (compare them with "
+             "refine0).", ""]
     for f in sorted(common.RESULTS.glob("pieces_*.json")):
         res = common.read_json(f.stem)
         plot(res)
