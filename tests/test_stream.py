@@ -235,13 +235,15 @@ def test_streamed_refusals(sharded):
 # --------------------------------------------------------------------------------------------------- resume
 def _cmd(src, out):
     return [sys.executable, "-m", "layerzip.cli", "compress", str(src), "--out", str(out), "--stream",
-            "--alloc", "global", "--fisher", "--calib-samples", "48", "--seq-len", "128", "--json"]
+            "--alloc", "global", "--fisher", "--refine-steps", "8", "--calib-samples", "48", "--seq-len", "128",
+            "--json"]
 
 
 @pytest.mark.slow
 def test_killed_streamed_run_resumes_byte_identical(tmp_path):
     """SIGKILL after block 2 of MiniLM; the same command continues from block 2 (its progress says so) and writes
-    the same shards, byte for byte, as an uninterrupted run."""
+    the same shards, byte for byte, as an uninterrupted run (block refinement on: the compressed stream resumes
+    too)."""
     src = tmp_path / "minilm"
     loaded = load_model("minilm")
     loaded.model.save_pretrained(src)
