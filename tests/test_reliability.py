@@ -128,7 +128,7 @@ def test_interrupted_compress_leaves_nothing_complete(sig, tmp_path):
     p = subprocess.Popen(_compress_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     seen, t0 = b"", time.time()
     while b"blocks" not in seen and time.time() - t0 < 120 and p.poll() is None:
-        seen += os.read(p.stderr.fileno(), 256)          # the block driver's progress bar has started
+        seen += os.read(p.stderr.fileno(), 65536)          # the block driver's progress bar has started
     assert b"blocks" in seen and p.poll() is None, seen[-500:]
     p.send_signal(sig)
     code = p.wait(timeout=60)
