@@ -59,7 +59,8 @@ class CompressConfig:
                                   "file)")
     refine_steps: int | None = option(None, "Adam steps per block fitting its low-rank factors so that, fed the "
                                             "compressed model's stream, it gives the original block's output "
-                                            "(AA-SVD's block refinement); 0: off (default: the method's)")
+                                            "(AA-SVD's block refinement); 0: off (default: 32 for svd-llm on "
+                                            "causal LMs, else 0)")
     refine_lr: float = option(1e-4, "learning rate of --refine-steps")
 
     name: ClassVar[str] = "?"
