@@ -125,7 +125,10 @@ def test_interrupted_compress_leaves_nothing_complete(sig, tmp_path):
     then runs cleanly without --force."""
     out = tmp_path / "o"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    p = subprocess.Popen(_compress_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # the child gets SIGINT's default disposition whatever the test process has (an ignored SIGINT is inherited,
+    # and Python then never raises KeyboardInterrupt)
+    p = subprocess.Popen(_compress_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, t0 = b"", time.time()
     while b"blocks" not in seen and time.time() - t0 < 120 and p.poll() is None:
         seen += os.read(p.stderr.fileno(), 65536)          # the block driver's progress bar has started
