@@ -283,7 +283,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     seconds = time.perf_counter() - t
 
     executor = executor or LocalExecutor()
-    refine = _RefineLog(config.refine) if config.refine is not None and chosen else None
+    refine = _RefineLog(config.refine) if config.refine_steps and chosen else None
     if refine is not None and not calib:
         raise LayerzipError("--refine-steps fits each block on calibration text; pass calibration batches or "
                             "--refine-steps 0")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .errors import LayerzipError
 from .models import BlockOutputs, backbone, find_blocks, is_causal, select_targets
 from .nn import FactorizedLayer
-from .refine import rebalance_
+from .refine import clipped_step_, rebalance_
 
 
 def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
@@ -142,15 +142,9 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
         for step in bar:
             batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
             loss = distill_loss(student, teacher, batch, causal, chunk, hint_weight, hooks, block_map)
-            if not torch.isfinite(loss):
-                raise LayerzipError(f"the distillation loss became {loss.item()} at step {step}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            losses.append(clipped_step_(loss, opt, sched, params,
+                                        f"the distillation loss became {{loss}} at step {step}; lower --lr"))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
     finally:
         if hooks:
             hooks[0].remove()

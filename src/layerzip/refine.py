@@ -52,6 +52,19 @@ def rebalance_(model: nn.Module) -> int:
     return sum(map(len, groups.values()))
 
 
+def clipped_step_(loss: torch.Tensor, opt, sched, params: list[nn.Parameter], error: str) -> float:
+    """One optimizer step on `loss`, gradients clipped to norm 1, then the schedule's; returns the loss. A loss
+    that is not finite raises LayerzipError(`error` with {loss} filled in) before anything moves."""
+    if not torch.isfinite(loss):
+        raise LayerzipError(error.format(loss=loss.item()))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def low_rank_factors(block: nn.Module) -> list[nn.Parameter]:
     """The A, B factors of the block's low-rank layers (what refinement and healing train)."""
     mods = [m for m in block.modules() if isinstance(m, FactorizedLayer)]
@@ -103,16 +116,9 @@ class Refine:
             with torch.enable_grad():
                 for step in range(self.steps):
                     b = step % len(calls)
-                    loss = loss_of(b)
-                    if not torch.isfinite(loss):
-                        raise LayerzipError(f"block refinement's loss became {loss.item()}; lower --refine-lr or "
-                                            "pass --refine-steps 0")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    sched.step()
-                    losses.append(loss.item())
+                    losses.append(clipped_step_(loss_of(b), opt, sched, params,
+                                                "block refinement's loss became {loss}; lower --refine-lr or "
+                                                "pass --refine-steps 0"))
         finally:
             for p, g in frozen.items():
                 p.requires_grad_(g)
