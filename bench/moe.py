@@ -1,4 +1,4 @@
-"""MoEfication on Gemma-3-270M: held-out perplexity and CPU latency against the fraction of FFN FLOPs each token runs,
+"""MoEfication on Gemma-3-270M and Qwen2.5-Coder-1.5B: held-out perplexity and CPU latency against the fraction of FFN FLOPs each token runs,
 for E = 8 and 16 experts (k = 1 … E/2 active), against dense and against low rank (`svd-llm` on the FFN
 projections only) at the same FFN FLOPs.
 
@@ -9,9 +9,10 @@ calibration shared across the keeps. Latency (one thread, medians, dense and com
 load of a shared machine falls on both): a forward of `--latency-seq-len` tokens at batch 1, and one decoding step
 (one new token with a KV cache of that many tokens) at batch 1; plus one FFN alone at 1 and 32 tokens.
 
-    python bench/moe.py [--quick] [--experts 8 16] [--calib-samples 32] [--eval-windows 4] [--lowrank 0.25 0.5]
-    python bench/moe.py --report-only        # PNG + MOE.md again from bench/results/moe_gemma.json
-Writes bench/results/moe_<model>.json, moe_<model>.png and bench/MOE.md.
+    python bench/moe.py [--model gemma|qwen] [--quick] [--experts 8 16] [--calib-samples 32] [--eval-windows 4]
+                        [--lowrank 0.25 0.5] [--refine-steps N]
+    python bench/moe.py --report-only        # PNGs + MOE.md again from bench/results/moe_<model>.json
+Writes bench/results/moe_<model>.json, moe_<model>.png and bench/MOE.md (a section per model measured).
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def ffn_table(dense_mlp, moes: dict, lowrank: dict, repeats: int = 31) -> list[d
     rows = []
     H = dense_mlp.down_proj.out_features
     for tokens in (1, 32):
-        x = torch.randn(tokens, H)
+        x = torch.randn(tokens, H, dtype=dense_mlp.down_proj.weight.dtype)
 
         def ms(f):
             f(x)
@@ -109,7 +110,7 @@ def ffn_table(dense_mlp, moes: dict, lowrank: dict, repeats: int = 31) -> list[d
 
 def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, threads: int, repeats: int,
         lowrank_fractions: list[float], progress: bool = True, previous: dict | None = None,
-        heal_steps: int = 0, heal_lr: float = 1e-5) -> dict:
+        heal_steps: int = 0, heal_lr: float = 1e-5, refine_steps: int | None = None) -> dict:
     """The rows of `previous` (an earlier run's JSON, same settings) are kept and not measured again; an E whose
     rows are all there is fitted on block 0 alone, for the FFN-alone table."""
     loaded = b.load()
@@ -187,12 +188,12 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
             bar.update()
             continue
         model = copy.deepcopy(dense)
-        cfg = lz.SVDLLM(keep=f, include=FFN).resolve(model, calib)
+        cfg = lz.SVDLLM(keep=f, include=FFN, refine_steps=refine_steps).resolve(model, calib)
         torch.set_num_threads(common.DEFAULT_THREADS)
         with common.Timer() as t:
             lz.compress_(model, cfg, calib=calib, progress=False, stats=common.cached_stats(cfg, calib, model, cache))
         row = {"method": "svd-llm (FFN only)", "keep": f, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
-               "perplexity": ppl(model), "seconds": t.s}
+               "perplexity": ppl(model), "seconds": t.s, "refine_steps": cfg.refine_steps}
         row["ppl_ratio"] = row["perplexity"] / dense_ppl
         row.update(speed(dense, model, b.latency_seq_len, repeats, threads))
         res["rows"].append(row)
@@ -202,7 +203,9 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
         del model
     bar.close()
     moes = {(E, k): m for E, m in block0.items() for k in (1, E // 4, E // 2)}
-    res["ffn_layer"] = ffn_table(dense.model.layers[0].mlp, moes, lowrank0)
+    mlp = dense.model.layers[0].mlp
+    res["ffn_layer"] = ffn_table(mlp, moes, lowrank0)
+    res["ffn_shape"] = [mlp.down_proj.out_features, mlp.down_proj.in_features, str(mlp.down_proj.weight.dtype)]
     return res
 
 
@@ -257,13 +260,15 @@ def plot(res: dict, results=common.RESULTS):
 
 
 def markdown(res: dict) -> str:
+    """MOE.md's section for one model."""
     d = res["dense"]["perplexity"]
     lat = res["latency"]
     dense_fwd = _mean(r["forward_dense_ms"] for r in res["rows"])
     dense_dec = _mean(r["decode_dense_ms"] for r in res["rows"])
-    out = ["# MoEfication (`--method moe`) on " + res["title"], "",
-           f"Written by `python bench/moe.py` (code {res['code']}, {res['env']['date']}, {res['env']['cpu']}, "
-           f"load average {res['env']['load_average_1min']:.1f} on {res['env']['cores']} cores). Held-out python-docs "
+    out = ["## " + res["title"], "",
+           f"Written by `python bench/moe.py --model {res['model']}` (code {res['code']}, {res['env']['date']}, "
+           f"{res['env']['cpu']}, load average {res['env']['load_average_1min']:.1f} on {res['env']['cores']} cores). "
+           f"Held-out python-docs "
            f"perplexity ({res['eval']['windows']} windows of {res['eval']['seq_len']} tokens; dense {d:.2f}); "
            f"calibration {res['calib']['windows']} windows of {res['calib']['seq_len']} tokens. Latency at batch 1, "
            f"{lat['threads']} thread, medians of {lat['repeats']} alternated pairs: a forward of {lat['seq_len']} "
@@ -280,17 +285,19 @@ def markdown(res: dict) -> str:
         ffn, head = fl["ffn_flops_per_token"] / fl["flops_per_token"], fl["flops_per_token_lm_head"] / fl["flops_per_token"]
         out += [f"The FFNs are {ffn:.0%} of a dense token's FLOPs and the LM head {head:.0%}, so even FFNs that cost nothing would make a whole forward at most "
                 f"{1 / (1 - ffn):.2f}× faster; the FFN alone (last table) shows the layer's own speedup.", ""]
-    out += [f"![MoE]({'results/moe_' + res['model'] + '.png'})", "",
+    out += [f"![MoE {res['title']}]({'results/moe_' + res['model'] + '.png'})", "",
            "| model | FFN FLOPs | perplexity ÷ dense | forward speedup | decode-step speedup | fit s |",
            "|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: ("keep" in r, r.get("experts", 0), r["ffn_flops_fraction"])):
-        name = (f"{r['method']} keep {r['keep']:.3g}" if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
+        name = (f"{r['method']} keep {r['keep']:.3g}" + (f", --refine-steps {r['refine_steps']}" if "refine_steps"
+                                                           in r else "") if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
                 + (f", healed {r['heal_steps']} steps × {r['tokens_per_step']} tokens" if "heal_steps" in r else ""))
         out.append(f"| {name} | {r['ffn_flops_fraction']:.3f} | {r['ppl_ratio']:.3g} | {r['forward_speedup']:.2f}× | "
                    f"{r['decode_speedup']:.2f}× | " + (f"{r['heal_seconds']:.0f} (healing)" if "heal_seconds" in r
                                                         else f"{r['seconds']:.0f}") + " |")
     if res.get("ffn_layer"):
-        out += ["", "One FFN alone (block 0, 640 → 2048 → 640, one thread), median ms:", "",
+        H, I, dtype = res.get("ffn_shape", (640, 2048, "torch.float32"))
+        out += ["", f"One FFN alone (block 0, {H} → {I} → {H}, {dtype.removeprefix('torch.')}, one thread), median ms:", "",
                 "| FFN | 1 token | speedup | 32 tokens | speedup |", "|---|---|---|---|---|"]
         by = {}
         for r in res["ffn_layer"]:
@@ -321,6 +328,7 @@ def verdict(res: dict) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma", choices=MODELS)
     ap.add_argument("--quick", action="store_true", help="tiny random Gemma (smoke run)")
     ap.add_argument("--experts", nargs="*", type=int, default=[8, 16])
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -332,31 +340,59 @@ def main(argv=None):
     ap.add_argument("--report-only", action="store_true", help="redraw the PNG and MOE.md from the saved JSON")
     ap.add_argument("--heal-steps", type=int, default=0, help="also a row per E at k = E/4 healed this many steps")
     ap.add_argument("--heal-lr", type=float, default=1e-5)
+    ap.add_argument("--refine-steps", type=int, default=None, help="--refine-steps of the low-rank rows (default: "
+                                                                      "svd-llm's)")
     ap.add_argument("--resume", action="store_true", help="keep the saved JSON's rows and measure only the missing ones")
     a = ap.parse_args(argv)
     if a.report_only:
-        res = common.read_json("moe_gemma")
-        if "flops_per_token" not in res["dense"]:       # a run before they were recorded: count them now
-            dense = common.benches(False, ["gemma"])[0].load().model
-            res["dense"].update(ffn_flops_per_token=sum(2 * m.weight.numel() for n, m in dense.named_modules()
-                                                        if n.endswith(("gate_proj", "up_proj", "down_proj"))),
-                                **flops(dense, res["latency"]["seq_len"]))
-            common.write_json("moe_gemma", res)
-        plot(res)
-        (common.RESULTS.parent / "MOE.md").write_text(markdown(res))
+        report()
         return
-    b = common.benches(a.quick, ["tiny-gemma" if a.quick else "gemma"])[0]
+    b = bench_for(a.model, a.quick)
     if a.quick:                 # the tiny model: 256 positions, 128 FFN neurons
         a.experts, a.calib_samples, a.seq_len, a.lowrank, a.repeats = [8], 8, 64, [0.25, 0.5], 2
     else:
         b.eval_windows = a.eval_windows
     res = run(b, a.experts, a.calib_samples, a.seq_len, a.threads, a.repeats, a.lowrank,
               previous=common.read_json(f"moe_{b.name}") if a.resume else None, heal_steps=a.heal_steps,
-              heal_lr=a.heal_lr)
+              heal_lr=a.heal_lr, refine_steps=a.refine_steps)
     common.write_json(f"moe_{b.name}", res)
     plot(res)
     if not a.quick:
-        (common.RESULTS.parent / "MOE.md").write_text(markdown(res))
+        report()
+
+
+MODELS = ("gemma", "qwen")
+
+
+def bench_for(model: str, quick: bool) -> common.Bench:
+    if quick:
+        return common.benches(True, ["tiny-gemma"])[0]
+    if model == "gemma":
+        return common.benches(False, ["gemma"])[0]
+    import data
+    return common.Bench("qwen", "Qwen2.5-Coder-1.5B", str(data.qwen_dir()), True, calib_samples=16,
+                        calib_seq_len=256, eval_seq_len=512, latency_seq_len=32)
+
+
+def report() -> None:
+    """MOE.md (and each PNG) from the saved JSON of every model measured."""
+    sections = []
+    for model in MODELS:
+        if not (common.RESULTS / f"moe_{model}.json").is_file():
+            continue
+        res = common.read_json(f"moe_{model}")
+        if "flops_per_token" not in res["dense"]:       # a run before they were recorded: count them now
+            dense = bench_for(model, False).load().model
+            res["dense"].update(ffn_flops_per_token=sum(2 * m.weight.numel() for n, m in dense.named_modules()
+                                                        if n.endswith(("gate_proj", "up_proj", "down_proj"))),
+                                **flops(dense, res["latency"]["seq_len"]))
+            common.write_json(f"moe_{model}", res)
+        plot(res)
+        sections.append(markdown(res))
+    head = ("# MoEfication (`--method moe`)\n\nEach dense FFN split into E experts and a router (k run per token), "
+            "against dense and against low rank (`svd-llm` on the FFN projections only) at the same FFN FLOPs. "
+            "Low-rank rows without `--refine-steps` predate block refinement (it was off).\n\n")
+    (common.RESULTS.parent / "MOE.md").write_text(head + "\n".join(sections))
 
 
 if __name__ == "__main__":

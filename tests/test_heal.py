@@ -107,3 +107,84 @@ def test_compress_with_heal_steps(tokenizer, calib_file, tmp_path, capsys):
     assert json.loads(out)["heal"]["steps"] == 3
     assert json.loads((tmp_path / "o" / "layerzip.json").read_text())["report"]["heal"]["trained"] == "factors"
     assert load_model(tmp_path / "o").model(input_ids=torch.randint(5, 500, (1, 8))).logits.isfinite().all()
+
+
+# ------------------------------------------------------------------------------------------- images (any nn.Module)
+class _MapNet(torch.nn.Module):
+    """Conv features and a 1-channel map (a detector's output form: no class logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                        torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+        self.out = torch.nn.Conv2d(16, 1, 1)
+
+    def forward(self, x):
+        return self.out(self.body(x)), self.body[0](x)      # the map, and a feature tensor
+
+
+def _classifier():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                               torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(24, 10))
+
+
+@pytest.mark.parametrize("kind", ["output-kl", "output-nmse"])
+def test_heal_on_images_lowers_loss_and_trains_only_conv_factors(kind):
+    import copy
+
+    from layerzip import ConvSVD
+    from layerzip.heal import output_loss
+    torch.manual_seed(0)
+    teacher = (_classifier() if kind == "output-kl" else _MapNet()).eval()
+    images = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    student = copy.deepcopy(teacher)
+    compress_(student, ConvSVD(keep=0.3), calib=images, progress=False)
+    frozen = {n: p.clone() for n, p in student.named_parameters() if ".A" not in n and ".B" not in n
+              and not isinstance(student.get_submodule(n.rpartition(".")[0]), FactorizedLayer)}
+    with torch.no_grad():
+        before = sum(output_loss(student, teacher, x)[0].item() for x in images)
+    rep = heal_(student, teacher, images, steps=30, lr=3e-3, progress=False)
+    with torch.no_grad():
+        after = sum(output_loss(student, teacher, x)[0].item() for x in images)
+    assert rep["loss"] == kind and rep["trained"] == "factors" and after < 0.85 * before
+    assert all(torch.equal(p, dict(student.named_parameters())[n]) for n, p in frozen.items())
+
+
+def test_heal_on_images_refuses_an_uncompressed_model_and_hints():
+    model = _classifier()
+    images = [torch.randn(2, 3, 8, 8)]
+    with pytest.raises(LayerzipError, match="no factorized layers"):
+        heal_(model, _classifier(), images, steps=1, progress=False)
+    with pytest.raises(LayerzipError, match="hints"):
+        heal_(model, _classifier(), images, steps=1, hint_weight=1.0, progress=False)
+
+
+def test_cli_heals_a_transformers_vision_model_on_images(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+    from conftest import run_cli
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                    num_labels=6)
+    torch.manual_seed(0)
+    transformers.ResNetForImageClassification(cfg).save_pretrained(tmp_path / "resnet")
+    (tmp_path / "imgs").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for k in range(4):
+        Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+            tmp_path / "imgs" / f"{k}.png")
+    code, out, err = run_cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "o"), "--method",
+                             "conv-svd", "--keep", "0.5", "--calib", str(tmp_path / "imgs"), "--heal-steps", "4",
+                             "--heal-lr", "1e-3", "--json")
+    assert code == 0, err
+    heal = json.loads(out)["heal"]
+    assert heal["loss"] == "output-kl" and heal["steps"] == 4 and heal["trained"] == "factors"
+    code, out, err = run_cli(capsys, "heal", str(tmp_path / "o"), "--teacher", str(tmp_path / "resnet"), "--text",
+                             str(tmp_path / "imgs"), "--out", str(tmp_path / "h"), "--steps", "3", "--lr", "1e-3",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["loss"] == "output-kl"
+    assert isinstance(load_model(str(tmp_path / "h")).model, transformers.ResNetForImageClassification)
+    code, out, err = run_cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "p"), "--method",
+                             "conv-svd", "--heal-steps", "2")
+    assert code == 2 and err.count("\n") == 1 and "--calib" in err and not (tmp_path / "p").exists()

@@ -212,13 +212,15 @@ def analyze(model, out, calib, calib_samples, seq_len, keep, include, exclude, f
 @app.command()
 @click.argument("model")
 @click.option("--teacher", required=True, help="the original model to distill from")
-@click.option("--text", required=True, help="training text: .txt (a document per line), .jsonl, or builtin")
+@click.option("--text", required=True, help="training text: .txt (a document per line), .jsonl, or builtin; for a "
+                                           "vision model a directory of PNG / JPEG images")
 @click.option("--out", required=True, help="output directory for the healed model")
 @click.option("--steps", default=100, show_default=True, help="optimizer steps")
 @click.option("--lr", default=1e-5, show_default=True, help="learning rate (AdamW, warm-up then cosine decay)")
-@click.option("--samples", default=64, show_default=True, help="documents (encoders) or windows (causal LMs) used")
+@click.option("--samples", default=64, show_default=True, help="documents (encoders), windows (causal LMs) or images "
+                                                             "used")
 @click.option("--seq-len", default=256, show_default=True, help="tokens per training sequence")
-@click.option("--batch-size", default=4, show_default=True, help="sequences per step")
+@click.option("--batch-size", default=4, show_default=True, help="sequences (or images) per step")
 @click.option("--hints", default=0.0, show_default=True, help="weight of per-block hidden-state hints (FitNets)")
 @force_opt
 @json_opt

@@ -1,8 +1,11 @@
-"""Healing: distill a compressed model towards its original on text, training only the factor matrices.
+"""Healing: distill a compressed model towards its original, training only the factor matrices.
 
     loss = KL(teacher ‖ student) of next-token distributions            (causal LMs)
          | ‖h_s − h_t‖² / ‖h_t‖² of the last hidden states              (encoders; mean over non-padding tokens)
          + hint_weight · Σ_blocks ‖b_s − b_t‖² / ‖b_t‖²                  (FitNets hints, optional)
+    on images (any nn.Module; batches without input_ids: tensors, tuples or dicts such as {"pixel_values": x}):
+         KL(teacher ‖ student) of the class distributions               (a classifier: 2-D logits)
+         | Σ_outputs ‖y_s − y_t‖² / ‖y_t‖²                               (anything else: maps, features)
 
 Only the factor matrices of factorized layers train (A, B; biases stay); with none (a model that only lost
 blocks), the weights of the Linear layers of the remaining blocks train. Memory stays bounded: one micro-batch at a time, and for causal LMs the
@@ -21,15 +24,18 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .errors import LayerzipError
-from .models import BlockOutputs, backbone, find_blocks, is_causal, select_targets
+from .models import BlockOutputs, backbone, call_model, find_blocks, is_causal, select_targets
 from .nn import FactorizedLayer
 from .refine import clipped_step_, rebalance_
 
 
-def trainable_parameters(model: nn.Module) -> tuple[list[nn.Parameter], str]:
-    """Factor matrices; else the weights of the Linear layers inside the blocks. Freezes everything else."""
+def trainable_parameters(model: nn.Module, blocks: bool = True) -> tuple[list[nn.Parameter], str]:
+    """Factor matrices; else (`blocks`) the weights of the Linear layers inside the blocks. Freezes everything
+    else."""
     mods = [m for m in model.modules() if isinstance(m, FactorizedLayer)]
     what = "factors"
+    if not mods and not blocks:
+        raise LayerzipError(f"{type(model).__name__} has no factorized layers to heal; compress it first")
     if not mods:
         mods, what = list(select_targets(model).values()), "block linears"
     for p in model.parameters():
@@ -75,6 +81,41 @@ def check_head(model: nn.Module, batch: dict) -> None:
                             "healing supports LM-head (+ soft-capping) models")
 
 
+def is_text_batch(batch) -> bool:
+    return isinstance(batch, dict) and "input_ids" in batch
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """What a model returned, as tensors: a classifier's `logits` alone (HF outputs), else every floating tensor
+    (a tensor, tuples / lists / dicts of them, nested)."""
+    logits = getattr(out, "logits", None)
+    if torch.is_tensor(logits):
+        return [logits]
+    if torch.is_tensor(out):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def output_loss(student, teacher, item) -> tuple[torch.Tensor, str]:
+    """(distillation loss, its kind) on one batch of a model's own inputs (images): KL of the class distributions
+    ("output-kl") when the model returns one 2-D logits tensor, else the mean relative squared error of its output
+    tensors ("output-nmse")."""
+    with torch.no_grad():
+        ts = output_tensors(call_model(teacher, item))
+    ss = output_tensors(call_model(student, item))
+    if not ts or len(ss) != len(ts):
+        raise LayerzipError(f"{type(student).__name__} returns no floating tensor to distill (or not the same as "
+                            "its teacher); heal needs the compressed model and its original")
+    if len(ts) == 1 and ts[0].dim() == 2:
+        lt = F.log_softmax(ts[0].float(), -1)
+        return (lt.exp() * (lt - F.log_softmax(ss[0].float(), -1))).sum(-1).mean(), "output-kl"
+    return sum(_nmse(a, b) for a, b in zip(ss, ts)) / len(ts), "output-nmse"
+
+
 def distill_loss(student, teacher, batch: dict, causal: bool, chunk: int = 128, hint_weight: float = 0.0,
                  hooks: tuple | None = None, block_map: list[int] | None = None) -> torch.Tensor:
     mask = batch.get("attention_mask")
@@ -109,8 +150,11 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     if not lr > 0:
         raise LayerzipError(f"--lr must be > 0, got {lr}")
     if not batches:
-        raise LayerzipError("healing needs text; pass --text FILE with at least one document")
-    causal = is_causal(student) if causal is None else causal
+        raise LayerzipError("healing needs text (or images); pass --text FILE with at least one document")
+    text = is_text_batch(batches[0])
+    causal = text and (is_causal(student) if causal is None else causal)
+    if hint_weight and not text:
+        raise LayerzipError("hints compare the blocks' hidden states of a text model; run heal without --hints")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     home = next(student.parameters()).device
@@ -118,7 +162,7 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    params, what = trainable_parameters(student)
+    params, what = trainable_parameters(student, blocks=text)
     rebalance_(student)
     hooks = None
     if hint_weight:
@@ -136,12 +180,15 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
     warm = max(1, steps // 10)       # linear warm-up, then cosine decay to 10 % of lr
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-    losses = []
+    losses, kind = [], "kl" if causal else "hidden-nmse"
     bar = tqdm(range(steps), desc="healing", unit="step", disable=not progress)
     try:
         for step in bar:
-            batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
-            loss = distill_loss(student, teacher, batch, causal, chunk, hint_weight, hooks, block_map)
+            if text:
+                batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
+                loss = distill_loss(student, teacher, batch, causal, chunk, hint_weight, hooks, block_map)
+            else:
+                loss, kind = output_loss(student, teacher, batches[step % len(batches)])
             losses.append(clipped_step_(loss, opt, sched, params,
                                         f"the distillation loss became {{loss}} at step {step}; lower --lr"))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
@@ -153,7 +200,8 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
             p.requires_grad_(False)
         student.to(home)
     k = max(1, min(5, steps // 4))
-    return {"steps": steps, "lr": lr, "loss": "kl" if causal else "hidden-nmse", "hint_weight": hint_weight,
+    return {"steps": steps, "lr": lr, "loss": kind, "hint_weight": hint_weight,
             "trained": what, "trainable_params": sum(p.numel() for p in params),
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "losses": losses,
             "device": str(device), "seconds": time.perf_counter() - t0}
+

@@ -117,7 +117,9 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                             "--no-stream, or compress with --bits 16")
     bytes_before = tensor_bytes(loaded.model)
     # streamed: batches of 2 sequences, so one block's activations stay small (the Grams are the same sums)
-    if getattr(loaded.model, "main_input_name", None) == "pixel_values":      # a vision model: images, if given
+    if _is_vision(loaded.model):                                              # a vision model: images, if given
+        if heal_steps and calib == "builtin":
+            raise LayerzipError("--heal-steps on a vision model distills on images; pass --calib IMAGES_DIR")
         batches = image_batches(calib, calib_samples, loaded.path) if calib != "builtin" else None
     else:
         batches = (calibration_batches(loaded, calib, calib_samples, seq_len, batch_size=2 if streamed else 8)
@@ -406,13 +408,17 @@ def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps:
     out = check_out_dir(out, force, source_path(compressed))
     student = load_model(compressed)
     ref = load_model(teacher)
-    if student.causal != ref.causal:
-        raise LayerzipError("--teacher must be the same kind of model (causal LM or encoder) as COMPRESSED")
-    if student.tokenizer is None:
+    if student.causal != ref.causal or _is_vision(student.model) != _is_vision(ref.model):
+        raise LayerzipError("--teacher must be the same kind of model (causal LM, encoder or vision model) as "
+                            "COMPRESSED")
+    if _is_vision(student.model):
+        batches = image_batches(text, samples, student.path, batch_size)
+    elif student.tokenizer is None:
         raise LayerzipError(f"{compressed} has no tokenizer files; re-save it with its tokenizer")
+    else:
+        batches = calibration_batches(student, text, samples, seq_len, batch_size)
     meta = read_meta(student.path) if student.path and (Path(student.path) / META).is_file() else {}
     block_map = (meta.get("report") or {}).get("kept_blocks")
-    batches = calibration_batches(student, text, samples, seq_len, batch_size)
     rep = heal_(student.model, ref.model, batches, steps, lr, student.causal, hints, block_map, progress=progress)
     keep = {k: v for k, v in meta.items() if k not in ("format_version", "layerzip_version", "architecture",
                                                         "dtype", "modules", "bits", "group_size")}
@@ -424,11 +430,18 @@ def heal_model(compressed: str, teacher: str, text: str, out: str | Path, steps:
     return {**summary, "out": str(out), "teacher": str(teacher)}
 
 
+def _is_vision(model) -> bool:
+    return getattr(model, "main_input_name", None) == "pixel_values"
+
+
 def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: int, steps: int, lr: float,
                         progress: bool = True) -> dict:
     """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`."""
+    if _is_vision(loaded.model):          # images: the calibration directory's, 8 per step
+        batches = image_batches(calib, samples, loaded.path)
+    else:
+        batches = calibration_batches(loaded, calib, samples, seq_len, 4 if loaded.causal else 16)
     teacher = load_model(source)
-    batches = calibration_batches(loaded, calib, samples, seq_len, 4 if loaded.causal else 16)
     rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
     del teacher
     return {k: v for k, v in rep.items() if k != "losses"}

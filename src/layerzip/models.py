@@ -184,6 +184,19 @@ def fit_seq_len(model: nn.Module, seq_len: int) -> int:
     return min(seq_len, limit) if limit else seq_len
 
 
+def call_model(model: nn.Module, item, device=None):
+    """`model` on one calibration item: a tensor (model(x)), a dict (model(**d)) or a tuple (model(*t)), its tensors
+    moved to `device` (default: the model's)."""
+    device = device or next(model.parameters()).device
+    if isinstance(item, dict):
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()})
+    if isinstance(item, (tuple, list)):
+        return model(*[v.to(device) if torch.is_tensor(v) else v for v in item])
+    if torch.is_tensor(item):
+        return model(item.to(device))
+    raise LayerzipError(f"calibration items must be tensors, tuples or dicts of tensors, got {type(item).__name__}")
+
+
 def count_params(model: nn.Module) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LayerzipError
+from ..models import call_model
 from .activations import ModuleStats
 
 
@@ -54,15 +55,7 @@ def run_calibration(model: nn.Module, calib, progress: bool = True, desc: str = 
     try:
         with torch.no_grad():
             for item in tqdm(calib, desc=desc, unit="batch", disable=not progress):
-                if isinstance(item, dict):
-                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in item.items()})
-                elif isinstance(item, (tuple, list)):
-                    model(*[v.to(device) if torch.is_tensor(v) else v for v in item])
-                elif torch.is_tensor(item):
-                    model(item.to(device))
-                else:
-                    raise LayerzipError(f"calibration items must be tensors, tuples or dicts of tensors, got "
-                                        f"{type(item).__name__}")
+                call_model(model, item, device)
     finally:
         for m, t in modes.items():
             m.training = t
