@@ -289,6 +289,7 @@ class Task:
             self.calib = [data[0][i:i + 64] for i in range(0, 256, 64)]
             self.eval, self.labels = list(xte.split(250)), yte
             self.bench_input = xte[:256]
+            self.heal = lambda: list(data[0][256:256 + 64 * 16].split(64))    # training digits not calibrated on
         elif name == "efficientnet":
             photos = skimage_photos()
             names = sorted(photos)
@@ -301,6 +302,8 @@ class Task:
             self.eval, self.labels = list(torch.stack(ev).split(32)), None
             self.bench_input = torch.stack(ev[:4])
             self.photos = {"calibration": calib_names, "evaluation": eval_names}
+            self.heal = lambda: list(torch.stack([efficientnet_input(c) for n in calib_names for c in crops(
+                photos[n], 32, 224, random.Random(5))]).split(16))   # more crops of the calibration photos
         elif name == "craft":
             photos = skimage_photos(min_side=0)
             size = 256
@@ -312,6 +315,7 @@ class Task:
             self.calib = [craft_input(c)[None] for c in cal]
             self.eval, self.labels = [craft_input(torch.stack(ev))], None
             self.bench_input = craft_input(ev[0])[None]
+            self.heal = lambda: list(craft_input(torch.stack(rendered_text(48, size, random.Random(2)))).split(2))
         else:
             raise SystemExit(f"unknown model {name}")
         with torch.no_grad():
@@ -403,11 +407,14 @@ def aimet_compress(model: nn.Module, keep: float, task: "Task") -> nn.Module:
 
 
 VARIANTS = ("plain", "plain k×k", "act", "act+global", "act+global flops", "vbmf")
+HEALED = "act+global flops, healed"           # with --heal-steps: that row distilled towards the dense model
 DATA_FREE = ("plain", "plain k×k", "peer")       # rows that read no calibration
 
 
-def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None) -> list[dict]:
-    """Every row; `save(rows)` after each (a long run keeps what it measured)."""
+def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VARIANTS, save=None,
+        heal_steps: int = 0, heal_lr: float = 1e-4) -> list[dict]:
+    """Every row; `save(rows)` after each (a long run keeps what it measured). `heal_steps`: also the act+global
+    flops rows healed (lz.heal_ towards the dense model on `task.heal()`'s images, never the evaluation's)."""
     torch.set_num_threads(threads)
     dense = task.model
     base = {"flops": flops(dense, task.bench_input), "conv_params": conv_params(dense)}
@@ -422,10 +429,13 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
             if m != "cp":
                 todo.append((m, dict(keep=keep, alloc="global"), "act+global"))
                 todo.append((m, dict(keep=keep, alloc="global", objective="flops"), "act+global flops"))
+                if heal_steps:
+                    todo.append((m, dict(keep=keep, alloc="global", objective="flops"), HEALED))
         todo += [("tltorch-" + f, dict(keep=keep), "peer") for f in peers if f != "aimet"]
         todo += [("aimet-spatial-svd", dict(keep=keep), "peer") for f in peers if f == "aimet"]
     todo += [(m, dict(vbmf=True), "vbmf") for m in methods if m != "cp"]     # its own ranks: no keep
-    todo = [t for t in todo if t[2] in variants or t[2] == "peer" and peers]
+    todo = [t for t in todo if t[2] in variants or t[2] == "peer" and peers or t[2] == HEALED]
+    heal_batches = task.heal() if heal_steps else None
     stats, t_cal = None, 0.0
     if any(label not in DATA_FREE for _, _, label in todo):    # one calibration, every row
         t = time.perf_counter()
@@ -445,6 +455,8 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
             else:
                 METHODS[method](**kw).apply_(model, stats=stats, progress=False)
                 cparams = conv_params(model)
+                if label == HEALED:
+                    healed = lz.heal_(model, dense, heal_batches, steps=heal_steps, lr=heal_lr, progress=False)
         except (RuntimeError, MemoryError) as e:
             rows.append({"method": method, "variant": label, "keep": kw.get("keep", "–"),
                          "error": str(e).splitlines()[0]})
@@ -456,6 +468,10 @@ def run(task: Task, keeps, methods, peers: list[str], threads: int, variants=VAR
                "flops_kept": f / base["flops"],
                "seconds": secs + (0 if label in DATA_FREE else t_cal),
                **task.score(model)}
+        if label == HEALED:
+            row.update(heal_steps=heal_steps, heal_lr=heal_lr, heal_images=sum(len(b) for b in heal_batches),
+                       heal_loss=healed["loss"], heal_loss_first=healed["loss_first"],
+                       heal_loss_last=healed["loss_last"], heal_seconds=healed["seconds"])
         d, c = latencies([dense, model], task.bench_input, task.reps)
         row.update(latency_ms=1000 * c, dense_latency_ms=1000 * d, speedup=d / c, flop_bound=base["flops"] / f,
                    speedup_vs_bound=(d / c) / (base["flops"] / f))
@@ -520,10 +536,13 @@ def report() -> None:
              "(parameters, or FLOPs at the feature-map sizes); *vbmf*: activation-aware, each conv's ranks by "
              "EVBMF of its kernel's unfoldings (no keep: the size is what it finds); *peer*: tensorly-torch "
              "`FactorizedConv.from_conv` (`implementation=\"factorized\"`) and aimet-torch's spatial SVD (manual "
-             "mode, every k×k conv at `keep`). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
+             "mode, every k×k conv at `keep`); *act+global flops, healed*: that row then distilled towards the dense "
+             "model (`lz.heal_`, its factors trained by Adam on KL of the class distributions or the relative error "
+             "of the score maps, on images the evaluation never sees: training digits, more crops of the calibration "
+             "photos, freshly rendered pages; steps, lr and images in the JSON). `params` = parameters kept in the targeted convs, `FLOPs` = whole "
              "model (FlopCounterMode), `speedup` = dense latency / compressed latency on the 2-core CPU (batch in the "
              "JSON), `÷ bound` = speedup / (dense FLOPs / compressed FLOPs). Seconds include the shared calibration for "
-             "act rows.", ""]
+             "act rows (and the healing for healed rows).", ""]
     for name, doc in docs.items():
         meta, rows = doc["meta"], doc["rows"]
         metric = {"mnist": ("accuracy", "agreement"), "efficientnet": ("agreement", "top5"),
@@ -601,6 +620,8 @@ def main():
                          "see aimet_compress) (none: --peers)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                     help="layerzip rows (none: --variants, e.g. with --peers aimet)")
+    ap.add_argument("--heal-steps", type=int, default=0, help="also the act+global flops rows healed this many steps")
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer evaluation inputs")
     ap.add_argument("--merge", action="store_true", help="keep the rows of results/conv_MODEL.json this run does not "
@@ -636,7 +657,7 @@ def main():
         new = {key(r): r for r in rows}
         merged = [new.pop(key(r), r) for r in old]
         f.write_text(json.dumps({"meta": meta, "rows": merged + list(new.values())}, indent=1))
-    save(run(task, a.keeps, a.methods, a.peers, a.threads, a.variants, save))
+    save(run(task, a.keeps, a.methods, a.peers, a.threads, a.variants, save, a.heal_steps, a.heal_lr))
 
 
 if __name__ == "__main__":
