@@ -257,3 +257,20 @@ def test_cli_on_a_transformers_resnet_with_calibration_images(tmp_path, capsys):
     code, out, err = run_cli(capsys, "compress", str(tmp_path / "resnet"), "--out", str(tmp_path / "p"), "--method",
                           "tucker2", "--calib", str(tmp_path / "missing"))
     assert code == 2 and err.count("\n") == 1 and "--calib" in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_balance_keeps_the_function_and_evens_the_factors(cls):
+    conv = _conv(6, 8, 3, 1, 1, 1, True)
+    layer = cls.from_conv(conv, **({"rank_in": 4, "rank_out": 5} if cls is Tucker2Conv else {"rank": 5}))
+    with torch.no_grad():                         # badly scaled factors, as a whitened fit can leave them
+        factors = [p for n, p in layer.named_parameters() if n != "bias"]
+        factors[0].mul_(1e3)
+        factors[-1].div_(1e3)
+    x = torch.randn(2, 6, 9, 9, dtype=D)
+    before = layer(x)
+    ratio = lambda: max(p.norm() / p.numel() ** 0.5 for p in factors) / min(p.norm() / p.numel() ** 0.5 for p in factors)  # noqa: E731
+    spread = ratio()
+    layer.balance_()
+    assert torch.allclose(layer(x), before, atol=1e-9 * before.abs().max().item())
+    assert ratio() < spread / 100

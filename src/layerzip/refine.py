@@ -23,33 +23,32 @@ from torch import nn
 
 from .errors import LayerzipError
 from .models import run_block, token_rows
-from .nn import FactorizedLayer
+from .nn import FactorizedConv, FactorizedLayer, rebalanced
 
 
 @torch.no_grad()
 def rebalance_(model: nn.Module) -> int:
-    """Re-split every low-rank A·B as U√S · √S Vᵀ (same product). Whitened factors (SVD-LLM's B = √S Vᵀ L⁻¹) can
-    be badly scaled, and Adam moves every entry by about lr: balanced factors make that step uniform in effect.
-    The layers of one shared basis (--share) are re-split together, their A's stacked. Returns the layers
-    re-split.
-
-    A = Qa Ra, Bᵀ = Qb Rb (QR), Ra Rbᵀ = u s vᵀ  =>  A·B = (Qa u √s)(√s vᵀ Qbᵀ)."""
+    """Re-split every low-rank A·B as U√S · √S Vᵀ (same product; nn.rebalanced), and every factorized convolution
+    its own way (FactorizedConv.balance_). Whitened factors (SVD-LLM's B = √S Vᵀ L⁻¹) can be badly scaled, and Adam
+    moves every entry by about lr: balanced factors make that step uniform in effect. The layers of one shared
+    basis (--share) are re-split together, their A's stacked. Returns the layers re-split."""
     groups: dict[int, list[nn.Module]] = {}
+    convs = 0
     for m in model.modules():
         A, B = getattr(m, "A", None), getattr(m, "B", None)
-        if isinstance(m, FactorizedLayer) and isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) \
+        if isinstance(m, FactorizedConv):
+            m.balance_()
+            convs += 1
+        elif isinstance(m, FactorizedLayer) and isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) \
                 and A.dim() == 2 and B.dim() == 2 and A.shape[1] == B.shape[0]:
             groups.setdefault(id(B), []).append(m)
-    for mods in groups.values():
-        A, B = torch.cat([m.A.double() for m in mods]), mods[0].B
-        Qa, Ra = torch.linalg.qr(A)
-        Qb, Rb = torch.linalg.qr(B.double().T)
-        u, s, vh = torch.linalg.svd(Ra @ Rb.T)
-        r = s.sqrt()
-        for m, a in zip(mods, ((Qa @ u) * r).split([m.A.shape[0] for m in mods])):
-            m.A.copy_(a)
-        B.copy_((vh.T * r).T @ Qb.T)
-    return sum(map(len, groups.values()))
+    with torch.no_grad():
+        for mods in groups.values():
+            A, B = rebalanced(torch.cat([m.A for m in mods]), mods[0].B)
+            for m, a in zip(mods, A.split([m.A.shape[0] for m in mods])):
+                m.A.copy_(a)
+            mods[0].B.copy_(B)
+    return sum(map(len, groups.values())) + convs
 
 
 def clipped_step_(loss: torch.Tensor, opt, sched, params: list[nn.Parameter], error: str) -> float:

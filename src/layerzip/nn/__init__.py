@@ -38,8 +38,8 @@ from .conv import CONV_LAYERS, CPConv, FactorizedConv, LowRankConv, SpatialSVDCo
 from .hadamard import LowRankHadamardLinear
 from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
-from .lowrank import (LowBitLowRank, LowRankLinear, SharedBasisLinear, share_bases_, singular_values, split_balanced,
-                      truncated_factors)
+from .lowrank import (LowBitLowRank, LowRankLinear, SharedBasisLinear, rebalanced, share_bases_, singular_values,
+                      split_balanced, truncated_factors)
 from .moe import DenseFFN, MoEFFN
 from .monarch import MonarchLinear
 from .quantize import LOWBIT_TYPES, LowBitLinear, dequantize_factors_, quantize_factors_, restore_modules_
@@ -54,7 +54,7 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "LowRankHadamardLinear", "LowRankLinear", "MonarchLinear", "STRUCTURES", "StructuredLinear", "TTLinear",
            "balanced_factors", "choose_shape", "dense_weight_and_bias", "dequantize_factors_", "is_conv1d",
            "is_linear_like", "layer_flops", "layer_from_spec", "quantize_factors_", "register_layer",
-           "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
+           "rebalanced", "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
 __all__ += ["ElasticLinear", "LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead",
             "LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
 __all__ += ["DenseFFN", "MoEFFN", "SharedBasisLinear", "share_bases_"]

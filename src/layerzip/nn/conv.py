@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import FactorizedLayer, register_layer
+from .lowrank import rebalanced
 
 Pair = tuple[int, int]
 
@@ -88,6 +89,11 @@ class FactorizedConv(FactorizedLayer):
         raise NotImplementedError
 
     def project_(self, W: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def balance_(self) -> None:
+        """Re-scale the factors among themselves, the layer's function unchanged, so that an optimizer step of
+        about the same size on every entry (Adam's) means about as much in each (healing calls it first)."""
         raise NotImplementedError
 
     @staticmethod
@@ -245,6 +251,9 @@ class LowRankConv(FactorizedConv):
         U = leading_left(W.flatten(1), self.rank)          # W ≈ U Uᵀ W: the truncated SVD
         self.set_factors_(U, U.T @ W.flatten(1))
 
+    def balance_(self):
+        self.set_factors_(*(f.to(self.A) for f in rebalanced(self.A, self.B.flatten(1))))
+
 
 # ----------------------------------------------------------------------------------------------------- Tucker-2
 @register_layer("tucker2-conv")
@@ -317,6 +326,14 @@ class Tucker2Conv(FactorizedConv):
         # a rank_out above K's rank gets an orthonormal completion (zero core rows)
         U = leading_left(K, self.rank_out) if self.rank_out < o else torch.eye(o, dtype=W.dtype, device=W.device)
         self.set_factors_(V.T, U.T @ K, U)
+
+    def balance_(self):
+        """first = Rᵀ Qᵀ and last = Q' R' (QR): orthonormal first rows and last columns, R and R' moved into the
+        core."""
+        Q, R = torch.linalg.qr(self.first.double().T)
+        Q2, R2 = torch.linalg.qr(self.last.double())
+        core = torch.einsum("as,stpq,ut->aupq", R2, self.core.double(), R)
+        self.set_factors_(*(f.to(self.first) for f in (Q.T, core, Q2)))
 
 
 # ----------------------------------------------------------------------------------------------------------- CP
@@ -397,6 +414,10 @@ class CPConv(FactorizedConv):
             self.set_factors_(*cp_exact(W))
         else:
             self.set_factors_(*cp_als(W, self.rank, iters=self.ALS_ITERS))
+
+    def balance_(self):
+        """Each component's weight spread evenly over its four factors again (set_factors_)."""
+        self.set_factors_(self.last, self.first.T, self.vert[:, 0, :, 0].T, self.horiz[:, 0, 0].T)
 
 
 def cp_exact(W: torch.Tensor):
@@ -543,6 +564,10 @@ class SpatialSVDConv(FactorizedConv):
         else:
             V = leading_left(M.T, self.rank)                # M ≈ M V Vᵀ
             self.set_factors_(M @ V, V.T)
+
+    def balance_(self):
+        H = self.horiz[:, :, 0, :].permute(1, 0, 2).reshape(self.rank, -1)
+        self.set_factors_(*(f.to(H) for f in rebalanced(self.vert.reshape(self.rank, -1).T, H)))
 
 
 CONV_LAYERS = (LowRankConv, Tucker2Conv, CPConv, SpatialSVDConv)

@@ -67,6 +67,18 @@ def split_balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
     return U[:, :rank] * s, s[:, None] * Vh[:rank]
 
 
+@torch.no_grad()
+def rebalanced(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') with A'B' = AB and A' = U√S, B' = √S Vᵀ (the product's SVD, in float64), from the QR factors:
+    A = Qa Ra, Bᵀ = Qb Rb, Ra Rbᵀ = u s vᵀ  =>  A·B = (Qa u √s)(√s vᵀ Qbᵀ). Whitened or ALS factors can be badly
+    scaled; Adam moves every entry by about its lr, so balanced factors make that step uniform in effect."""
+    Qa, Ra = torch.linalg.qr(A.double())
+    Qb, Rb = torch.linalg.qr(B.double().T)
+    u, s, vh = torch.linalg.svd(Ra @ Rb.T)
+    r = s.sqrt()
+    return (Qa @ u) * r, (vh.T * r).T @ Qb.T
+
+
 @register_layer("lowrank")
 class LowRankLinear(FactorizedLayer):
     """A rank-r linear layer (r = min(in, out) when not given).
