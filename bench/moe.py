@@ -110,7 +110,7 @@ def ffn_table(dense_mlp, moes: dict, lowrank: dict, repeats: int = 31) -> list[d
 
 def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, threads: int, repeats: int,
         lowrank_fractions: list[float], progress: bool = True, previous: dict | None = None,
-        heal_steps: int = 0, heal_lr: float = 1e-5, refine_steps: int | None = None) -> dict:
+        heal_steps: int = 0, heal_lr: float = 1e-5, refine_steps: int | None = None, alloc: str | None = None) -> dict:
     """The rows of `previous` (an earlier run's JSON, same settings) are kept and not measured again; an E whose
     rows are all there is fitted on block 0 alone, for the FFN-alone table."""
     loaded = b.load()
@@ -188,12 +188,14 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
             bar.update()
             continue
         model = copy.deepcopy(dense)
-        cfg = lz.SVDLLM(keep=f, include=FFN, refine_steps=refine_steps).resolve(model, calib)
+        cfg = lz.SVDLLM(keep=f, include=FFN, refine_steps=refine_steps, alloc=alloc).resolve(model, calib)
         torch.set_num_threads(common.DEFAULT_THREADS)
         with common.Timer() as t:
-            lz.compress_(model, cfg, calib=calib, progress=False, stats=common.cached_stats(cfg, calib, model, cache))
+            # uniform ranks: no statistics kept across blocks (each block's are freed once it is decomposed)
+            stats = common.cached_stats(cfg, calib, model, cache) if cfg.alloc == "global" else None
+            lz.compress_(model, cfg, calib=calib, progress=False, stats=stats)
         row = {"method": "svd-llm (FFN only)", "keep": f, "ffn_flops_fraction": ffn_fraction(model, dense_ffn),
-               "perplexity": ppl(model), "seconds": t.s, "refine_steps": cfg.refine_steps}
+               "perplexity": ppl(model), "seconds": t.s, "refine_steps": cfg.refine_steps, "alloc": cfg.alloc}
         row["ppl_ratio"] = row["perplexity"] / dense_ppl
         row.update(speed(dense, model, b.latency_seq_len, repeats, threads))
         res["rows"].append(row)
@@ -290,7 +292,7 @@ def markdown(res: dict) -> str:
            "|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: ("keep" in r, r.get("experts", 0), r["ffn_flops_fraction"])):
         name = (f"{r['method']} keep {r['keep']:.3g}" + (f", --refine-steps {r['refine_steps']}" if "refine_steps"
-                                                           in r else "") if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
+                in r else "") + (f", --alloc {r['alloc']}" if r.get("alloc") == "uniform" else "") if "keep" in r else f"MoE E={r['experts']} k={r['active']}"
                 + (f", healed {r['heal_steps']} steps × {r['tokens_per_step']} tokens" if "heal_steps" in r else ""))
         out.append(f"| {name} | {r['ffn_flops_fraction']:.3f} | {r['ppl_ratio']:.3g} | {r['forward_speedup']:.2f}× | "
                    f"{r['decode_speedup']:.2f}× | " + (f"{r['heal_seconds']:.0f} (healing)" if "heal_seconds" in r
@@ -342,6 +344,8 @@ def main(argv=None):
     ap.add_argument("--heal-lr", type=float, default=1e-5)
     ap.add_argument("--refine-steps", type=int, default=None, help="--refine-steps of the low-rank rows (default: "
                                                                       "svd-llm's)")
+    ap.add_argument("--alloc", default=None, choices=["uniform", "global"], help="--alloc of the low-rank rows "
+                    "(default: svd-llm's, global, which holds every block's statistics in memory: 18 GB for Qwen)")
     ap.add_argument("--resume", action="store_true", help="keep the saved JSON's rows and measure only the missing ones")
     a = ap.parse_args(argv)
     if a.report_only:
@@ -354,7 +358,7 @@ def main(argv=None):
         b.eval_windows = a.eval_windows
     res = run(b, a.experts, a.calib_samples, a.seq_len, a.threads, a.repeats, a.lowrank,
               previous=common.read_json(f"moe_{b.name}") if a.resume else None, heal_steps=a.heal_steps,
-              heal_lr=a.heal_lr, refine_steps=a.refine_steps)
+              heal_lr=a.heal_lr, refine_steps=a.refine_steps, alloc=a.alloc)
     common.write_json(f"moe_{b.name}", res)
     plot(res)
     if not a.quick:
