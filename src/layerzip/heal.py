@@ -204,4 +204,3 @@ def heal_(student: nn.Module, teacher: nn.Module, batches: list[dict], steps: in
             "trained": what, "trainable_params": sum(p.numel() for p in params),
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "losses": losses,
             "device": str(device), "seconds": time.perf_counter() - t0}
-

@@ -42,12 +42,11 @@ def rebalance_(model: nn.Module) -> int:
         elif isinstance(m, FactorizedLayer) and isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter) \
                 and A.dim() == 2 and B.dim() == 2 and A.shape[1] == B.shape[0]:
             groups.setdefault(id(B), []).append(m)
-    with torch.no_grad():
-        for mods in groups.values():
-            A, B = rebalanced(torch.cat([m.A for m in mods]), mods[0].B)
-            for m, a in zip(mods, A.split([m.A.shape[0] for m in mods])):
-                m.A.copy_(a)
-            mods[0].B.copy_(B)
+    for mods in groups.values():
+        A, B = rebalanced(torch.cat([m.A for m in mods]), mods[0].B)
+        for m, a in zip(mods, A.split([m.A.shape[0] for m in mods])):
+            m.A.copy_(a)
+        mods[0].B.copy_(B)
     return sum(map(len, groups.values())) + convs
 
 
