@@ -38,7 +38,13 @@ def set_active(model, k: int) -> None:
             m.active = k
 
 
-def ffn_fraction(model, dense_ffn_flops: int) -> float:
+def dense_ffn_flops(model) -> int:
+    """FLOPs per token of the dense model's FFN projections (2 per weight)."""
+    return sum(2 * m.weight.numel() for n, m in model.named_modules()
+               if n.endswith(("gate_proj", "up_proj", "down_proj")))
+
+
+def ffn_fraction(model, dense_ffn: int) -> float:
     """FFN FLOPs per token of `model` ÷ the dense FFNs' (MoE: routed experts + router; low rank: its factors)."""
     got = 0
     for name, m in model.named_modules():
@@ -46,7 +52,7 @@ def ffn_fraction(model, dense_ffn_flops: int) -> float:
             got += m.flops()
         elif name.endswith(("gate_proj", "up_proj", "down_proj")) and ".mlp." in name + ".":
             got += m.flops() if isinstance(m, lz.FactorizedLayer) else 2 * m.weight.numel()
-    return got / dense_ffn_flops
+    return got / dense_ffn
 
 
 @torch.no_grad()
@@ -125,8 +131,7 @@ def run(b: common.Bench, experts: list[int], calib_samples: int, seq_len: int, t
     with common.Timer() as t:
         dense_ppl = ppl(loaded.model)
     dense = loaded.model
-    dense_ffn = sum(2 * m.weight.numel() for n, m in dense.named_modules()
-                    if n.endswith(("gate_proj", "up_proj", "down_proj")))
+    dense_ffn = dense_ffn_flops(dense)
     res = {"model": b.name, "title": b.title, "dense": {"perplexity": dense_ppl, "seconds_eval": t.s,
                                                       "ffn_flops_per_token": dense_ffn,
                                                       **flops(dense, b.latency_seq_len)},
@@ -387,9 +392,7 @@ def report() -> None:
         res = common.read_json(f"moe_{model}")
         if "flops_per_token" not in res["dense"]:       # a run before they were recorded: count them now
             dense = bench_for(model, False).load().model
-            res["dense"].update(ffn_flops_per_token=sum(2 * m.weight.numel() for n, m in dense.named_modules()
-                                                        if n.endswith(("gate_proj", "up_proj", "down_proj"))),
-                                **flops(dense, res["latency"]["seq_len"]))
+            res["dense"].update(ffn_flops_per_token=dense_ffn_flops(dense), **flops(dense, res["latency"]["seq_len"]))
             common.write_json(f"moe_{model}", res)
         plot(res)
         sections.append(markdown(res))
