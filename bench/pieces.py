@@ -23,8 +23,11 @@ kfac, share2, share-auto and global are measured without block refinement (each 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
 keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plot and bench/PIECES.md (every model).
+`--calib-samples N --calib-seq-len L`: another calibration than the benchmark's (e.g. the CLI's default, 64 × 512),
+kept in pieces_<model>_c<N>x<L>.json.
     python bench/pieces.py --rows default refine0 kfac share2 share-auto --keeps 0.8 0.6 0.5
     python bench/pieces.py --model minilm --rows default refine0 global share2 share-auto --keeps 0.5 0.3
+    python bench/pieces.py --rows default refine0 --keeps 0.5 --calib-samples 64 --calib-seq-len 512
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ ROWS = {
 }
 
 
-def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
+def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> dict:
     loaded = bench.load()
     calib = bench.calib(loaded)
     if bench.causal:
@@ -91,9 +94,9 @@ def run(bench, rows: list[str], keeps: list[float], windows: int) -> dict:
             return {**out, "docstrings_recall_at_1": second["recall_at_1"], "docstrings_mrr": second["mrr"]}
     key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
            "eval_seq_len": bench.eval_seq_len}
-    name = f"pieces_{bench.name}"
     prev = common.read_json(name) if (common.RESULTS / f"{name}.json").is_file() else {}
-    res = {"model": bench.title, "bench": bench.name, "causal": bench.causal, **key, "env": common.env(),
+    res = {"model": bench.title, "bench": bench.name, "name": name, "causal": bench.causal, **key,
+           "calib": [bench.calib_samples, bench.calib_seq_len], "env": common.env(),
            "code": common.code_version()}
     if prev and all(prev.get(k) == v for k, v in key.items()):
         res["dense"], res["rows"] = prev["dense"], prev["rows"]
@@ -167,14 +170,16 @@ def plot(res: dict):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return common.save_figure(fig, common.RESULTS / f"pieces_{res['bench']}.png")
+    return common.save_figure(fig, common.RESULTS / f"{res.get('name', 'pieces_' + res['bench'])}.png")
 
 
 def markdown(res: dict) -> list[str]:
     sets = list(res["dense"])
     keeps = sorted({r["keep"] for r in res["rows"]}, reverse=True)
     causal = res.get("causal", True)
-    about = (f"Calibration {res['calib_tokens']} tokens of python docs (the benchmark's); held-out perplexity on "
+    own = "the benchmark's" if res.get("name", "pieces_" + res["bench"]) == "pieces_" + res["bench"] else \
+        "{} windows × {} tokens".format(*res["calib"])
+    about = (f"Calibration {res['calib_tokens']} tokens of python docs ({own}); held-out perplexity on "
              f"{res['eval_windows']} windows × {res['eval_seq_len']} tokens of each set, ÷ dense ("
              + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings."
              if causal else
@@ -182,8 +187,11 @@ def markdown(res: dict) -> list[str]:
              "python-docs {section title → body} pairs (100) and held-out standard-library docstring {summary → rest} "
              "pairs (200, `docstrings_`): each cell " + " / ".join(sets) + " (dense "
              + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
-    out = [f"## {res['model']}", "", f"`python bench/pieces.py --model {res['bench']}` ({res['env']['date']}, code "
-           f"{res['code']}). {about}", "", f"![](results/pieces_{res['bench']}.png)", "",
+    name = res.get("name", "pieces_" + res["bench"])
+    flags = "" if name == "pieces_" + res["bench"] else " --calib-samples {} --calib-seq-len {}".format(*res["calib"])
+    out = [f"## {res['model']}" + (f", calibration {res['calib'][0]} × {res['calib'][1]}" if flags else ""), "",
+           f"`python bench/pieces.py --model {res['bench']}{flags}` ({res['env']['date']}, code "
+           f"{res['code']}). {about}", "", f"![](results/{name}.png)", "",
            "| row | what | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
     for row in dict.fromkeys(r["row"] for r in res["rows"]):
         by = {r["keep"]: r for r in res["rows"] if r["row"] == row}
@@ -202,11 +210,18 @@ def main():
     ap.add_argument("--rows", nargs="+", default=["default", "refine0"], choices=list(ROWS))
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5])
     ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, help="calibration windows [default: the benchmark's]")
+    ap.add_argument("--calib-seq-len", type=int, help="tokens per calibration window [default: the benchmark's]")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     if not a.report_only:
         bench = common.benches(False, only=[a.model])[0]
-        plot(run(bench, a.rows, a.keeps, a.eval_windows))
+        name = f"pieces_{bench.name}"
+        if a.calib_samples or a.calib_seq_len:
+            bench.calib_samples = a.calib_samples or bench.calib_samples
+            bench.calib_seq_len = a.calib_seq_len or bench.calib_seq_len
+            name += f"_c{bench.calib_samples}x{bench.calib_seq_len}"
+        plot(run(bench, a.rows, a.keeps, a.eval_windows, name))
     lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
              "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py. "
              "kfac, share2, share-auto, global and heal8 are measured without block refinement (compare them with "

@@ -6,6 +6,7 @@ decomposition walk, save). Then the compressed and the dense model are scored, s
 python-docs windows.
 
     python bench/stream.py [--model qwen|gemma] [--blocks 28 14] [--calib-samples 64] [--keep 0.8]
+                           [--refine-steps N]           # default: the CLI's (svd-llm: 32 on causal LMs)
     python bench/stream.py --model gemma --compare-in-memory     # the same run with --no-stream: ranks, perplexity
     python bench/stream.py --ray-workers 1 2                     # MiniLM, --executor ray on 1 then 2 workers
     python bench/stream.py --report                              # bench/STREAM.md from the JSON (run_all inlines it)
@@ -15,7 +16,9 @@ of the dense model gives its time per token), and the bare float64 SVDs of one b
 (every block has the same shapes). `--blocks K`: the same model cut to its first K blocks (a directory whose
 config says K layers and whose index lists only their tensors, the shards linked), to show that peak memory does
 not grow with depth. Rows are merged into bench/results/stream_<model>.json by (blocks, calibration windows), so
-runs of different depths or settings add up; stream_<model>.png plots every row's peak per stage.
+runs of different depths or settings add up; stream_<model>.png plots every row's peak per stage. Each compression
+writes to bench/cache/stream_runs/ until its row is kept, so a run cut short (a session's end) continues from its
+last finished block when the same command is given again.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,36 +142,63 @@ def ranks_of(out: Path) -> dict:
     return json.loads((out / "layerzip.json").read_text())["report"]["ranks"]
 
 
+def refine_steps_of(row: dict) -> int:
+    """Block refinement steps of a row (rows measured before refinement existed had none)."""
+    return ((row.get("report") or {}).get("refine") or {}).get("steps", 0)
+
+
+def dense_eval(model: str, windows: int) -> dict | None:
+    """The dense model's streamed eval from a stored row of the same held-out windows (the dense model and the
+    windows do not change between runs): spares the slowest part of a rerun."""
+    f = common.RESULTS / f"stream_{model}.json"
+    for r in json.loads(f.read_text())["rows"] if f.is_file() else []:
+        ev = r.get("eval") or {}
+        if ev.get("windows") == windows and ev.get("dense_eval_tokens"):
+            return {"perplexity": ev["dense_perplexity"], "seconds": ev["dense_eval_seconds"],
+                    "tokens": ev["dense_eval_tokens"], "from_row": r.get("code")}
+    return None
+
+
 def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eval_windows: int,
-        compare: bool = False) -> dict:
+        compare: bool = False, refine_steps: int | None = None) -> dict:
     src = data.qwen_dir() if model == "qwen" else data.gemma_dir()
     full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     text = data.TEXT_DIR / "docs_eval.txt"
     rows = []
+    runs = common.RESULTS.parent / "cache" / "stream_runs"       # kept until the row is: a cut run continues
     with tempfile.TemporaryDirectory(dir=common.RESULTS.parent / "cache") as tmp:
         tmp = Path(tmp)
         for n in blocks_list:
-            d = src if n == full else cut(src, n, tmp / f"cut{n}")
-            out = tmp / f"out{n}"
+            d = src if n == full else cut(src, n, runs / f"{model}-cut{n}")
+            out = runs / f"{model}-{n}-c{calib_samples}-k{keep}-r{refine_steps}"
             args = ["--keep", keep, "--calib", data.TEXT_DIR / "docs_calib.txt", "--calib-samples", calib_samples,
-                    "--json"]
-            comp = monitored(lz_cmd("compress", d, "--out", out, "--stream", *args))
+                    "--json"] + ([] if refine_steps is None else ["--refine-steps", refine_steps])
+            done = out.with_name(out.name + ".compress.json")     # a finished compression whose row is not kept
+            if (out / "layerzip.json").is_file() and done.is_file():
+                comp = json.loads(done.read_text())
+            else:
+                comp = monitored(lz_cmd("compress", d, "--out", out, "--stream", "--force", *args))
+                done.write_text(json.dumps(comp))
             row = {"blocks": n, "compress": {k: v for k, v in comp.items() if k != "report"},
                    "report": {k: comp["report"].get(k) for k in (
                        "keep_achieved", "params_before", "params_after", "seconds", "calibration",
-                       "size_on_disk_before", "size_on_disk_after", "streamed")}}
+                       "size_on_disk_before", "size_on_disk_after", "streamed", "refine", "resumed_from_block")}}
             if n == full:
                 ev = monitored(lz_cmd("eval", out, "--stream", "--text", text, "--samples", 4 * eval_windows,
                                       "--json"))
-                dense = monitored(lz_cmd("eval", d, "--stream", "--text", text, "--samples", 4 * eval_windows,
+                dense = dense_eval(model, ev["report"]["windows"])
+                if dense is None:
+                    r = monitored(lz_cmd("eval", d, "--stream", "--text", text, "--samples", 4 * eval_windows,
                                          "--json"))
-                row["eval"] = {"perplexity": ev["report"]["perplexity"], "dense_perplexity":
-                               dense["report"]["perplexity"], "ratio": ev["report"]["perplexity"] /
-                               dense["report"]["perplexity"], "windows": ev["report"]["windows"],
-                               "eval_peak_rss_mb": ev["peak_rss_mb"], "dense_eval_seconds": dense["seconds"],
-                               "dense_eval_tokens": dense["report"]["tokens"]}
+                    dense = {"perplexity": r["report"]["perplexity"], "seconds": r["seconds"],
+                             "tokens": r["report"]["tokens"], "from_row": None}
+                row["eval"] = {"perplexity": ev["report"]["perplexity"], "dense_perplexity": dense["perplexity"],
+                               "ratio": ev["report"]["perplexity"] / dense["perplexity"],
+                               "windows": ev["report"]["windows"], "eval_peak_rss_mb": ev["peak_rss_mb"],
+                               "dense_eval_seconds": dense["seconds"], "dense_eval_tokens": dense["tokens"],
+                               "dense_eval_from_row": dense["from_row"]}
                 tokens = (comp["report"].get("calibration") or {}).get("tokens") or 0
-                forward = dense["seconds"] * tokens / max(dense["report"]["tokens"], 1)
+                forward = dense["seconds"] * tokens / max(dense["tokens"], 1)
                 svds = bare_svds_seconds(src, n)
                 row["limit"] = {"forward_seconds_est": forward, "bare_svds_seconds": svds,
                                 "compress_over_limit": comp["seconds"] / (forward + svds)}
@@ -186,6 +217,8 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
             merge(f"stream_{model}", {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": [row],
                                       "env": common.env()})          # each row kept as soon as it is measured
             print(json.dumps({k: v for k, v in row.items() if k != "compress"}, default=str), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            done.unlink()
     res = {"model": model, "keep": keep, "calib_samples": calib_samples, "rows": rows, "env": common.env()}
     if len(rows) > 1:
         peaks = [r["compress"]["peak_rss_mb"] for r in rows]
@@ -194,10 +227,11 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
 
 
 def merge(name: str, res: dict) -> dict:
-    """`res`'s rows replace the stored rows of the same (blocks, calibration windows); the others are kept."""
+    """`res`'s rows replace the stored rows of the same (blocks, calibration windows, refinement steps); the
+    others are kept."""
     f = common.RESULTS / f"{name}.json"
     old = json.loads(f.read_text()) if f.is_file() else {"rows": []}
-    key = lambda r: (r["blocks"], r.get("calib_samples", old.get("calib_samples")))   # noqa: E731
+    key = lambda r: (r["blocks"], r.get("calib_samples", old.get("calib_samples")), refine_steps_of(r))  # noqa: E731
     for r in res["rows"]:
         r.setdefault("calib_samples", res["calib_samples"])
         r.setdefault("env", res["env"])
@@ -310,6 +344,7 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--keep", type=float, default=0.8)
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--refine-steps", type=int, help="passed to compress [default: the CLI's]")
     ap.add_argument("--compare-in-memory", action="store_true", help="also compress --no-stream and compare")
     ap.add_argument("--ray-workers", type=int, nargs="*", help="instead: MiniLM with --executor ray on these")
     ap.add_argument("--report", action="store_true", help="only write bench/STREAM.md from the JSON")
@@ -319,7 +354,8 @@ def main(argv=None):
     elif not a.report:
         src = data.qwen_dir() if a.model == "qwen" else data.gemma_dir()
         full = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-        res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows, a.compare_in_memory)
+        res = run(a.model, a.blocks or [full], a.calib_samples, a.keep, a.eval_windows, a.compare_in_memory,
+                  a.refine_steps)
         res = merge(f"stream_{a.model}", res)
         plot(res, common.RESULTS / f"stream_{a.model}.png")
     print(f"wrote {report()}")

@@ -131,3 +131,24 @@ def test_resolved_config_is_kept_as_is():
     cfg = lz.SVDLLM(keep=0.5, alloc="global", fisher=False, refine_steps=0)
     from conftest import tiny_model
     assert cfg.resolve(tiny_model("llama")) is cfg
+
+
+def test_in_memory_global_allocation_refuses_statistics_that_do_not_fit(monkeypatch):
+    """Every block's Grams at once (global allocation, lz.calibrate) is refused before it runs out of memory; the
+    uniform walk, which frees each block's, is not."""
+    import collections
+    import psutil
+    from conftest import tiny_model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (2, 16), generator=g)
+    calib = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: collections.namedtuple("vm", "available")(10_000))
+    with pytest.raises(lz.LayerzipError, match="stream the model"):
+        lz.compress_(model, lz.SVDLLM(keep=0.6, refine_steps=0), calib=calib, progress=False)
+    with pytest.raises(lz.LayerzipError, match="--alloc uniform"):
+        lz.calibrate(model, lz.SVDLLM(keep=0.6), calib, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    rep = lz.compress_(model, lz.SVDLLM(keep=0.6, alloc="uniform", refine_steps=0), calib=calib, progress=False)
+    assert rep["keep_achieved"] <= 0.6

@@ -22,6 +22,7 @@ killed at block k and started again on the same work directory continues from bl
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -143,6 +144,8 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     driver, gradient statistics attached), for every target; the model is left unchanged."""
     config = config.resolve(model, calib)
     targets = split_embeddings(targets or config.targets_of(model))[1]
+    if source_of(model) is None:
+        _check_stats_memory(targets)
     grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
@@ -173,6 +176,20 @@ def _check_covariance_memory(targets: dict[str, nn.Module]) -> None:
         raise LayerzipError(f"--kfac holds {need / 1e9:.1f} GB of output-gradient covariances (two out × out float64 "
                             f"per module) and {free / 1e9:.1f} GB are free; drop --kfac or select fewer modules "
                             "(--include)")
+
+
+def _check_stats_memory(targets: dict[str, nn.Module]) -> None:
+    """Global allocation (and --share) of an in-memory model holds every block's input statistics at once: one
+    float64 in × in Gram per distinct input. Counted at its least (targets of one block with the same input width
+    taken to share it), so that only a run that cannot fit is refused, before it runs out of memory."""
+    import psutil
+    inputs = {(re.sub(r"^(.*?\.\d+)\..*$", r"\1", n), linear_shape(m)[1]) for n, m in targets.items()}
+    need = sum(8 * i * i for _, i in inputs)
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise LayerzipError(f"the global allocation holds every block's input statistics at once, at least "
+                            f"{need / 1e9:.1f} GB of float64 Grams, and {free / 1e9:.1f} GB are free; stream the model "
+                            "(--stream, lz.load(..., stream=True)) or pass --alloc uniform")
 
 
 def _fixed_bytes(model: nn.Module, targets: dict[str, nn.Module], elem_bytes: int | None) -> int:
@@ -251,6 +268,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     stats: dict = dict(given or {})
     if getattr(config, "share", None) is not None:     # bases shared across blocks: every block's statistics first
         if collect:
+            _check_stats_memory(targets)
             stats = attach(driver.collect(targets))
         t = time.perf_counter()
         modules, ranks, sizes = decompose_shared_(model, targets, config, stats, keep, progress)
@@ -266,6 +284,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
         spectrum_of = saved.spectra_walk(driver, targets, attach, spectrum).__getitem__
     elif config.needs_spectra:
         if collect:
+            _check_stats_memory(targets)
             stats = attach(driver.collect(targets))
             t = time.perf_counter()
         spectrum_of = lambda name: spectrum(name, stats.get(name))   # noqa: E731
