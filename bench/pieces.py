@@ -76,9 +76,11 @@ ROWS = {
 }
 
 
-def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> dict:
-    loaded = bench.load()
-    calib = bench.calib(loaded)
+def evaluator(bench, loaded, windows: int = 4):
+    """The held-out scoring of every row: `evaluate(m)` for a loaded model `m` (a `lz.models.Loaded`) compressed from
+    `loaded` (the dense model). Causal: perplexity on `windows` held-out windows of python docs and of standard-library
+    docstrings. Encoder: Recall@1, MRR and cosine to the dense embeddings on held-out python-docs pairs, and Recall@1
+    and MRR on 200 held-out standard-library docstring pairs (`docstrings_`). Shared with bench/linear_peers.py."""
     if bench.causal:
         sets = held_out(bench)
 
@@ -92,6 +94,13 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
             out = {k: v for k, v in bench.evaluate(m, ref).items() if k in ("recall_at_1", "mrr", "cosine_to_dense")}
             second = retrieval_eval(m, doc_pairs, progress=False)
             return {**out, "docstrings_recall_at_1": second["recall_at_1"], "docstrings_mrr": second["mrr"]}
+    return evaluate
+
+
+def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> dict:
+    loaded = bench.load()
+    calib = bench.calib(loaded)
+    evaluate = evaluator(bench, loaded, windows)
     key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
            "eval_seq_len": bench.eval_seq_len}
     prev = common.read_json(name) if (common.RESULTS / f"{name}.json").is_file() else {}

@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OTHERS = ("beat_svdllm.py", "depth_and_heal.py", "structures_speed.py", "mnist_structures.py", "export_latency.py",
-          "elastic.py", "moe.py", "bytes.py", "pieces.py")
+          "elastic.py", "moe.py", "bytes.py", "pieces.py", "linear_peers.py")
 OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", "bench/BEAT_SVDLLM.md"),
               ("Depth: dropping blocks and healing", "bench/DEPTH_HEAL.md"),
               ("Structured layers (speed, MNIST)", "bench/STRUCTURES.md"),
@@ -37,7 +37,9 @@ OTHER_DOCS = (("Beating SVD-LLM (methods, allocation, sequential calibration)", 
               ("MoEfication: FFNs as mixtures of experts vs low rank at equal FFN FLOPs", "bench/MOE.md"),
               ("Bytes vs quality: low rank, int8 / int4 storage, the embedding, against quantization and the GGUF",
                "bench/BYTES.md"),
-              ("Quality past the records: each new piece of the default in a row of its own", "bench/PIECES.md"))
+              ("Quality past the records: each new piece of the default in a row of its own", "bench/PIECES.md"),
+              ("Linear-layer peers side by side (goldcrest SVD / ASVD / whitening, ptdeco FALOR, aimet-torch weight "
+               "SVD) at layerzip's parameter count", "bench/LINEAR_PEERS.md"))
 
 
 def steps(a) -> list[list[str]]:
