@@ -534,6 +534,12 @@ def markdown(res: dict) -> list[str]:
     for s in res.get("falor_search", []):
         out.append(f"  nsr {s['nsr']:.4g} → {s['keep_achieved']:.4f} ({s['seconds']:.0f} s, budget "
                    f"{s['for_budget']:.4f})")
+    if any(r["row"] == "goldcrest whitening" for r in res["rows"]):
+        out += ["", "goldcrest whitening, as released (0.1.0): `SVD.compress` whitens W·L (XᵀX = LLᵀ) and maps the "
+                "right factor back with `DataWhiteningPlugin.inverse_whitening(Vtₖᵀ, L⁻¹)ᵀ` = Vtₖ·L⁻ᵀ, where "
+                "SVD-LLM's inverse is Vtₖ·L⁻¹; so its factors are not a truncation of W (on a random 64×48 weight and "
+                "correlated inputs, rank 16: output error 13.9 × ‖XWᵀ‖ as released, 0.38 with Vtₖ·L⁻¹). The row "
+                "measures the package as it is."]
     ranks = [(r["row"], r["keep"], r["ranks"]) for r in res["rows"] if r.get("ranks")]
     if ranks:
         out += ["", "Ranks per layer shape (" + ", ".join(f"{n} at {k}: {rr}" for n, k, rr in ranks) + ")."]
@@ -550,6 +556,12 @@ def report() -> Path:
              "zero bias on its first factor, so at the same parameters their ranks are a little lower; FALOR has "
              "no rank argument (only a noise-to-signal threshold), so its threshold was searched and its row is "
              "the run nearest the budget.", ""]
+    if not (common.RESULTS / "linear_peers_gemma.json").is_file():
+        lines += ["Gemma-3-270M (`--model gemma`, keeps 0.8 and 0.5, perplexity ÷ dense on the two held-out sets) "
+                  "runs through the same script but is not measured yet: on this 2-core machine FALOR alone would "
+                  "take hours there (126 Linears, each with a forward pass per calibration batch and two per "
+                  "bisection step of its rank search, every one scoring 262k-vocabulary logits), times the runs of "
+                  "its threshold search; `--rows` without `\"ptdeco falor\"` measures the others.", ""]
     for f in sorted(common.RESULTS.glob("linear_peers_*.json")):
         res = common.read_json(f.stem)
         plot(res)
