@@ -49,23 +49,16 @@ def test_refinement_brings_the_output_closer_and_trains_only_factors(arch):
     assert errors[32] < 0.9 * errors[0], errors
 
 
-def test_anchor_holds_the_factors_near_the_decomposition():
-    """--refine-anchor: the factors' relative distance from the decomposition's ("drift") shrinks as the anchor
-    grows, and the output error stays between no refinement and free refinement."""
-    dense = tiny_model("llama")
+def test_drift_grows_with_the_learning_rate():
+    """The report's drift: the factors' relative distance from the (balanced) decomposition's, 0 < drift, larger
+    with a larger learning rate."""
     batches = _batches(True)
-    drift, errors = {}, {}
-    for anchor in (None, 0.0, 1e3):
-        m = tiny_model("llama")
-        rep = lz.compress_(m, lz.SVDLLM(keep=0.4, alloc="uniform", fisher=False, refine_steps=0 if anchor is None
-                                        else 32, refine_lr=1e-3, refine_anchor=anchor or 0.0),
-                           calib=batches, progress=False)
-        errors[anchor] = _error(m, dense, batches, True)
-        if anchor is not None:
-            drift[anchor] = rep["refine"]["drift"]
-            assert rep["refine"]["anchor"] == anchor
-    assert 0 < drift[1e3] < 0.5 * drift[0.0], drift
-    assert errors[0.0] < errors[1e3] < errors[None], errors
+    drift = {}
+    for lr in (1e-4, 1e-3):
+        rep = lz.compress_(tiny_model("llama"), lz.SVDLLM(keep=0.4, alloc="uniform", fisher=False, refine_steps=16,
+                                                          refine_lr=lr), calib=batches, progress=False)
+        drift[lr] = rep["refine"]["drift"]
+    assert 0 < drift[1e-4] < drift[1e-3] < 1, drift
 
 
 def test_rebalance_keeps_the_product():
@@ -130,7 +123,6 @@ def test_defaults():
 @pytest.mark.parametrize("make, words", [
     (lambda: lz.SVDLLM(refine_steps=-1), "--refine-steps"),
     (lambda: lz.SVDLLM(refine_steps=2, refine_lr=0.0), "--refine-lr"),
-    (lambda: lz.SVDLLM(refine_steps=2, refine_anchor=-1.0), "--refine-anchor"),
     (lambda: lz.CUR(refine_steps=4), "no low-rank factors"),
     (lambda: lz.SVDLLM(refine_steps=4, sequential=True), "--sequential"),
     (lambda: lz.SVDLLM(refine_steps=4, alloc="global", elastic=True), "--elastic"),

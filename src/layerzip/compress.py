@@ -363,8 +363,8 @@ class _RefineLog:
 
     def summary(self) -> dict:
         n = max(len(self.blocks), 1)
-        return {"steps": self.refine.steps, "lr": self.refine.lr, "anchor": self.refine.anchor,
-                "blocks": len(self.blocks), "loss_first": sum(b["loss_first"] for b in self.blocks) / n,
+        return {"steps": self.refine.steps, "lr": self.refine.lr, "blocks": len(self.blocks),
+                "loss_first": sum(b["loss_first"] for b in self.blocks) / n,
                 "loss_last": sum(b["loss_last"] for b in self.blocks) / n,
                 "drift": sum(b["drift"] for b in self.blocks) / n, "seconds": self.seconds}
 

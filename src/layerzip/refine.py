@@ -75,7 +75,6 @@ class Refine:
     (cycled)."""
     steps: int
     lr: float = 1e-4
-    anchor: float = 0.0  # weight of Σ‖p − p₀‖² / Σ‖p₀‖² over the factors (p₀: the decomposition's, balanced)
     tokens: int = 1024   # a step reads the calibration in slices of about this many tokens (whole sequences)
     EXACT = 1e-10        # a block whose first loss is below this is left as it is
 
@@ -84,14 +83,12 @@ class Refine:
             raise LayerzipError(f"--refine-steps must be a whole number ≥ 0, got {self.steps}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1:
             raise LayerzipError(f"--refine-lr must be in (0, 1), got {self.lr}")
-        if isinstance(self.anchor, bool) or not isinstance(self.anchor, (int, float)) or not self.anchor >= 0:
-            raise LayerzipError(f"--refine-anchor must be a number ≥ 0, got {self.anchor}")
 
     def __call__(self, block: nn.Module, calls: list, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                  originals: list[torch.Tensor], masks: list) -> dict:
         """Refine `block` in place: block(calls[b] on inputs[b]) → targets[b]; `originals[b]`: the original
-        block's input (the loss's scale). Returns {"loss_first", "loss_last"} (the normalized loss, without the
-        anchor's term) and "drift" (‖p − p₀‖ / ‖p₀‖ over all factors at the end)."""
+        block's input (the loss's scale). Returns {"loss_first", "loss_last"} (the normalized loss) and "drift"
+        (‖p − p₀‖ / ‖p₀‖ over all factors at the end, p₀: the balanced decomposition's)."""
         params = low_rank_factors(block)
         if not params or not self.steps:
             return {}
@@ -122,10 +119,9 @@ class Refine:
         try:
             with torch.enable_grad():
                 for step in range(self.steps):
-                    loss = loss_of(step % len(calls))
-                    losses.append(loss.item())
-                    clipped_step_(loss + self.anchor * drift() if self.anchor else loss, opt, sched, params,
-                                  "block refinement's loss became {loss}; lower --refine-lr or pass --refine-steps 0")
+                    losses.append(clipped_step_(loss_of(step % len(calls)), opt, sched, params,
+                                                "block refinement's loss became {loss}; lower --refine-lr or "
+                                                "pass --refine-steps 0"))
         finally:
             for p, g in frozen.items():
                 p.requires_grad_(g)

@@ -62,8 +62,6 @@ class CompressConfig:
                                             "(AA-SVD's block refinement); 0: off (default: 32 for svd-llm on "
                                             "causal LMs, else 0)")
     refine_lr: float = option(1e-4, "learning rate of --refine-steps")
-    refine_anchor: float = option(0.0, "--refine-steps: weight of a penalty on the factors' relative squared "
-                                       "distance from the decomposition's (0: none)")
 
     name: ClassVar[str] = "?"
     uses_stats: ClassVar[bool] = False      # the method's own math reads activation statistics
@@ -93,8 +91,8 @@ class CompressConfig:
         elif (self.keep_min, self.keep_max) != (0.3, 1.0):
             raise LayerzipError("--keep-min / --keep-max set the range of an elastic model; add --elastic or drop "
                                 "them")
-        if self.refine_steps is not None or self.refine_lr != 1e-4 or self.refine_anchor:
-            Refine(self.refine_steps or 0, self.refine_lr, self.refine_anchor)          # their ranges
+        if self.refine_steps is not None or self.refine_lr != 1e-4:
+            Refine(self.refine_steps or 0, self.refine_lr)          # their ranges
         if self.refine_steps:
             if not self.refine_ok:
                 ok = ", ".join(n for n, c in METHODS.items() if getattr(c, "refine_ok", False))
@@ -212,7 +210,7 @@ class CompressConfig:
     def refine(self) -> Refine | None:
         """The block refinement the driver runs after each block's decomposition (refine.Refine), or None (also
         before `resolve` fills in the default)."""
-        return Refine(self.refine_steps, self.refine_lr, self.refine_anchor) if self.refine_steps else None
+        return Refine(self.refine_steps, self.refine_lr) if self.refine_steps else None
 
     def restructure_(self, model: nn.Module, calib: list[dict] | None, progress: bool) -> dict:
         """A whole-model change made before the modules are decomposed; returns its report entries."""
