@@ -109,17 +109,14 @@ class Refine:
         for p in params:
             p.requires_grad_(True)
         start = [p.detach().clone() for p in params]
-        size = sum(p.square().sum() for p in start).clamp_min(1e-30)
-
-        def drift() -> torch.Tensor:
-            return sum((p - p0).square().sum() for p, p0 in zip(params, start)) / size
         opt = torch.optim.Adam(params, lr=self.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / self.steps)))
         losses = []
         try:
             with torch.enable_grad():
                 for step in range(self.steps):
-                    losses.append(clipped_step_(loss_of(step % len(calls)), opt, sched, params,
+                    b = step % len(calls)
+                    losses.append(clipped_step_(loss_of(b), opt, sched, params,
                                                 "block refinement's loss became {loss}; lower --refine-lr or "
                                                 "pass --refine-steps 0"))
         finally:
@@ -129,8 +126,9 @@ class Refine:
                 p.grad = None
         k = max(1, min(len(calls), len(losses) // 4))
         with torch.no_grad():
-            moved = drift().sqrt().item()
-        return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "drift": moved}
+            moved = sum((p - p0).square().sum() for p, p0 in zip(params, start))
+            drift = (moved / sum(p0.square().sum() for p0 in start).clamp_min(1e-30)).sqrt().item()
+        return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "drift": drift}
 
     def _slices(self, calls, inputs, targets, originals, masks):
         """Each batch cut into slices of whole sequences of about `tokens` tokens (everything that has the batch
