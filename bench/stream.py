@@ -15,8 +15,8 @@ Limits measured in the same run: one streamed forward of the dense model over th
 of the dense model gives its time per token), and the bare float64 SVDs of one block's target weights × blocks
 (every block has the same shapes). `--blocks K`: the same model cut to its first K blocks (a directory whose
 config says K layers and whose index lists only their tensors, the shards linked), to show that peak memory does
-not grow with depth. Rows are merged into bench/results/stream_<model>.json by (blocks, calibration windows), so
-runs of different depths or settings add up; stream_<model>.png plots every row's peak per stage. Each compression
+not grow with depth. Rows are merged into bench/results/stream_<model>.json by (blocks, calibration windows,
+refinement steps), so runs of different depths or settings add up; stream_<model>.png plots every row's peak per stage. Each compression
 writes to bench/cache/stream_runs/ until its row is kept, so a run cut short (a session's end) continues from its
 last finished block when the same command is given again.
 """
