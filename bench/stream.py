@@ -148,10 +148,10 @@ def refine_steps_of(row: dict) -> int:
 
 
 def dense_eval(model: str, windows: int) -> dict | None:
-    """The dense model's streamed eval from a stored row of the same held-out windows (the dense model and the
-    windows do not change between runs): spares the slowest part of a rerun."""
+    """The dense model's streamed eval from the newest stored row of the same held-out windows (the dense model and
+    the windows do not change between runs): spares the slowest part of a rerun."""
     f = common.RESULTS / f"stream_{model}.json"
-    for r in json.loads(f.read_text())["rows"] if f.is_file() else []:
+    for r in reversed(json.loads(f.read_text())["rows"] if f.is_file() else []):
         ev = r.get("eval") or {}
         if ev.get("windows") == windows and ev.get("dense_eval_tokens"):
             return {"perplexity": ev["dense_perplexity"], "seconds": ev["dense_eval_seconds"],
@@ -201,7 +201,9 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                 forward = dense["seconds"] * tokens / max(dense["tokens"], 1)
                 svds = bare_svds_seconds(src, n)
                 row["limit"] = {"forward_seconds_est": forward, "bare_svds_seconds": svds,
-                                "compress_over_limit": comp["seconds"] / (forward + svds)}
+                                # a resumed run's seconds cover only its resumed part
+                                "compress_over_limit": None if comp["report"].get("resumed_from_block")
+                                else comp["seconds"] / (forward + svds)}
                 if compare:             # the same compression in memory: ranks, perplexity, memory, time
                     mem = monitored(lz_cmd("compress", d, "--out", tmp / "mem", "--no-stream", *args))
                     ev_mem = monitored(lz_cmd("eval", tmp / "mem", "--no-stream", "--text", text, "--samples",
@@ -312,7 +314,7 @@ def report() -> Path:
                 f"**{gib(c['peak_rss_mb'])}** | {stages} | {c['seconds']:.0f} | "
                 f"{(r.get('report') or {}).get('keep_achieved', float('nan')):.4f} | "
                 + (f"{ev['perplexity']:.3f} ({ev['dense_perplexity']:.3f}) | {ev['ratio']:.3f} | " if ev else "– | – | ")
-                + (f"{lim['compress_over_limit']:.2f} | " if lim else "– | ")
+                + (f"{lim['compress_over_limit']:.2f} | " if lim and lim["compress_over_limit"] is not None else "– | ")
                 + f"{_load_of(r.get('env') or res.get('env') or {})} |")
             if r.get("in_memory"):
                 m = r["in_memory"]
