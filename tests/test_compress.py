@@ -83,16 +83,21 @@ def test_bad_keep_rejected(keep):
 
 
 def test_svdllm_defaults_depend_on_model_kind():
-    """The measured best (bench/BEAT_SVDLLM.md): global + output Fisher for causal LMs, and for encoders with
-    ≥ 512 calibration sequences, else uniform; an explicit choice is kept; the report records the resolved config."""
+    """The measured best (bench/BEAT_SVDLLM.md, bench/PIECES.md): global + output Fisher for causal LMs and for
+    encoders with ≥ 512 calibration sequences, else uniform ranks with the output Fisher; an explicit choice is kept;
+    the report records the resolved config."""
     from conftest import tiny_model
     assert lz.SVDLLM().resolve(tiny_model("llama")).alloc == "global"
     assert lz.SVDLLM().resolve(tiny_model("llama")).fisher is True
     enc = lz.SVDLLM().resolve(tiny_model("bert"))
-    assert (enc.alloc, enc.fisher) == ("uniform", False)
+    assert (enc.alloc, enc.fisher) == ("uniform", True)
+    assert enc.encoder_loss == "contrastive"                       # its Fisher: the contrastive loss's
+    for asked in (dict(alloc="global"), dict(elastic=True)):       # global below 512 documents: no Fisher
+        enc = lz.SVDLLM(**asked).resolve(tiny_model("bert"))
+        assert (enc.alloc, enc.fisher) == ("global", False)
     many = [{"input_ids": torch.zeros(256, 4, dtype=torch.long)}] * 2
     enc = lz.SVDLLM().resolve(tiny_model("bert"), many)
-    assert (enc.alloc, enc.fisher) == ("global", True)
+    assert (enc.alloc, enc.fisher, enc.encoder_loss) == ("global", True, "embedding")
     mine = lz.SVDLLM(alloc="uniform", fisher=False).resolve(tiny_model("llama"))
     assert (mine.alloc, mine.fisher) == ("uniform", False)
     ids = torch.randint(100, 1000, (2, 16))
@@ -117,8 +122,8 @@ def test_causal_fisher_reads_a_spread_subset_of_the_calibration(monkeypatch):
     assert lz.SVDLLM().resolve(tiny_model("bert"), enc).fisher_samples is None     # every sequence
     seen = []
     real = compress_mod.gradients
-    monkeypatch.setattr(compress_mod, "gradients", lambda m, t, kind, batches, progress: seen.append(
-        [b["input_ids"] for b in batches]) or real(m, t, kind, batches, progress))
+    monkeypatch.setattr(compress_mod, "gradients", lambda m, t, kind, batches, progress, loss: seen.append(
+        [b["input_ids"] for b in batches]) or real(m, t, kind, batches, progress, loss))
     small = [dict(input_ids=w["input_ids"][:, :32], attention_mask=w["attention_mask"][:, :32]) for w in windows]
     rep = lz.compress_(tiny_model("llama"), lz.SVDLLM(keep=0.5, fisher_samples=4), calib=small, progress=False)
     assert rep["config"]["fisher_samples"] == 4

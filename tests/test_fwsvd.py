@@ -87,6 +87,60 @@ def test_output_fisher_matches_autograd():
     assert all((got[n] > 0).any() for n in targets)
 
 
+# ---- an encoder's sensitivity loss: contrastive, two views per document --------------------------------------
+def test_document_views_split_each_document_in_two():
+    from layerzip.stats.fisher import document_views
+    ids = torch.arange(20).reshape(2, 10)
+    mask = torch.tensor([[1] * 10, [0, 0] + [1] * 6 + [0, 0]])    # the second one padded on both sides
+    views = document_views({"input_ids": ids, "attention_mask": mask})
+    assert len(views) == 2
+    assert views[0]["input_ids"].shape == (2, 10) and views[1]["input_ids"].shape == (2, 8)   # cut after the last
+    for v, m, row in zip(views, mask, ids):
+        m, row = m[:v["input_ids"].shape[1]], row[:v["input_ids"].shape[1]]
+        a, b = v["attention_mask"]
+        assert (v["input_ids"] == row).all()
+        first, last = m.nonzero().flatten()[[0, -1]]
+        assert a[first] == b[first] == a[last] == b[last] == 1          # the special tokens in both
+        inner = m.clone()
+        inner[torch.stack([first, last])] = 0
+        assert (a * b * inner == 0).all() and ((a | b) * inner == inner).all()   # the rest split, nothing shared
+        assert abs(int((a * inner).sum()) - int((b * inner).sum())) <= 1
+        assert (a * (1 - m) == 0).all() and (b * (1 - m) == 0).all()             # never the padding
+        assert (a * inner).nonzero().max() < (b * inner).nonzero().min()        # the first half, then the second
+
+
+def test_contrastive_loss_is_infonce_both_ways():
+    from layerzip.stats.fisher import CONTRAST_TEMPERATURE, contrastive_loss
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(5, 2, 8, generator=g), dim=-1)
+    views = torch.nn.functional.normalize(torch.randn(2, 8, generator=g), dim=-1)
+    keys = bank.clone()
+    keys[3] = views
+    want = 0.0
+    for a in (0, 1):
+        logits = views[a] @ keys[:, 1 - a].T / CONTRAST_TEMPERATURE
+        want += float(torch.logsumexp(logits, 0) - logits[3])
+    assert abs(float(contrastive_loss(views, bank, 3)) - want) < 1e-5
+    assert float(contrastive_loss(bank[3], bank, 3)) < float(contrastive_loss(bank[2], bank, 3))   # its own views
+
+
+def test_encoder_fisher_does_not_depend_on_batching():
+    """One sample per document, the negatives from the dense model: the same Fisher however documents are batched;
+    and a sample's loss is finite and depends on every target."""
+    from layerzip.stats import collect_output_fisher
+    model = tiny_model("bert")
+    targets = select_targets(model)
+    batch = _batches()[0]
+    whole = collect_output_fisher(model, targets, [batch], False, progress=False, encoder_loss="contrastive")
+    split = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    parts = collect_output_fisher(model, targets, split, False, progress=False, encoder_loss="contrastive")
+    other = collect_output_fisher(model, targets, [batch], False, progress=False)     # the embedding's Fisher
+    for n in targets:
+        assert torch.allclose(whole[n], parts[n], rtol=1e-6, atol=1e-14), n
+        assert (whole[n] > 0).any(), n
+    assert any(not torch.allclose(whole[n] / whole[n].sum(), other[n] / other[n].sum(), rtol=0.1) for n in targets)
+
+
 def _layer(seed: int):
     """(generator, W 24×16, inputs X of unequal scales, their ModuleStats) in float64."""
     from layerzip.stats import ModuleStats

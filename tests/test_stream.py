@@ -96,6 +96,24 @@ def test_blockwise_gradients_equal_whole_model(sharded, arch, kind):
         assert _rel(got_streamed[n], ref[n]) < 1e-6, n
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not lz.models.is_causal(tiny_model(a))])
+def test_blockwise_contrastive_gradients_equal_whole_model(sharded, arch):
+    """An encoder's contrastive Fisher (two views per document, the dense model's views as negatives) block by
+    block and streamed equals the whole-model one."""
+    model = load_model(sharded[arch]).model
+    batches = _batches(False)
+    targets = select_targets(model)
+    ref = gradients(model, targets, "output", batches, progress=False, encoder_loss="contrastive")
+    got = BlockDriver(model, batches, progress=False).gradients(targets, "output", encoder_loss="contrastive")
+    streamed = load_model(sharded[arch], stream=True).model
+    got_streamed = gradients(streamed, select_targets(streamed), "output", batches, progress=False,
+                             encoder_loss="contrastive")
+    emb = gradients(model, targets, "output", batches, progress=False)
+    for n in targets:
+        assert _rel(got[n], ref[n]) < 1e-6 and _rel(got_streamed[n], ref[n]) < 1e-6, n
+    assert max(_rel(emb[n], ref[n]) for n in targets) > 1e-2        # not the embedding's Fisher
+
+
 CONFIGS = {
     "svd-llm global+fisher": lambda: lz.SVDLLM(keep=0.6, alloc="global", fisher=True),
     "svd-llm uniform": lambda: lz.SVDLLM(keep=0.5, alloc="uniform", fisher=False),

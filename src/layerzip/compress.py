@@ -146,25 +146,29 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     targets = split_embeddings(targets or config.targets_of(model))[1]
     if source_of(model) is None:
         _check_stats_memory(targets)
-    grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
+    grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress,
+                     config.encoder_loss)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
 
 
 def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None, calib: list[dict],
-              progress: bool = True) -> dict[str, torch.Tensor] | None:
+              progress: bool = True, encoder_loss: str = "embedding") -> dict[str, torch.Tensor] | None:
     """The gradient statistics `kind` ("output" | "output_cov" | "weight", see CompressConfig.gradients) of the
     original model:
-    one whole-model backward per micro-batch in memory, block by block for a streamed model (the same values)."""
+    one whole-model backward per micro-batch in memory, block by block for a streamed model (the same values).
+    `encoder_loss`: an encoder's sensitivity loss (stats.fisher; CompressConfig.encoder_loss)."""
     if kind is None:
         return None
     if kind == "output_cov":
         _check_covariance_memory(targets)
     if source_of(model) is not None:
-        return BlockDriver(model, calib, progress, desc="gradients").gradients(targets, kind)
+        return BlockDriver(model, calib, progress, desc="gradients").gradients(targets, kind,
+                                                                              encoder_loss=encoder_loss)
     if kind == "weight":
-        return collect_fisher(model, targets, calib, is_causal(model), progress)
-    return collect_output_fisher(model, targets, calib, is_causal(model), progress, full=kind == "output_cov")
+        return collect_fisher(model, targets, calib, is_causal(model), progress, encoder_loss=encoder_loss)
+    return collect_output_fisher(model, targets, calib, is_causal(model), progress, full=kind == "output_cov",
+                                 encoder_loss=encoder_loss)
 
 
 def _check_covariance_memory(targets: dict[str, nn.Module]) -> None:
@@ -254,7 +258,8 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     grads, t_gradients = None, time.perf_counter()
     if collect and config.gradients:
         def collect_gradients():
-            return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress)
+            return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress,
+                             config.encoder_loss)
         grads = saved.cached("gradients", collect_gradients) if saved else collect_gradients()
     t_gradients = time.perf_counter() - t_gradients
 

@@ -48,7 +48,8 @@ from .lazy import is_meta, source_of
 from .models import (backbone, block_hidden, capture_input, capture_inputs, check_finite, find_blocks,
                      input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
 from .stats import (Frozen, ModuleStats, PairedStats, StatsCollector, add_row_fisher, batch_mask, collect_stats,
-                    lm_labels, output_fisher_hooks, sensitivity_loss, zeros_for_missing)
+                    lm_labels, output_fisher_hooks, pooled_views, sensitivity_loss, sensitivity_samples,
+                    zeros_for_missing)
 
 OnStats = Callable[[list, dict], None]
 Refiner = Callable[[nn.Module, list, list, list, list, list], dict]
@@ -359,7 +360,7 @@ class BlockDriver:
 
     # ------------------------------------------------------------------------------------ gradients, block by block
     def gradients(self, targets: dict[str, nn.Module], kind: str = "output", micro_batch: int = 2,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  encoder_loss: str = "embedding", seed: int = 0) -> dict[str, torch.Tensor]:
         """Gradient statistics of the sensitivity loss (stats.sensitivity_loss), one block's graph at a time.
         kind "output": {name: Σ over tokens of (∂L/∂y)²} per output feature (stats.collect_output_fisher);
         "output_cov": their shrunk covariance (collect_output_fisher(full=True));
@@ -369,9 +370,9 @@ class BlockDriver:
         if not found or len(inside) != len(targets):
             raise LayerzipError("block-wise gradients need every target inside the repeated blocks")
         prefix, blocks = found
-        micro = [{k: v[i:i + micro_batch] for k, v in b.items()}
-                 for b in self.batches for i in range(0, len(b["input_ids"]), micro_batch)]
         causal = is_causal(self.model)
+        contrastive = not causal and encoder_loss == "contrastive"
+        micro = sensitivity_samples(self.batches, causal, micro_batch, encoder_loss)
         calls = self._capture(blocks, micro)
         with ActivationStore(spill=self.source is not None) as states:
             h = [block_hidden(*c).detach() for c in calls[0]]
@@ -381,9 +382,13 @@ class BlockDriver:
                     with self.hold(block):
                         h = [run_block(block, calls[l][m], h[m]) for m in range(len(micro))]
                     bar.update(1)
-            gen = torch.Generator().manual_seed(seed)
             with self.hold_head():
-                grads = [self._head_grad(blocks, batch, h[m], causal, gen) for m, batch in enumerate(micro)]
+                with torch.no_grad():       # the contrastive loss's negatives: every document's two views
+                    bank = torch.stack([self._head(blocks, b, h[m], pooled_views)
+                                        for m, b in enumerate(micro)]) if contrastive else None
+                gen = torch.Generator().manual_seed(seed)
+                grads = [self._head_grad(blocks, batch, h[m], causal, m, gen=gen, bank=bank)
+                         for m, batch in enumerate(micro)]
             del h
             acc: dict[str, torch.Tensor] = {}
             with self._bar("backward", len(blocks)) as bar:
@@ -397,19 +402,27 @@ class BlockDriver:
                     bar.update(1)
         return zeros_for_missing(acc, targets, full=kind == "output_cov")
 
-    def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, gen) -> torch.Tensor:
-        """∂L/∂h of the micro-batch's loss at the last block's output. A causal LM's rows go through the head one
-        at a time, each loss a sum over its tokens divided by the micro-batch's count (their sum is the micro-batch's
-        mean loss), so only one window's vocabulary-wide logits are ever held."""
+    def _head(self, blocks, batch: dict, h: torch.Tensor, fn):
+        """fn(model, batch) run on the last block's output `h` (only the final norm and the head run)."""
+        with self._injected(blocks, h):
+            return self._run_model(batch, head=True, loss=fn)
+
+    def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, index: int, gen,
+                   bank=None) -> torch.Tensor:
+        """∂L/∂h of micro-batch `index`'s loss at the last block's output (stats.sensitivity_loss: ε from `gen`, or
+        the contrastive loss against `bank`). A causal LM's rows go through the head one at a time, each loss a sum over its tokens
+        divided by the micro-batch's count (their sum is the micro-batch's mean loss), so only one window's
+        vocabulary-wide logits are ever held."""
         rows = [slice(i, i + 1) for i in range(len(h))] if causal else [slice(None)]
         n_items = (lm_labels(batch)[:, 1:] != -100).sum() if causal else None
         out = []
         for r in rows:
             z = h[r].detach().requires_grad_(True)
             part = {k: v[r] for k, v in batch.items()}
-            with self._injected(blocks, z), torch.enable_grad():
-                loss = self._run_model(part, head=True,
-                                       loss=lambda mdl, b: sensitivity_loss(mdl, b, causal, gen, n_items))
+            with torch.enable_grad():
+                loss = self._head(blocks, part, z,
+                                  lambda mdl, b: sensitivity_loss(mdl, b, causal, n_items, gen=gen, bank=bank,
+                                                                 index=index))
                 out.append(torch.autograd.grad(loss, [z])[0] if loss.requires_grad else torch.zeros_like(z))
         return torch.cat(out)
 

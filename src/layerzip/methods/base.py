@@ -165,6 +165,12 @@ class CompressConfig:
         """The calibration sequences the gradient statistics read: all of them unless the method reads fewer."""
         return calib
 
+    @property
+    def encoder_loss(self) -> str:
+        """An encoder's sensitivity loss for the gradient statistics (stats.fisher): "embedding" (the Fisher of its
+        pooled embedding) or "contrastive"."""
+        return "embedding"
+
     def targets_of(self, model: nn.Module) -> dict[str, nn.Module]:
         """The modules it replaces, {name: module}: the linear layers of the repeated blocks (`include` / `exclude`
         change that); the convolution methods pick convolutions instead (methods/conv.py)."""

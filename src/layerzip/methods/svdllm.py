@@ -88,9 +88,14 @@ class SVDLLM(CompressConfig):
     the whitened spectra — with `fisher` — each output feature's error weighted by its diagonal output Fisher
     (stats.collect_output_fisher), so the whitened SVD is exact for that weighted loss and every module's loss is in
     one unit (≈ the model's loss increase), which is what global allocation compares. Causal LMs always (the Fisher
-    comes from their own LM loss, every token a sample). Encoders only with at least
-    `ENCODER_FISHER_MIN_SEQUENCES` calibration sequences: their Fisher comes from random projections of the pooled
-    embedding, one per sequence, and with the default 64 it was too noisy to beat uniform ranks (which they get).
+    comes from their own LM loss, every token a sample). Encoders: the same with at least
+    `ENCODER_FISHER_MIN_SEQUENCES` calibration documents, the Fisher that of their pooled embedding (stats.fisher,
+    "embedding"); below, uniform ranks with the row weights of their contrastive loss's Fisher (two views of each
+    document, one sample each: `encoder_loss` "contrastive" whenever ranks are uniform). On MiniLM with the default 64
+    documents that beat plain uniform SVD-LLM on every held-out metric, while global allocation (with either Fisher
+    or none) lost the docstring pairs and cosine; with 512, global allocation with the embedding's Fisher beat both
+    (bench/PIECES.md). Global allocation asked for below 512 (`alloc`, `elastic`, `objective="latency"`) keeps the
+    Fisher off, as before.
     A causal LM's Fisher reads `fisher_samples` of the calibration sequences, evenly spread — by default enough for
     `FISHER_MIN_TOKENS` tokens or `FISHER_FRACTION` of the calibration, whichever is more: it is a backward through
     the whole model and its LM head (on Gemma-3-270M several forwards' cost per token), and on Gemma-3-270M 2048 of
@@ -144,6 +149,12 @@ class SVDLLM(CompressConfig):
     def gradient_batches(self, calib):
         return spread_sequences(calib, self.fisher_samples)
 
+    @property
+    def encoder_loss(self):
+        # measured on MiniLM: the contrastive Fisher's row weights win at uniform ranks, the embedding's Fisher as
+        # global allocation's unit (bench/PIECES.md)
+        return "contrastive" if self.alloc == "uniform" else "embedding"
+
     def resolved_refine_steps(self, model=None):
         if self.refine_steps is None and (self.share is not None or (model is not None and not is_causal(model))):
             return 0      # encoders: measured no better in retrieval (bench/PIECES.md); --share: its own groups
@@ -153,16 +164,15 @@ class SVDLLM(CompressConfig):
         causal = is_causal(model)
         sequences = sum(len(b["input_ids"]) for b in calib or [])
         best = causal or sequences >= self.ENCODER_FISHER_MIN_SEQUENCES
-        fisher = (best or self.kfac) if self.fisher is None else self.fisher
+        alloc = self.alloc or ("global" if best or self.objective == "latency" or self.elastic else "uniform")
+        fisher = (best or self.kfac or alloc == "uniform") if self.fisher is None else self.fisher
         samples = self.fisher_samples
         if fisher and samples is None and causal and sequences:
             tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                          for b in calib)
             want = max(self.FISHER_MIN_TOKENS, self.FISHER_FRACTION * tokens)
             samples = min(sequences, math.ceil(want * sequences / max(tokens, 1)))
-        resolved = {"alloc": self.alloc or ("global" if best or self.objective == "latency" or self.elastic
-                                           else "uniform"),
-                    "fisher": fisher, "fisher_samples": samples,
+        resolved = {"alloc": alloc, "fisher": fisher, "fisher_samples": samples,
                     "refine_steps": self.resolved_refine_steps(model)}
         if all(getattr(self, k) == v for k, v in resolved.items()):
             return self                     # nothing left to decide (and the caller's instance is kept)

@@ -1,8 +1,20 @@
 """Gradient statistics: how sensitive the model's loss is to each output row / output feature of a target.
 
-The loss L: causal LMs use their language-model loss on the calibration text; encoders have no such head, so they
-use the Fisher of a unit-variance Gaussian model of the mean-pooled embedding e: L = εᵀe with ε ~ N(0, I) sampled
-per batch, whose squared gradient has expectation diag(JᵀJ) — the embedding's own Fisher information.
+The loss L: causal LMs use their language-model loss on the calibration text. Encoders have no such head; they use
+one of two losses of their own embeddings (`encoder_loss`):
+
+- "embedding": the Fisher of a unit-variance Gaussian model of the mean-pooled embedding e, L = εᵀe with ε ~ N(0, I)
+  drawn per micro-batch, whose squared gradient has expectation diag(JᵀJ) — the embedding's own Fisher information,
+  in one unit for every module (what global allocation compares);
+- "contrastive": the in-batch contrastive loss sentence encoders are trained with (InfoNCE): each document is split
+  into two views — attention on the first and on the second half of its tokens — and each view's normalized
+  mean-pooled embedding must pick the other view of its document among every document's other view (temperature
+  `CONTRAST_TEMPERATURE`). Every document is one sample and one backward; the other documents' views are the dense
+  model's, computed once without gradients (`document_bank`), so a sample's gradient does not depend on how the
+  documents are batched. It weights the rows of a module by what retrieval needs.
+
+On MiniLM (bench/PIECES.md) the contrastive Fisher's row weights at uniform ranks beat plain uniform SVD-LLM on every
+held-out metric with 64 documents, but lost to the embedding Fisher as global allocation's unit with 512.
 
 - `collect_fisher`: FWSVD's row importance Iᵢ = Σⱼ E[(∂L/∂Wᵢⱼ)²] (weight gradients summed per output row);
 - `collect_output_fisher`: Σ over tokens of (∂L/∂y)² per output feature y (the diagonal empirical Fisher of the
@@ -17,6 +29,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -57,24 +70,81 @@ def lm_labels(batch: dict) -> torch.Tensor:
     return labels
 
 
-def sensitivity_loss(model: nn.Module, batch: dict, causal: bool, gen: torch.Generator,
-                     num_items: torch.Tensor | None = None) -> torch.Tensor:
-    """The LM loss for causal LMs, εᵀe (ε ~ N(0, I)) of the mean-pooled embedding e for encoders (module doc).
-    `num_items`: the LM loss as a sum over this batch's tokens divided by `num_items` (the predicted tokens of a
-    larger batch this one is a part of), so parts of a batch add up to the batch's mean loss."""
+CONTRAST_TEMPERATURE = 0.05      # the contrastive loss (sentence-transformers' default scale 20)
+ENCODER_LOSSES = ("embedding", "contrastive")
+
+
+def document_views(batch: dict) -> list[dict]:
+    """The contrastive loss's samples: each document of `batch` as a micro-batch of two rows, its ids twice (cut
+    after its last attended token: the padding after it changes nothing), with attention on the first and on the
+    second half of the tokens between its first and last (the special tokens, kept in both)."""
+    masks = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+    out = []
+    for i, mask in enumerate(masks):
+        idx = mask.nonzero().flatten()
+        end = int(idx[-1]) + 1
+        inner = idx[1:-1]
+        views = torch.zeros(2, end, dtype=mask.dtype)
+        views[0, inner[:len(inner) // 2]] = 1
+        views[1, inner[len(inner) // 2:]] = 1
+        views[:, idx[[0, -1]]] = 1
+        row = {k: v[i:i + 1, :end].expand(2, end, *v.shape[2:]) for k, v in batch.items()}
+        out.append({**row, "attention_mask": views})
+    return out
+
+
+def sensitivity_samples(batches: list[dict], causal: bool, micro_batch: int = 2,
+                        encoder_loss: str = "embedding") -> list[dict]:
+    """The micro-batches the sensitivity loss is taken over, one backward each: `micro_batch` sequences at a time;
+    for the contrastive loss, one document at a time, as its two views (`document_views`)."""
+    if not causal and encoder_loss == "contrastive":
+        return [v for b in batches for v in document_views(b)]
+    return [{k: v[i:i + micro_batch] for k, v in b.items()}
+            for b in batches for i in range(0, len(b["input_ids"]), micro_batch)]
+
+
+def pooled(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The mean-pooled embeddings of the rows of `batch` (the backbone's last hidden state over attended tokens)."""
+    h = backbone(model)(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def pooled_views(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The normalized mean-pooled embeddings of the rows of `batch`."""
+    return F.normalize(pooled(model, batch), dim=-1)
+
+
+@torch.no_grad()
+def document_bank(model: nn.Module, samples: list[dict], device=None) -> torch.Tensor:
+    """Every document's two view embeddings (documents × 2 × d) from the contrastive `sensitivity_samples`: the
+    contrastive loss's negatives."""
+    return torch.stack([pooled_views(model, {k: v.to(device) for k, v in b.items()}) for b in samples])
+
+
+def contrastive_loss(views: torch.Tensor, bank: torch.Tensor, index: int) -> torch.Tensor:
+    """InfoNCE both ways between document `index`'s two view embeddings (2 × d) and the other view of every
+    document in `bank` (its own row replaced by `views`, so both views carry gradient)."""
+    keys = bank.to(views).clone()
+    keys[index] = views
+    target = torch.tensor([index], device=views.device)
+    return sum(F.cross_entropy((views[a] @ keys[:, 1 - a].T / CONTRAST_TEMPERATURE)[None], target) for a in (0, 1))
+
+
+def sensitivity_loss(model: nn.Module, batch: dict, causal: bool, num_items: torch.Tensor | None = None, *,
+                     gen: torch.Generator | None = None, bank: torch.Tensor | None = None,
+                     index: int | None = None) -> torch.Tensor:
+    """The LM loss for causal LMs; for an encoder, εᵀe of the pooled embedding (ε from `gen`), or with `bank`
+    (`document_bank`) the contrastive loss of document `index` (`batch`: its two views) — module doc. `num_items`:
+    the LM loss as a sum over this batch's tokens divided by `num_items` (the predicted tokens of a larger batch
+    this one is a part of), so parts of a batch add up to the batch's mean loss."""
     if causal:
         extra = {} if num_items is None else {"num_items_in_batch": num_items}
         return model(**batch, labels=lm_labels(batch), use_cache=False, **extra).loss
-    h = backbone(model)(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-    e = (h * mask).sum(1) / mask.sum(1).clamp_min(1)
+    if bank is not None:
+        return contrastive_loss(pooled_views(model, batch), bank, index)
+    e = pooled(model, batch)
     return (e * torch.randn(e.shape, generator=gen).to(e)).sum()
-
-
-def _micro_batches(batches, micro_batch, device, progress, desc):
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        for i in range(0, len(batch["input_ids"]), micro_batch):
-            yield {k: v[i:i + micro_batch].to(device) for k, v in batch.items()}
 
 
 class Frozen:
@@ -126,10 +196,10 @@ class OutputCovariance:
         n = self.n
         if n < 2:
             return torch.diag(torch.diagonal(self.S))
-        F = self.S / n
-        var = (self.Q - n * F.square()).clamp_min(0) * (n / (n - 1) ** 3)
-        off = ~torch.eye(len(F), dtype=torch.bool)
-        denom = F.square()[off].sum()
+        mean = self.S / n
+        var = (self.Q - n * mean.square()).clamp_min(0) * (n / (n - 1) ** 3)
+        off = ~torch.eye(len(mean), dtype=torch.bool)
+        denom = mean.square()[off].sum()
         alpha = 1.0 if denom <= 0 else float((var[off].sum() / denom).clamp(0, 1))
         out = self.S * (1 - alpha)
         out.diagonal().copy_(torch.diagonal(self.S))
@@ -166,32 +236,49 @@ def zeros_for_missing(acc: dict, targets: dict[str, nn.Module], full: bool = Fal
     return acc
 
 
-def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
-                   progress: bool = True, seed: int = 0, micro_batch: int = 2) -> dict[str, torch.Tensor]:
-    """{name: Σ over micro-batches of (∂L/∂W)² summed per output row} (float64, length out_features)."""
+def sensitivity_losses(model: nn.Module, batches: list[dict], causal: bool, micro_batch: int = 2,
+                       encoder_loss: str = "embedding", seed: int = 0):
+    """(n, loss): `loss(i)` is the sensitivity loss of sample i < n of `sensitivity_samples`, in order, on the
+    model's device. The contrastive loss's negatives (`document_bank`) are computed here, before the caller's hooks
+    see any forward."""
+    if encoder_loss not in ENCODER_LOSSES:
+        raise ValueError(f"encoder_loss: one of {ENCODER_LOSSES}, got {encoder_loss!r}")
     device = next(model.parameters()).device
-    weights = {n: m.weight for n, m in targets.items()}
+    samples = sensitivity_samples(batches, causal, micro_batch, encoder_loss)
+    bank = document_bank(model, samples, device) if not causal and encoder_loss == "contrastive" else None
     gen = torch.Generator().manual_seed(seed)
+
+    def loss(i: int) -> torch.Tensor:
+        b = {k: v.to(device) for k, v in samples[i].items()}
+        return sensitivity_loss(model, b, causal, gen=gen, bank=bank, index=i)
+    return len(samples), loss
+
+
+def collect_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
+                   progress: bool = True, micro_batch: int = 2,
+                   encoder_loss: str = "embedding") -> dict[str, torch.Tensor]:
+    """{name: Σ over samples of (∂L/∂W)² summed per output row} (float64, length out_features)."""
+    weights = {n: m.weight for n, m in targets.items()}
     acc = {n: torch.zeros(linear_shape(targets[n])[0], dtype=torch.float64) for n in weights}
+    n, loss = sensitivity_losses(model, batches, causal, micro_batch, encoder_loss)
     with Frozen(model):
         for w in weights.values():
             w.requires_grad_(True)
-        for b in _micro_batches(batches, micro_batch, device, progress, "fisher"):
+        for i in tqdm(range(n), desc="fisher", unit="sample", disable=not progress):
             with torch.enable_grad():
-                grads = torch.autograd.grad(sensitivity_loss(model, b, causal, gen), list(weights.values()))
-            for n, g in zip(weights, grads):
-                add_row_fisher(acc, n, targets[n], g)
+                grads = torch.autograd.grad(loss(i), list(weights.values()))
+            for name, g in zip(weights, grads):
+                add_row_fisher(acc, name, targets[name], g)
     return acc
 
 
 def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batches: list[dict], causal: bool,
-                          progress: bool = True, seed: int = 0, micro_batch: int = 2,
-                          full: bool = False) -> dict[str, torch.Tensor]:
+                          progress: bool = True, micro_batch: int = 2, full: bool = False,
+                          encoder_loss: str = "embedding") -> dict[str, torch.Tensor]:
     """{name: Σ over tokens of (∂L/∂y)²} per output feature y of each target (float64, length out_features);
     `full`: {name: Σ over tokens of (∂L/∂y)(∂L/∂y)ᵀ}, shrunk toward its diagonal (out × out)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
     acc: dict[str, torch.Tensor] = {}
+    n, loss = sensitivity_losses(model, batches, causal, micro_batch, encoder_loss)
 
     def leaf_hook(module, args, out):       # gradients reach the targets without any weight requiring grad
         return out.detach().requires_grad_(True)
@@ -200,11 +287,11 @@ def collect_output_fisher(model: nn.Module, targets: dict[str, nn.Module], batch
     handles.append(model.get_input_embeddings().register_forward_hook(leaf_hook))
     try:
         with Frozen(model):
-            for b in _micro_batches(batches, micro_batch, device, progress, "output fisher"):
+            for i in tqdm(range(n), desc="output fisher", unit="sample", disable=not progress):
                 with torch.enable_grad():
-                    loss = sensitivity_loss(model, b, causal, gen)
-                    if loss.requires_grad:
-                        loss.backward()
+                    out = loss(i)
+                    if out.requires_grad:
+                        out.backward()
     finally:
         for h in handles:
             h.remove()
