@@ -63,9 +63,10 @@ HERE = Path(__file__).resolve().parent
 AIMET_PYTHON = HERE / "cache" / "aimet-venv" / "bin" / "python"
 ROWS = {
     "layerzip default": ("layerzip", "the default command: `lz.SVDLLM(keep=k)` (an encoder with 64 documents: uniform "
-                                     "ranks; a causal LM: global allocation, output Fisher, 32 refinement steps)"),
-    "layerzip global": ("layerzip", "`lz.SVDLLM(keep=k, alloc=\"global\")`: global allocation + diagonal output "
-                                    "Fisher"),
+                                     "ranks weighted by its contrastive loss's Fisher; a causal LM: global allocation, "
+                                     "output Fisher, 32 refinement steps)"),
+    "layerzip global": ("layerzip", "`lz.SVDLLM(keep=k, alloc=\"global\")`: global allocation (+ the diagonal output "
+                                    "Fisher for a causal LM; an encoder with 64 documents: none)"),
     "goldcrest svd": ("goldcrest", "`SVD(rank=r)` via `ModelConsolidator`: plain truncated SVD of each weight"),
     "goldcrest asvd": ("goldcrest", "`SVD(rank=r, use_activation_scaling=True)` after `CalibrationCollectorPlugin` + "
                                     "`ActivationScalingPlugin` (abs-mean, alpha 0.5)"),

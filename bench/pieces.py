@@ -14,11 +14,16 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     share-auto     the same with the blocks per basis chosen per projection type by the allocation (--share auto)
 
     global         global allocation (an encoder's default with 64 documents is uniform ranks)
+    global-fisher  global allocation with the output Fisher (an encoder's default from 512 documents)
+    uniform        uniform ranks with the output Fisher (an encoder's default below 512 documents)
+    nofisher       uniform ranks without the output Fisher: plain SVD-LLM (an encoder's previous default)
     heal8          the previous default, then 8 steps of healing (lz.heal_) toward the dense model on calibration
                    text
     refine+heal8   the default, then the same healing
 
-kfac, share2, share-auto and global are measured without block refinement (each against refine0).
+kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement (each against
+refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform ranks and
+that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
@@ -26,7 +31,7 @@ keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plo
 `--calib-samples N --calib-seq-len L`: another calibration than the benchmark's (e.g. the CLI's default, 64 × 512),
 kept in pieces_<model>_c<N>x<L>.json.
     python bench/pieces.py --rows default refine0 kfac share2 share-auto --keeps 0.8 0.6 0.5
-    python bench/pieces.py --model minilm --rows default refine0 global share2 share-auto --keeps 0.5 0.3
+    python bench/pieces.py --model minilm --rows default nofisher global share2 share-auto --keeps 0.5 0.3
     python bench/pieces.py --rows default refine0 --keeps 0.5 --calib-samples 64 --calib-seq-len 512
 """
 from __future__ import annotations
@@ -51,8 +56,9 @@ from layerzip.stats import with_fisher  # noqa: E402
 
 ROWS = {
     "default": dict(config=dict(), gradients="output",
-                    what="svd-llm defaults (causal LMs: global allocation, diagonal output Fisher; an encoder "
-                            "with 64 documents: uniform ranks), then 32 block-refinement steps per block"),
+                    what="svd-llm defaults (causal LMs: global allocation, diagonal output Fisher, then 32 block-"
+                         "refinement steps per block; an encoder: the same without refinement from 512 documents, "
+                         "below uniform ranks weighted by its contrastive loss's Fisher)"),
     "refine0": dict(config=dict(refine_steps=0), gradients="output",
                     what="the previous default: svd-llm's defaults without block refinement (--refine-steps 0)"),
     "refine32": dict(config=dict(refine_steps=32), gradients="output",
@@ -68,6 +74,12 @@ ROWS = {
                             "global allocation)"),
     "global": dict(config=dict(alloc="global", refine_steps=0), gradients="output",
                    what="global allocation (an encoder's default with 64 documents is uniform)"),
+    "global-fisher": dict(config=dict(alloc="global", fisher=True, refine_steps=0), gradients="output",
+                          what="global allocation with the output Fisher (what an encoder gets from 512 documents)"),
+    "uniform": dict(config=dict(alloc="uniform", refine_steps=0), gradients="output",
+                    what="uniform ranks with the output Fisher (an encoder's default below 512 documents)"),
+    "nofisher": dict(config=dict(alloc="uniform", fisher=False, refine_steps=0), gradients="output",
+                     what="uniform ranks without the output Fisher: plain SVD-LLM (an encoder's previous default)"),
     "heal8": dict(config=dict(refine_steps=0), gradients="output", heal_steps=8,
                   what="the previous default, then 8 steps of healing (lz.heal_: logits KL to the dense model, "
                        "balanced factors, lr 1e-5, 2 × 128 calibration tokens a step)"),
@@ -120,11 +132,11 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
     for row in rows:
         spec = ROWS[row]
         cfg0 = lz.SVDLLM(keep=keeps[0], **spec["config"]).resolve(loaded.model, calib)
-        kind = spec["gradients"] if cfg0.fisher else None
+        kind = (spec["gradients"], cfg0.encoder_loss) if cfg0.fisher else None
         if kind is not None and kind not in grads:
             t = time.perf_counter()
-            grads[kind] = (gradients(loaded.model, targets, kind, cfg0.gradient_batches(calib), progress=True),
-                           time.perf_counter() - t)
+            grads[kind] = (gradients(loaded.model, targets, kind[0], cfg0.gradient_batches(calib), progress=True,
+                                     encoder_loss=kind[1]), time.perf_counter() - t)
         fisher, seconds_fisher = grads[kind] if kind is not None else (None, 0.0)
         stats = with_fisher(grams, fisher) if fisher is not None else grams
         for keep in keeps:
@@ -192,7 +204,8 @@ def markdown(res: dict) -> list[str]:
              f"{res['eval_windows']} windows × {res['eval_seq_len']} tokens of each set, ÷ dense ("
              + ", ".join(f"{s} {res['dense'][s]:.2f}" for s in sets) + "). Each cell: python-docs / docstrings."
              if causal else
-             f"Calibration {res['calib_tokens']} tokens (64 standard-library docstrings, the benchmark's); held-out "
+             f"Calibration {res['calib_tokens']} tokens ({res['calib'][0]} standard-library docstrings"
+             + (", the benchmark's" if own == "the benchmark's" else "") + "); held-out "
              "python-docs {section title → body} pairs (100) and held-out standard-library docstring {summary → rest} "
              "pairs (200, `docstrings_`): each cell " + " / ".join(sets) + " (dense "
              + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
@@ -233,7 +246,7 @@ def main():
         plot(run(bench, a.rows, a.keeps, a.eval_windows, name))
     lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
              "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py. "
-             "kfac, share2, share-auto, global and heal8 are measured without block refinement (compare them with "
+             "kfac, share2, share-auto, the global and uniform rows, nofisher and heal8 are measured without block refinement (compare them with "
              "refine0).", ""]
     for f in sorted(common.RESULTS.glob("pieces_*.json")):
         res = common.read_json(f.stem)
