@@ -21,9 +21,9 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
                    text
     refine+heal8   the default, then the same healing
 
-kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement (each against
-refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform ranks and
-that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
+kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement (each
+against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform
+ranks and that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
@@ -246,8 +246,8 @@ def main():
         plot(run(bench, a.rows, a.keeps, a.eval_windows, name))
     lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
              "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py. "
-             "kfac, share2, share-auto, the global and uniform rows, nofisher and heal8 are measured without block refinement (compare them with "
-             "refine0).", ""]
+             "kfac, share2, share-auto, the global and uniform rows, nofisher and heal8 are measured without block "
+             "refinement (compare them with refine0).", ""]
     for f in sorted(common.RESULTS.glob("pieces_*.json")):
         res = common.read_json(f.stem)
         plot(res)

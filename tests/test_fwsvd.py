@@ -94,6 +94,7 @@ def test_document_views_split_each_document_in_two():
     mask = torch.tensor([[1] * 10, [0, 0] + [1] * 6 + [0, 0]])    # the second one padded on both sides
     views = document_views({"input_ids": ids, "attention_mask": mask})
     assert len(views) == 2
+    assert len(document_views({"input_ids": ids, "attention_mask": mask * torch.tensor([[1], [0]])})) == 1
     assert views[0]["input_ids"].shape == (2, 10) and views[1]["input_ids"].shape == (2, 8)   # cut after the last
     for v, m, row in zip(views, mask, ids):
         m, row = m[:v["input_ids"].shape[1]], row[:v["input_ids"].shape[1]]

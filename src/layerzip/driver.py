@@ -410,9 +410,9 @@ class BlockDriver:
     def _head_grad(self, blocks, batch: dict, h: torch.Tensor, causal: bool, index: int, gen,
                    bank=None) -> torch.Tensor:
         """∂L/∂h of micro-batch `index`'s loss at the last block's output (stats.sensitivity_loss: ε from `gen`, or
-        the contrastive loss against `bank`). A causal LM's rows go through the head one at a time, each loss a sum over its tokens
-        divided by the micro-batch's count (their sum is the micro-batch's mean loss), so only one window's
-        vocabulary-wide logits are ever held."""
+        the contrastive loss against `bank`). A causal LM's rows go through the head one at a time, each loss a sum
+        over its tokens divided by the micro-batch's count (their sum is the micro-batch's mean loss), so only one
+        window's vocabulary-wide logits are ever held."""
         rows = [slice(i, i + 1) for i in range(len(h))] if causal else [slice(None)]
         n_items = (lm_labels(batch)[:, 1:] != -100).sum() if causal else None
         out = []

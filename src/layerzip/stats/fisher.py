@@ -82,6 +82,8 @@ def document_views(batch: dict) -> list[dict]:
     out = []
     for i, mask in enumerate(masks):
         idx = mask.nonzero().flatten()
+        if not len(idx):                # nothing attended: no sample
+            continue
         end = int(idx[-1]) + 1
         inner = idx[1:-1]
         views = torch.zeros(2, end, dtype=mask.dtype)
