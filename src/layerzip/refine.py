@@ -87,7 +87,8 @@ class Refine:
     def __call__(self, block: nn.Module, calls: list, inputs: list[torch.Tensor], targets: list[torch.Tensor],
                  originals: list[torch.Tensor], masks: list) -> dict:
         """Refine `block` in place: block(calls[b] on inputs[b]) → targets[b]; `originals[b]`: the original
-        block's input (the loss's scale). Returns {"loss_first", "loss_last"} (the normalized loss) and "drift"
+        block's input (the loss's scale). Returns {"loss_first", "loss_last"} (the normalized loss of the first
+        slices when first trained on, and of the same slices after the last step) and "drift"
         (‖p − p₀‖ / ‖p₀‖ over all factors at the end, p₀: the balanced decomposition's)."""
         params = low_rank_factors(block)
         if not params or not self.steps:
@@ -124,11 +125,12 @@ class Refine:
                 p.requires_grad_(g)
             for p in params:
                 p.grad = None
-        k = max(1, min(len(calls), len(losses) // 4))
+        k = max(1, min(len(calls), len(losses) // 4))     # the first k steps trained on slices 0 … k − 1
         with torch.no_grad():
+            last = sum(loss_of(b).item() for b in range(k)) / k
             moved = sum((p - p0).square().sum() for p, p0 in zip(params, start))
             drift = (moved / sum(p0.square().sum() for p0 in start).clamp_min(1e-30)).sqrt().item()
-        return {"loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k, "drift": drift}
+        return {"loss_first": sum(losses[:k]) / k, "loss_last": last, "drift": drift}
 
     def _slices(self, calls, inputs, targets, originals, masks):
         """Each batch cut into slices of whole sequences of about `tokens` tokens (everything that has the batch
