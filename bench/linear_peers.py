@@ -431,8 +431,10 @@ def _cells(r: dict, causal: bool) -> list[str]:
     if r.get("error"):
         return ["–"] * (2 if causal else 2)
     if causal:
-        return [f"{r['ratio_to_dense']['python-docs']:.3f}" if "python-docs" in r["ratio_to_dense"] else "–",
-                " / ".join(f"{v:.3f}" for v in r["ratio_to_dense"].values())]
+        def ratio(v):          # a collapsed model's ratio (> 1000) in powers of ten
+            return f"{v:.3f}" if v < 1000 else f"{v:.1e}"
+        return [ratio(r['ratio_to_dense']['python-docs']) if "python-docs" in r["ratio_to_dense"] else "–",
+                " / ".join(ratio(v) for v in r["ratio_to_dense"].values())]
     x = r["metrics"]
     return [f"{x['recall_at_1']:.3f} / {x['mrr']:.3f} / {x['cosine_to_dense']:.3f}",
             f"{x['docstrings_recall_at_1']:.3f} / {x['docstrings_mrr']:.3f}"]
@@ -530,8 +532,8 @@ def markdown(res: dict) -> list[str]:
             secs = f"{r['seconds']:.1f}" if r.get("seconds") is not None else "–"
             out.append(f"| {row} | {pkg} | {keep} | {ach} | " + " | ".join(_cells(r, causal)) + f" | {secs} |")
     out += ["", "Seconds: the compression alone (calibration included; evaluation not), one thread. aimet's is "
-            "measured inside its worker (without the subprocess start and model load). FALOR's is its run nearest "
-            "the budget; every threshold tried:"]
+            "measured inside its worker (without the subprocess start and model load)."
+            + (" FALOR's is its run nearest the budget; every threshold tried:" if res.get("falor_search") else "")]
     for s in res.get("falor_search", []):
         out.append(f"  nsr {s['nsr']:.4g} → {s['keep_achieved']:.4f} ({s['seconds']:.0f} s, budget "
                    f"{s['for_budget']:.4f})")
