@@ -146,8 +146,7 @@ def calibrate(model: nn.Module, config: CompressConfig, calib: list[dict], progr
     targets = split_embeddings(targets or config.targets_of(model))[1]
     if source_of(model) is None:
         _check_stats_memory(targets)
-    grads = gradients(model, targets, config.gradients, config.gradient_batches(calib), progress,
-                     config.encoder_loss)
+    grads = config_gradients(model, targets, config, calib, progress)
     stats = BlockDriver(model, calib, progress, desc=config.name, listeners=list(listeners)).collect(targets)
     return with_fisher(stats, grads) if grads is not None else stats
 
@@ -169,6 +168,12 @@ def gradients(model: nn.Module, targets: dict[str, nn.Module], kind: str | None,
         return collect_fisher(model, targets, calib, is_causal(model), progress, encoder_loss=encoder_loss)
     return collect_output_fisher(model, targets, calib, is_causal(model), progress, full=kind == "output_cov",
                                  encoder_loss=encoder_loss)
+
+
+def config_gradients(model: nn.Module, targets: dict[str, nn.Module], config: CompressConfig, calib: list[dict],
+                     progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """The gradient statistics a resolved `config` weights by (its kind, sequences and encoder loss)."""
+    return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress, config.encoder_loss)
 
 
 def _check_covariance_memory(targets: dict[str, nn.Module]) -> None:
@@ -258,8 +263,7 @@ def _decompose(model, targets, config, calib, progress, listeners, given=None, e
     grads, t_gradients = None, time.perf_counter()
     if collect and config.gradients:
         def collect_gradients():
-            return gradients(model, targets, config.gradients, config.gradient_batches(calib), progress,
-                             config.encoder_loss)
+            return config_gradients(model, targets, config, calib, progress)
         grads = saved.cached("gradients", collect_gradients) if saved else collect_gradients()
     t_gradients = time.perf_counter() - t_gradients
 

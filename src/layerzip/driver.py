@@ -48,8 +48,8 @@ from .lazy import is_meta, source_of
 from .models import (backbone, block_hidden, capture_input, capture_inputs, check_finite, find_blocks,
                      input_groups, is_causal, linear_shape, run_block, token_rows, with_hidden)
 from .stats import (Frozen, ModuleStats, PairedStats, StatsCollector, add_row_fisher, batch_mask, collect_stats,
-                    lm_labels, output_fisher_hooks, pooled_views, sensitivity_loss, sensitivity_samples,
-                    zeros_for_missing)
+                    is_contrastive, lm_labels, output_fisher_hooks, pooled_views, sensitivity_loss,
+                    sensitivity_samples, zeros_for_missing)
 
 OnStats = Callable[[list, dict], None]
 Refiner = Callable[[nn.Module, list, list, list, list, list], dict]
@@ -371,7 +371,6 @@ class BlockDriver:
             raise LayerzipError("block-wise gradients need every target inside the repeated blocks")
         prefix, blocks = found
         causal = is_causal(self.model)
-        contrastive = not causal and encoder_loss == "contrastive"
         micro = sensitivity_samples(self.batches, causal, micro_batch, encoder_loss)
         calls = self._capture(blocks, micro)
         with ActivationStore(spill=self.source is not None) as states:
@@ -385,7 +384,7 @@ class BlockDriver:
             with self.hold_head():
                 with torch.no_grad():       # the contrastive loss's negatives: every document's two views
                     bank = torch.stack([self._head(blocks, b, h[m], pooled_views)
-                                        for m, b in enumerate(micro)]) if contrastive else None
+                                        for m, b in enumerate(micro)]) if is_contrastive(causal, encoder_loss) else None
                 gen = torch.Generator().manual_seed(seed)
                 grads = [self._head_grad(blocks, batch, h[m], causal, m, gen=gen, bank=bank)
                          for m, batch in enumerate(micro)]

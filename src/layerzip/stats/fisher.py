@@ -95,11 +95,18 @@ def document_views(batch: dict) -> list[dict]:
     return out
 
 
+def is_contrastive(causal: bool, encoder_loss: str) -> bool:
+    """Whether the sensitivity loss is the contrastive one (an encoder asked for it); `encoder_loss` is checked."""
+    if encoder_loss not in ENCODER_LOSSES:
+        raise ValueError(f"encoder_loss: one of {ENCODER_LOSSES}, got {encoder_loss!r}")
+    return not causal and encoder_loss == "contrastive"
+
+
 def sensitivity_samples(batches: list[dict], causal: bool, micro_batch: int = 2,
                         encoder_loss: str = "embedding") -> list[dict]:
     """The micro-batches the sensitivity loss is taken over, one backward each: `micro_batch` sequences at a time;
     for the contrastive loss, one document at a time, as its two views (`document_views`)."""
-    if not causal and encoder_loss == "contrastive":
+    if is_contrastive(causal, encoder_loss):
         return [v for b in batches for v in document_views(b)]
     return [{k: v[i:i + micro_batch] for k, v in b.items()}
             for b in batches for i in range(0, len(b["input_ids"]), micro_batch)]
@@ -243,11 +250,9 @@ def sensitivity_losses(model: nn.Module, batches: list[dict], causal: bool, micr
     """(n, loss): `loss(i)` is the sensitivity loss of sample i < n of `sensitivity_samples`, in order, on the
     model's device. The contrastive loss's negatives (`document_bank`) are computed here, before the caller's hooks
     see any forward."""
-    if encoder_loss not in ENCODER_LOSSES:
-        raise ValueError(f"encoder_loss: one of {ENCODER_LOSSES}, got {encoder_loss!r}")
     device = next(model.parameters()).device
     samples = sensitivity_samples(batches, causal, micro_batch, encoder_loss)
-    bank = document_bank(model, samples, device) if not causal and encoder_loss == "contrastive" else None
+    bank = document_bank(model, samples, device) if is_contrastive(causal, encoder_loss) else None
     gen = torch.Generator().manual_seed(seed)
 
     def loss(i: int) -> torch.Tensor:
