@@ -5,8 +5,10 @@ calibration (the benchmark's), one statistics pass per kind shared by the rows t
 on two held-out sets: python-docs windows (the calibration's source, disjoint files) and standard-library
 docstrings (another source), each as a ratio to the dense model's. Rows:
 
-    default        svd-llm's defaults: global allocation, diagonal output Fisher, 32 block-refinement steps
-    refine0        the previous default: the same without block refinement (--refine-steps 0)
+    default        `layerzip compress`'s defaults: svd-llm with global allocation, diagonal output Fisher, 32
+                   block-refinement steps, then (a causal LM) 32 healing steps (jobs.default_heal_steps)
+    noheal         the previous default: the same without healing (--heal-steps 0; lz.compress_'s defaults)
+    refine0        the one before: without block refinement either (--refine-steps 0)
     refine16       the default with 16 refinement steps
     refine32       32 refinement steps asked for (an encoder's default has none)
     kfac           the output gradients' whole covariance, shrunk toward its diagonal (--kfac)
@@ -17,12 +19,12 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     global-fisher  global allocation with the output Fisher (an encoder's default from 512 documents)
     uniform        uniform ranks with the output Fisher (an encoder's default below 512 documents)
     nofisher       uniform ranks without the output Fisher: plain SVD-LLM (an encoder's previous default)
-    heal8          the previous default, then 8 steps of healing (lz.heal_) toward the dense model on calibration
-                   text
-    refine+heal8   the default, then the same healing
+    heal8          refine0, then 8 steps of healing (lz.heal_) toward the dense model on calibration text, at
+                   the first healing default (lr 1e-5, 2 × 128 tokens a step)
+    refine+heal8   noheal, then the same healing
 
-kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement (each
-against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform
+kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement and
+healing (each against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform
 ranks and that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
@@ -32,7 +34,7 @@ keep), so a run can be resumed or extended with `--rows`. Writes the JSON, a plo
 kept in pieces_<model>_c<N>x<L>.json.
     python bench/pieces.py --rows default refine0 kfac share2 share-auto --keeps 0.8 0.6 0.5
     python bench/pieces.py --model minilm --rows default nofisher global share2 share-auto --keeps 0.5 0.3
-    python bench/pieces.py --rows default refine0 --keeps 0.5 --calib-samples 64 --calib-seq-len 512
+    python bench/pieces.py --rows default noheal refine0 --keeps 0.6 0.5 --calib-samples 64 --calib-seq-len 512
 """
 from __future__ import annotations
 
@@ -49,18 +51,22 @@ import common  # noqa: E402
 from common import lz  # noqa: E402
 from fisher_tokens import held_out, score  # noqa: E402
 from layerzip.compress import gradients  # noqa: E402
+from layerzip.heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS  # noqa: E402
 from layerzip.data import builtin_pairs, token_batches  # noqa: E402
 from layerzip.jobs import retrieval_eval  # noqa: E402
 from layerzip.models import select_targets  # noqa: E402
 from layerzip.stats import with_fisher  # noqa: E402
 
 ROWS = {
-    "default": dict(config=dict(), gradients="output",
-                    what="svd-llm defaults (causal LMs: global allocation, diagonal output Fisher, then 32 block-"
-                         "refinement steps per block; an encoder: the same without refinement from 512 documents, "
-                         "below uniform ranks weighted by its contrastive loss's Fisher)"),
+    "default": dict(config=dict(), gradients="output", heal_steps="default",
+                    what="`layerzip compress` defaults (causal LMs: global allocation, diagonal output Fisher, 32 "
+                         "block-refinement steps per block, then 32 healing steps at lr 5e-5, one 512-token "
+                         "calibration window a step; an encoder: global allocation + Fisher from 512 documents, "
+                         "below uniform ranks weighted by its contrastive loss's Fisher; no refinement or healing)"),
+    "noheal": dict(config=dict(), gradients="output",
+                   what="the previous default: the same without healing (--heal-steps 0; lz.compress_ alone)"),
     "refine0": dict(config=dict(refine_steps=0), gradients="output",
-                    what="the previous default: svd-llm's defaults without block refinement (--refine-steps 0)"),
+                    what="the one before: without block refinement or healing (--refine-steps 0 --heal-steps 0)"),
     "refine32": dict(config=dict(refine_steps=32), gradients="output",
                      what="--refine-steps 32 (what causal LMs get by default; an encoder's default has none)"),
     "refine16": dict(config=dict(refine_steps=16), gradients="output",
@@ -81,10 +87,10 @@ ROWS = {
     "nofisher": dict(config=dict(alloc="uniform", fisher=False, refine_steps=0), gradients="output",
                      what="uniform ranks without the output Fisher: plain SVD-LLM (an encoder's previous default)"),
     "heal8": dict(config=dict(refine_steps=0), gradients="output", heal_steps=8,
-                  what="the previous default, then 8 steps of healing (lz.heal_: logits KL to the dense model, "
+                  what="refine0, then 8 steps of healing (lz.heal_: logits KL to the dense model, "
                        "balanced factors, lr 1e-5, 2 × 128 calibration tokens a step)"),
     "refine+heal8": dict(config=dict(), gradients="output", heal_steps=8,
-                         what="the default (with block refinement), then the same 8 healing steps"),
+                         what="noheal (with block refinement), then the same 8 healing steps"),
 }
 
 
@@ -144,11 +150,15 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
             t = time.perf_counter()
             rep = lz.compress_(m.model, lz.SVDLLM(keep=keep, **spec["config"]), calib=calib, progress=False,
                                stats=stats)
-            healed = None
-            if spec.get("heal_steps"):
-                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal,
-                                             2 * spec["heal_steps"], 128, batch_size=2)
-                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=spec["heal_steps"], progress=True)
+            healed, steps = None, spec.get("heal_steps")
+            if steps == "default" and bench.causal:       # what compress does (jobs.heal_after_compress)
+                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], True, bench.calib_samples,
+                                             bench.calib_seq_len, batch_size=max(1, HEAL_TOKENS // bench.calib_seq_len))
+                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=HEAL_STEPS, lr=HEAL_LR, progress=True)
+            elif isinstance(steps, int):
+                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, 2 * steps, 128,
+                                             batch_size=2)
+                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=steps, progress=True)
             out = {"row": row, "what": spec["what"], "keep": keep, "keep_achieved": rep["keep_achieved"],
                    "seconds": {"grams": seconds_grams, "gradients": seconds_fisher,
                                "decompose": time.perf_counter() - t},
@@ -247,7 +257,7 @@ def main():
     lines = ["# Quality pieces", "", "Each piece of the default compression in a row of its own (svd-llm, one "
              "calibration and one statistics pass per model, every row at every keep from them); bench/pieces.py. "
              "kfac, share2, share-auto, the global and uniform rows, nofisher and heal8 are measured without block "
-             "refinement (compare them with refine0).", ""]
+             "refinement and healing (compare them with refine0).", ""]
     for f in sorted(common.RESULTS.glob("pieces_*.json")):
         res = common.read_json(f.stem)
         plot(res)

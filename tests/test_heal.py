@@ -109,6 +109,47 @@ def test_compress_with_heal_steps(tokenizer, calib_file, tmp_path, capsys):
     assert load_model(tmp_path / "o").model(input_ids=torch.randint(5, 500, (1, 8))).logits.isfinite().all()
 
 
+def test_default_heal_steps_only_for_causal_svdllm_in_memory(tokenizer):
+    from types import SimpleNamespace
+
+    from layerzip import SVDLLM
+    from layerzip.heal import HEAL_STEPS
+    from layerzip.jobs import default_heal_steps
+    llama, bert = deep_tiny("llama"), deep_tiny("bert")
+    compress_(llama, SVD(keep=0.5), calib=batches_for(tokenizer, True), progress=False)
+    compress_(bert, SVD(keep=0.5), calib=batches_for(tokenizer, False), progress=False)
+    causal, encoder = SimpleNamespace(model=llama, causal=True), SimpleNamespace(model=bert, causal=False)
+    warnings = []
+    assert default_heal_steps(causal, SVDLLM(keep=0.5), False, 1, warnings) == HEAL_STEPS > 0
+    assert default_heal_steps(causal, SVDLLM(keep=0.5), True, 1, warnings) == 0                   # streamed
+    assert default_heal_steps(encoder, SVDLLM(keep=0.5), False, 1, warnings) == 0
+    assert default_heal_steps(causal, SVD(keep=0.5), False, 1, warnings) == 0                     # not measured
+    assert default_heal_steps(causal, SVDLLM(keep=0.5, share=2), False, 1, warnings) == 0
+    assert default_heal_steps(SimpleNamespace(model=deep_tiny("llama"), causal=True), SVDLLM(keep=1.0), False, 1,
+                              warnings) == 0                                                   # nothing factorized
+    assert not warnings
+    assert default_heal_steps(causal, SVDLLM(keep=0.5), False, 2**60, warnings) == 0              # teacher too big
+    assert len(warnings) == 1 and "heal afterwards" in warnings[0]
+
+
+@pytest.mark.slow
+def test_compress_heals_causal_svdllm_by_default(tokenizer, calib_file, tmp_path, capsys):
+    src = tmp_path / "llama"
+    deep_tiny("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    args = ["--keep", 0.5, "--calib", calib_file, "--calib-samples", 4, "--seq-len", 32, "--refine-steps", 0, "--json"]
+    code, out, err = cli(capsys, "compress", src, "--out", tmp_path / "o", *args)
+    assert code == 0, err
+    heal = json.loads(out)["heal"]
+    assert (heal["steps"], heal["lr"], heal["trained"]) == (32, 5e-5, "factors")
+    code, out, err = cli(capsys, "compress", src, "--out", tmp_path / "o0", *args, "--heal-steps", 0)
+    assert code == 0, err
+    assert "heal" not in json.loads(out)
+    x = torch.randint(5, 500, (1, 8))
+    healed, plain = (load_model(tmp_path / d).model(input_ids=x).logits for d in ("o", "o0"))
+    assert not torch.equal(healed, plain)
+
+
 # ------------------------------------------------------------------------------------------- images (any nn.Module)
 class _MapNet(torch.nn.Module):
     """Conv features and a 1-channel map (a detector's output form: no class logits)."""

@@ -16,6 +16,7 @@ import click
 
 from ._version import __version__
 from .errors import LayerzipError
+from .heal import HEAL_LR
 from .io import DTYPES
 from .registry import METHODS
 
@@ -94,8 +95,10 @@ def app():
               help=f"decomposition method: {', '.join(METHODS)} (drop-blocks+METHOD: both under one --keep)")
 @calib_opts
 @method_options
-@click.option("--heal-steps", default=0, show_default=True, help="then distill towards MODEL on the --calib text")
-@click.option("--heal-lr", default=1e-5, show_default=True, help="learning rate of --heal-steps")
+@click.option("--heal-steps", type=int, default=None,
+              help="then distill towards MODEL on the --calib text, one window of about 512 tokens a step; 0: off  "
+                   "[default: 32 for a causal LM that svd-llm compresses in memory, else 0]")
+@click.option("--heal-lr", default=HEAL_LR, show_default=True, help="learning rate of --heal-steps")
 @click.option("--seed", default=0, show_default=True, help="random seed")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="dtype of the saved weights: auto keeps the source's (a .gguf file: bfloat16); the factors are "

@@ -25,7 +25,7 @@ from .data import builtin_pairs, calibration_batches, load_documents
 from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
-from .heal import heal_
+from .heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS, heal_, head_supported
 from .images import image_batches
 from .allocate import BytesBudget
 from .io import (BUILTIN, META, check_bits, check_out_dir, elastic_settings, load_model, read_meta, save,
@@ -35,7 +35,7 @@ from .export import RUNTIMES, export_onnx, require_onnx, runtime_latency
 from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
-from .nn import GROUP_SIZE
+from .nn import GROUP_SIZE, FactorizedLayer
 
 
 def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> None:
@@ -79,12 +79,14 @@ def _work_dir(out: Path, run: dict, resume: bool) -> tuple[Path, int]:
 
 def compress_model(source: str, out: str | Path, config: CompressConfig, calib: str = "builtin",
                    calib_samples: int = 64, seq_len: int = 512, force: bool = False, seed: int = 0,
-                   progress: bool = True, heal_steps: int = 0, heal_lr: float = 1e-5, stream: bool | None = None,
+                   progress: bool = True, heal_steps: int | None = None, heal_lr: float = HEAL_LR,
+                   stream: bool | None = None,
                    device: str = "cpu", resume: bool = False, executor: str = "local",
                    workers: int | None = None, dtype: str | None = None, bits: int = 16,
                    group_size: int = GROUP_SIZE, budget_bytes: float | None = None) -> dict:
     """Load MODEL, compress it, save it to `out` (atomically). Returns the report written to layerzip.json.
-    `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving.
+    `heal_steps` > 0: then distill it towards MODEL on the calibration text (heal.py) before saving; None: the
+    default (`default_heal_steps`: HEAL_STEPS for a causal LM that svd-llm compressed in memory, else none).
     `stream`: read one block at a time (None: when the model would not fit, io.needs_streaming); a streamed run
     keeps its progress in `.OUT.partial` and the same command continues a killed run from its last block.
     `executor`: "local" or "ray" (each block's decompositions as Ray tasks; `workers` CPUs of a local cluster).
@@ -96,7 +98,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     _check_sizes(calib_samples, seq_len)
-    if heal_steps < 0:
+    if heal_steps is not None and heal_steps < 0:
         raise LayerzipError(f"--heal-steps must be ≥ 0, got {heal_steps}")
     device = resolve_device(device)
     weights_dtype(dtype)                                          # refused before the (slow) load
@@ -147,9 +149,14 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         report["resumed_from_block"] = resumed
     used = batches.used if batches is not None else {}
     report["warnings"] = _fewer_than_asked(used, calib_samples, loaded.causal, "calibration")
+    default = heal_steps is None
+    if default:
+        heal_steps = default_heal_steps(loaded, config, streamed, bytes_before, report["warnings"])
     if heal_steps:
-        report["heal"] = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr,
-                                             progress)
+        healed = heal_after_compress(loaded, source, calib, calib_samples, seq_len, heal_steps, heal_lr, progress,
+                                     report["warnings"] if default else None)
+        if healed is not None:
+            report["heal"] = healed
     t_comp = time.perf_counter()
     meta = {"method": config.name, "keep": config.keep, "config": report["config"], "requested": config.to_dict(),
             "source": {"model": str(source), "path": str(loaded.path) if loaded.path else None},
@@ -171,6 +178,23 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
                   size_on_disk_after=size_on_disk(out), bytes_before=bytes_before, bytes_after=written_bytes(out),
                   bits=bits, group_size=group_size if bits not in (16, {}) else None)
     return report
+
+
+def default_heal_steps(loaded, config: CompressConfig, streamed: bool, model_bytes: int, warnings: list) -> int:
+    """`compress`'s --heal-steps when not given: HEAL_STEPS for a causal LM that svd-llm (without --share or
+    --elastic) compressed in memory, when a second copy of the model (the teacher, `model_bytes`) fits in half the
+    free memory (else 0, with a warning); 0 for everything else (encoders and images: healing was not measured to
+    win there; a streamed model: the teacher would not fit)."""
+    if streamed or not loaded.causal or config.name != "svd-llm" or config.elastic \
+            or getattr(config, "share", None) is not None \
+            or not any(isinstance(m, FactorizedLayer) for m in loaded.model.modules()):     # nothing factorized
+        return 0
+    import psutil
+    if model_bytes > psutil.virtual_memory().available / 2:
+        warnings.append(f"healing skipped: its teacher (a second copy of the model, {model_bytes / 2**30:.1f} GiB) "
+                        "would not fit in memory; heal afterwards with layerzip heal, or pass --heal-steps 0")
+        return 0
+    return HEAL_STEPS
 
 
 def _elastic_compress_checks(stream: bool | None, bits: int, heal_steps: int) -> bool:
@@ -435,12 +459,19 @@ def _is_vision(model) -> bool:
 
 
 def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: int, steps: int, lr: float,
-                        progress: bool = True) -> dict:
-    """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`."""
+                        progress: bool = True, skip_unsupported: list | None = None) -> dict | None:
+    """`compress --heal-steps N`: distill the just-compressed `loaded.model` towards a fresh copy of `source`.
+    `skip_unsupported` (a list: the report's warnings): a causal LM whose logits heal cannot rebuild is left
+    unhealed with a warning there (returns None) instead of refused (the default healing)."""
     if _is_vision(loaded.model):          # images: the calibration directory's, 8 per step
         batches = image_batches(calib, samples, loaded.path)
     else:
-        batches = calibration_batches(loaded, calib, samples, seq_len, 4 if loaded.causal else 16)
+        batches = calibration_batches(loaded, calib, samples, seq_len,
+                                      max(1, HEAL_TOKENS // seq_len) if loaded.causal else 16)
+        if skip_unsupported is not None and loaded.causal and not head_supported(loaded.model, batches[0]):
+            skip_unsupported.append(f"healing skipped: {type(loaded.model).__name__} computes its logits in a way "
+                                    "heal does not reproduce")
+            return None
     teacher = load_model(source)
     rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
     del teacher
