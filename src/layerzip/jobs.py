@@ -183,16 +183,17 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
 def default_heal_steps(loaded, config: CompressConfig, streamed: bool, model_bytes: int, warnings: list) -> int:
     """`compress`'s --heal-steps when not given: HEAL_STEPS for a causal LM that svd-llm (without --share or
     --elastic) compressed in memory, when a second copy of the model (the teacher, `model_bytes`) fits in half the
-    free memory (else 0, with a warning); 0 for everything else (encoders and images: healing was not measured to
-    win there; a streamed model: the teacher would not fit)."""
-    if streamed or not loaded.causal or config.name != "svd-llm" or config.elastic \
-            or getattr(config, "share", None) is not None \
-            or not any(isinstance(m, FactorizedLayer) for m in loaded.model.modules()):     # nothing factorized
+    free memory (else, and for a streamed run, 0 with a warning); 0 for everything else (encoders and images:
+    healing was not measured to win there)."""
+    if not loaded.causal or config.name != "svd-llm" or config.elastic or getattr(config, "share", None) is not None \
+            or not (streamed or any(isinstance(m, FactorizedLayer) for m in loaded.model.modules())):  # all dense
         return 0
     import psutil
-    if model_bytes > psutil.virtual_memory().available / 2:
-        warnings.append(f"healing skipped: its teacher (a second copy of the model, {model_bytes / 2**30:.1f} GiB) "
-                        "would not fit in memory; heal afterwards with layerzip heal, or pass --heal-steps 0")
+    if streamed or model_bytes > psutil.virtual_memory().available / 2:
+        warnings.append("not healed: healing needs the model and a second copy of it (the teacher, "
+                        f"{model_bytes / 2**30:.1f} GiB) in memory, and "
+                        + ("this run streams the model" if streamed else "they would not fit")
+                        + "; heal afterwards with layerzip heal where they fit, or pass --heal-steps 0")
         return 0
     return HEAL_STEPS
 
