@@ -163,16 +163,22 @@ def test_bad_regex(capsys, tiny_dirs, tmp_path):
 
 
 def test_lz_load_matches_cli_output(compressed, tiny_dirs, calib_file, capsys):
-    """The CLI's directory holds exactly what the Python API computes with the same settings, and `eval --json`
+    """The CLI's directory holds exactly what the Python API computes with the same settings (compress_, then the
+    default healing of a causal LM: heal_ towards the original on the calibration windows), and `eval --json`
     prints the perplexity of that model."""
     import layerzip as lz
     from layerzip.evaluate import perplexity
+    from layerzip.heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS
     from layerzip.nn import LowRankLinear
     model = lz.load(compressed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     loaded = lz.load_model(tiny_dirs["llama"])
     batches = lz.calibration_batches(loaded, str(calib_file), n_samples=8, seq_len=32)
+    torch.manual_seed(0)
     rep = lz.compress_(loaded.model, lz.SVDLLM(keep=0.5), calib=batches, progress=False)
+    lz.heal_(loaded.model, lz.load_model(tiny_dirs["llama"]).model,
+             lz.calibration_batches(loaded, str(calib_file), 8, 32, HEAL_TOKENS // 32), HEAL_STEPS, HEAL_LR,
+             progress=False)
     meta = json.loads((compressed / "layerzip.json").read_text())
     assert rep["ranks"] == meta["report"]["ranks"] and rep["config"] == meta["config"]
     ids = torch.tensor([[1, 2, 3, 400, 5000]])
