@@ -133,7 +133,7 @@ def test_default_heal_steps_only_for_causal_svdllm_in_memory(tokenizer):
 
 
 @pytest.mark.slow
-def test_compress_heals_causal_svdllm_by_default(tokenizer, calib_file, tmp_path, capsys):
+def test_compress_heals_causal_svdllm_by_default(tokenizer, calib_file, tmp_path, capsys, monkeypatch):
     src = tmp_path / "llama"
     deep_tiny("llama").save_pretrained(src)
     tokenizer.save_pretrained(src)
@@ -148,6 +148,14 @@ def test_compress_heals_causal_svdllm_by_default(tokenizer, calib_file, tmp_path
     x = torch.randint(5, 500, (1, 8))
     healed, plain = (load_model(tmp_path / d).model(input_ids=x).logits for d in ("o", "o0"))
     assert not torch.equal(healed, plain)
+    for where in ("layerzip.jobs", "layerzip.heal"):                   # logits heal cannot rebuild
+        monkeypatch.setattr(f"{where}.head_supported", lambda model, batch: False)
+    code, out, err = cli(capsys, "compress", src, "--out", tmp_path / "o1", *args)
+    assert code == 0, err                                               # the default is skipped, not refused
+    rep = json.loads(out)
+    assert "heal" not in rep and any(w.startswith("not healed") for w in rep["warnings"])
+    code, _, err = cli(capsys, "compress", src, "--out", tmp_path / "o2", *args, "--heal-steps", 2)
+    assert code == 2 and "does not reproduce" in err                    # asked for: refused
 
 
 # ------------------------------------------------------------------------------------------- images (any nn.Module)

@@ -470,8 +470,8 @@ def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: 
         batches = calibration_batches(loaded, calib, samples, seq_len,
                                       max(1, HEAL_TOKENS // seq_len) if loaded.causal else 16)
         if skip_unsupported is not None and loaded.causal and not head_supported(loaded.model, batches[0]):
-            skip_unsupported.append(f"healing skipped: {type(loaded.model).__name__} computes its logits in a way "
-                                    "heal does not reproduce")
+            skip_unsupported.append(f"not healed: {type(loaded.model).__name__} computes its logits in a way heal "
+                                    "does not reproduce")
             return None
     teacher = load_model(source)
     rep = heal_(loaded.model, teacher.model, batches, steps, lr, loaded.causal, progress=progress)
