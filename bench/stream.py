@@ -204,8 +204,10 @@ def run(model: str, blocks_list: list[int], calib_samples: int, keep: float, eva
                                 # a resumed run's seconds cover only its resumed part
                                 "compress_over_limit": None if comp["report"].get("resumed_from_block")
                                 else comp["seconds"] / (forward + svds)}
-                if compare:             # the same compression in memory: ranks, perplexity, memory, time
-                    mem = monitored(lz_cmd("compress", d, "--out", tmp / "mem", "--no-stream", *args))
+                if compare:             # the same compression in memory: ranks, perplexity, memory, time (not
+                    # healed: a streamed run is not, so the in-memory default's healing is turned off)
+                    mem = monitored(lz_cmd("compress", d, "--out", tmp / "mem", "--no-stream", "--heal-steps", "0",
+                                           *args))
                     ev_mem = monitored(lz_cmd("eval", tmp / "mem", "--no-stream", "--text", text, "--samples",
                                               4 * eval_windows, "--json"))
                     a, b = ranks_of(out), ranks_of(tmp / "mem")
