@@ -24,8 +24,8 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     refine+heal8   noheal, then the same healing
 
 kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement and
-healing (each against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document) at uniform
-ranks and that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
+healing (each against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document)
+at uniform ranks and that of its pooled embedding with global allocation (`SVDLLM.encoder_loss`, layerzip.stats.fisher).
 
 An encoder (`--model minilm`) is scored by Recall@1, MRR and cosine to the dense embeddings on held-out python-docs
 pairs, and Recall@1 and MRR on held-out standard-library docstring pairs, instead. Rows already in bench/results/pieces_<model>.json with the same data are kept (merged by row and
