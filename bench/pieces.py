@@ -51,7 +51,7 @@ import common  # noqa: E402
 from common import lz  # noqa: E402
 from fisher_tokens import held_out, score  # noqa: E402
 from layerzip.compress import gradients  # noqa: E402
-from layerzip.heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS  # noqa: E402
+from layerzip.heal import HEAL_LR, HEAL_STEPS, windows_per_step  # noqa: E402
 from layerzip.data import builtin_pairs, token_batches  # noqa: E402
 from layerzip.jobs import retrieval_eval  # noqa: E402
 from layerzip.models import select_targets  # noqa: E402
@@ -153,7 +153,7 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
             healed, steps = None, spec.get("heal_steps")
             if steps == "default" and bench.causal:       # what compress does (jobs.heal_after_compress)
                 heal_batches = token_batches(m.tokenizer, bench._data()["calib"], True, bench.calib_samples,
-                                             bench.calib_seq_len, batch_size=max(1, HEAL_TOKENS // bench.calib_seq_len))
+                                             bench.calib_seq_len, batch_size=windows_per_step(bench.calib_seq_len))
                 healed = lz.heal_(m.model, loaded.model, heal_batches, steps=HEAL_STEPS, lr=HEAL_LR, progress=True)
             elif isinstance(steps, int):
                 heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, 2 * steps, 128,

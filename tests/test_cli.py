@@ -168,7 +168,7 @@ def test_lz_load_matches_cli_output(compressed, tiny_dirs, calib_file, capsys):
     prints the perplexity of that model."""
     import layerzip as lz
     from layerzip.evaluate import perplexity
-    from layerzip.heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS
+    from layerzip.heal import HEAL_LR, HEAL_STEPS, windows_per_step
     from layerzip.nn import LowRankLinear
     model = lz.load(compressed)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
@@ -177,7 +177,7 @@ def test_lz_load_matches_cli_output(compressed, tiny_dirs, calib_file, capsys):
     torch.manual_seed(0)
     rep = lz.compress_(loaded.model, lz.SVDLLM(keep=0.5), calib=batches, progress=False)
     lz.heal_(loaded.model, lz.load_model(tiny_dirs["llama"]).model,
-             lz.calibration_batches(loaded, str(calib_file), 8, 32, HEAL_TOKENS // 32), HEAL_STEPS, HEAL_LR,
+             lz.calibration_batches(loaded, str(calib_file), 8, 32, windows_per_step(32)), HEAL_STEPS, HEAL_LR,
              progress=False)
     meta = json.loads((compressed / "layerzip.json").read_text())
     assert rep["ranks"] == meta["report"]["ranks"] and rep["config"] == meta["config"]

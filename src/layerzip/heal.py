@@ -36,6 +36,11 @@ HEAL_LR = 5e-5
 HEAL_TOKENS = 512
 
 
+def windows_per_step(seq_len: int) -> int:
+    """Calibration windows of `seq_len` tokens in one healing step of a causal LM (about HEAL_TOKENS tokens)."""
+    return max(1, HEAL_TOKENS // seq_len)
+
+
 def trainable_parameters(model: nn.Module, blocks: bool = True) -> tuple[list[nn.Parameter], str]:
     """Factor matrices; else (`blocks`) the weights of the Linear layers inside the blocks. Freezes everything
     else."""

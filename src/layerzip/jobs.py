@@ -25,7 +25,7 @@ from .data import builtin_pairs, calibration_batches, load_documents
 from ._version import __version__
 from .errors import LayerzipError
 from .evaluate import embed, mean_cosine, perplexity, perplexity_scored, retrieval_metrics
-from .heal import HEAL_LR, HEAL_STEPS, HEAL_TOKENS, heal_, head_supported
+from .heal import HEAL_LR, HEAL_STEPS, heal_, head_supported, windows_per_step
 from .images import image_batches
 from .allocate import BytesBudget
 from .io import (BUILTIN, META, check_bits, check_out_dir, elastic_settings, load_model, read_meta, save,
@@ -185,7 +185,7 @@ def default_heal_steps(loaded, config: CompressConfig, streamed: bool, model_byt
     --elastic) compressed in memory, when a second copy of the model (the teacher, `model_bytes`) fits in half the
     free memory (else, and for a streamed run, 0 with a warning); 0 for everything else (encoders and images:
     healing was not measured to win there)."""
-    if not loaded.causal or config.name != "svd-llm" or config.elastic or getattr(config, "share", None) is not None \
+    if not loaded.causal or config.name != "svd-llm" or config.elastic or config.share is not None \
             or not (streamed or any(isinstance(m, FactorizedLayer) for m in loaded.model.modules())):  # all dense
         return 0
     import psutil
@@ -468,7 +468,7 @@ def heal_after_compress(loaded, source: str, calib: str, samples: int, seq_len: 
         batches = image_batches(calib, samples, loaded.path)
     else:
         batches = calibration_batches(loaded, calib, samples, seq_len,
-                                      max(1, HEAL_TOKENS // seq_len) if loaded.causal else 16)
+                                      windows_per_step(seq_len) if loaded.causal else 16)
         if skip_unsupported is not None and loaded.causal and not head_supported(loaded.model, batches[0]):
             skip_unsupported.append(f"not healed: {type(loaded.model).__name__} computes its logits in a way heal "
                                     "does not reproduce")
