@@ -39,11 +39,12 @@ from .executors import LocalExecutor, make_executor
 from .lazy import source_of
 from .share import decompose_shared_
 from .methods import CompressConfig
-from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
+from .models import (call_model, check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      set_module)
 from .allocate import BytesBudget, bytes_options, option_choice
 from .io import tensor_bytes
-from .nn import FactorizedLayer, TiedLowRankHead, dense_weight_and_bias, layer_from_spec
+from .nn import (FactorizedLayer, SplitExperts, TiedLowRankHead, dense_weight_and_bias, join_experts_, layer_from_spec,
+                 split_experts_)
 from .nn.lowbit import rounding_error
 from .stats import collect_fisher, collect_output_fisher, stats_from_tensors, stats_tensors, with_fisher
 
@@ -71,14 +72,16 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
     if budget is not None:
         _check_budget(model, config, budget)
-    targets = config.targets_of(model)
+    fused = split_experts_(model) if source_of(model) is None else {}   # an MoE layer's experts: targets each
+    unrouted = unrouted_experts(model, calib, progress) if fused and config.needs_stats else set()
+    targets = _routed(config.targets_of(model), unrouted)
     check_finite(targets)
     target_before = module_params(targets.values())
     report = {"method": config.label, "config": config.to_dict(), "params_before": count_params(model),
               "target_params_before": target_before}
     extra = config.restructure_(model, calib, progress)
     if extra:                                   # the architecture changed: what is left to decompose
-        targets = config.targets_of(model)
+        targets = _routed(config.targets_of(model), unrouted)
     t_restructure = time.perf_counter()
     inner = config.module_config(module_params(targets.values()), target_before)
     if inner is not None:
@@ -104,12 +107,14 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     t_end = time.perf_counter()
     unused = elastic.unused_params(model) if config.elastic else 0     # stored for larger sizes, not used now
     target_after = module_params(model.get_submodule(n) for n in targets) - unused
+    split = {n for n in fused if any(m.startswith(n + ".") for m in modules)}
+    join_experts_(model, fused, keep_split=split)      # experts with nothing factorized: their own layout again
     report.update(extra)
     report.update({
         "params_after": count_params(model) - unused, "target_params_after": target_after, "keep": config.keep,
         "keep_achieved": target_after / target_before, "keep_total": (count_params(model) - unused) / report["params_before"],
         "targets": len(targets), "factorized": len(modules),
-        "modules": modules, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
+        "modules": {**{n: model.get_submodule(n).spec() for n in sorted(split)}, **modules}, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
         "seconds_gradients": t_gradients})
     if extra:
         report["seconds_restructure"] = t_restructure - t0
@@ -127,9 +132,39 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         if "share" in calibration:               # blocks per shared basis, by projection type
             report["share"] = calibration["share"]
     report["ranks"] = ranks
+    if unrouted:
+        report["unrouted_experts"] = sorted(unrouted)
     if budget is not None:
         report["module_bits"] = bits
     return report
+
+
+@torch.no_grad()
+def unrouted_experts(model: nn.Module, calib: list[dict], progress: bool = True) -> set[str]:
+    """The projections of the SplitExperts' experts that no calibration token is routed to (one forward of the
+    model): with no statistics they are left out of the targets, dense."""
+    counts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(mod, args, kwargs):
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            seen = torch.bincount(index.reshape(-1).cpu(), minlength=mod.experts + 1)[: mod.experts]
+            counts[name] = counts.get(name, 0) + seen
+        return fn
+    split = {n: m for n, m in model.named_modules() if isinstance(m, SplitExperts)}
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in split.items()]
+    try:
+        for batch in tqdm(calib, desc="routing census", unit="batch", disable=not progress):
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {f"{n}.{proj}.{e}" for n, m in split.items() for e in range(m.experts)
+            if n not in counts or not counts[n][e] for proj in ("gate_up", "down")}
+
+
+def _routed(targets: dict[str, nn.Module], unrouted: set[str]) -> dict[str, nn.Module]:
+    return {n: m for n, m in targets.items() if n not in unrouted}
 
 
 def _weight_keep(config: CompressConfig, shapes: dict, target_params: int) -> float:

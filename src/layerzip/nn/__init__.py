@@ -15,6 +15,8 @@ ElasticLinear (elastic.py): one module of an elastic model (`compress --elastic`
 prefixes are every width it can be loaded at (or its dense weight), and the spectrum that chooses the width.
 MoEFFN (moe.py): a whole FFN (GLU or two-layer MLP) as E experts of its intermediate neurons and a linear router,
 top-k experts per token, a sparse forward; `to_dense()` gives the original FFN back as a DenseFFN.
+SplitExperts (experts.py): a transformers MoE layer's fused experts as one Linear per expert and projection, so each
+is a target of its own (`split_experts_` / `join_experts_`).
 
 Embeddings (embedding.py): LowRankEmbedding (a row of A (vocab×r) looked up, times B (r×dim)), and TiedLowRankHead,
 the LowRankLinear LM head sharing its A and B (tied weights stay tied).
@@ -40,6 +42,7 @@ from .kronecker import KroneckerLinear
 from .lowbit import BITS, GROUP_SIZE
 from .lowrank import (LowBitLowRank, LowRankLinear, SharedBasisLinear, rebalanced, share_bases_, singular_values,
                       split_balanced, truncated_factors)
+from .experts import SplitExperts, join_experts_, split_experts_
 from .moe import DenseFFN, MoEFFN
 from .monarch import MonarchLinear
 from .quantize import LOWBIT_TYPES, LowBitLinear, dequantize_factors_, quantize_factors_, restore_modules_
@@ -57,4 +60,4 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "rebalanced", "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
 __all__ += ["ElasticLinear", "LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead",
             "LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
-__all__ += ["DenseFFN", "MoEFFN", "SharedBasisLinear", "share_bases_"]
+__all__ += ["DenseFFN", "MoEFFN", "SharedBasisLinear", "SplitExperts", "join_experts_", "share_bases_", "split_experts_"]

@@ -1,0 +1,183 @@
+"""An MoE model's fused experts (transformers' 3-D gate_up_proj / down_proj) as targets (nn/experts.py): the split
+form computes what the fused one does, each expert's projections are factorized on the tokens routed to it, experts
+no token reaches stay dense, bases shared across the experts of a layer (`--share`), and the compressed model saves
+and loads (layerzip and native transformers) with the split form only where something was factorized."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+import layerzip as lz
+from layerzip.io import WEIGHTS
+from layerzip.nn import SharedBasisLinear, SplitExperts, join_experts_, split_experts_
+
+from conftest import run_cli
+
+COMMON = dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, num_experts_per_tok=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1,
+              pad_token_id=0)
+MOE = {
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=32,
+                                                     shared_expert_intermediate_size=32, **COMMON),
+    "mixtral": lambda: transformers.MixtralConfig(num_local_experts=8, **COMMON),
+    "olmoe": lambda: transformers.OlmoeConfig(num_experts=8, **COMMON),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=32, **COMMON),
+}
+
+
+def moe_model(arch="qwen2_moe", seed=0):
+    config = MOE[arch]()
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(2, 128, (2, 32), generator=g),
+             "attention_mask": torch.ones(2, 32, dtype=torch.long)} for _ in range(n)]
+
+
+def copy_of(model):
+    new = transformers.AutoModelForCausalLM.from_config(model.config).eval()
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+TEST = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_split_computes_the_fused_experts_and_joins_back_exactly(arch):
+    model = moe_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref = model(TEST).logits
+    fused = split_experts_(model)
+    assert sorted(fused) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(isinstance(model.get_submodule(n), SplitExperts) for n in fused)
+    torch.testing.assert_close(model(TEST).logits, ref, atol=1e-5, rtol=1e-5)
+    join_experts_(model, fused)
+    assert type(model.get_submodule("model.layers.0.mlp.experts")).__name__.endswith("Experts")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
+        model.state_dict().keys()
+
+
+def test_other_layouts_stay_fused():
+    """gpt-oss keeps its experts transposed, with biases and a clamped activation: not the default layout."""
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=4,
+                                       num_experts_per_tok=2, layer_types=["full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert split_experts_(model) == {}
+
+
+def test_compressed_experts_save_and_load_natively(tmp_path):
+    model = moe_model()
+    report = lz.compress_(model, lz.SVDLLM(keep=0.5), calib=batches(), progress=False)
+    names = list(report["modules"])
+    assert names.index("model.layers.0.mlp.experts") < names.index("model.layers.0.mlp.experts.gate_up.0")
+    assert report["modules"]["model.layers.0.mlp.experts"]["type"] == "experts"
+    assert any(".experts.gate_up." in n and r is not None for n, r in report["ranks"].items())
+    assert abs(report["keep_achieved"] - 0.5) < 0.02
+    lz.save(model, tmp_path / "out")
+    out = model(TEST).logits
+    torch.testing.assert_close(lz.load(tmp_path / "out")(TEST).logits, out)
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(native.model.layers[0].mlp.experts, SplitExperts)
+    torch.testing.assert_close(native(TEST).logits, out)
+
+
+def test_nothing_factorized_keeps_the_fused_layout(tmp_path):
+    model = moe_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = lz.compress_(model, lz.SVDLLM(keep=0.5, include=r".*self_attn\..*"), calib=batches(), progress=False)
+    assert report["factorized"] > 0 and not any("experts" in n for n in report["modules"])
+    assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen2MoeExperts"
+    experts = {k: v for k, v in model.state_dict().items() if ".experts." in k}
+    assert experts.keys() == {k for k in state if ".experts." in k}
+    assert all(torch.equal(v, state[k]) for k, v in experts.items())
+
+
+def _route_around(model, expert):
+    """Every router of `model` picks its top-k among the other experts (a forward hook on the router)."""
+    def hook(mod, args, out):
+        logits = out[0].clone()
+        logits[:, expert] = float("-inf")
+        probs = logits.softmax(-1)
+        top, index = probs.topk(mod.top_k, dim=-1)
+        return out[0], top / top.sum(-1, keepdim=True), index
+    return [layer.mlp.gate.register_forward_hook(hook) for layer in model.model.layers]
+
+
+def test_experts_no_token_reaches_stay_dense(tmp_path):
+    model = moe_model()
+    _route_around(model, 7)
+    report = lz.compress_(model, lz.SVDLLM(keep=0.5), calib=batches(), progress=False)
+    unrouted = {f"model.layers.{l}.mlp.experts.{p}.7" for l in (0, 1) for p in ("gate_up", "down")}
+    assert set(report["unrouted_experts"]) == unrouted
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in unrouted)
+    assert unrouted.isdisjoint(report["ranks"])
+    assert isinstance(model.get_submodule("model.layers.0.mlp.experts.gate_up.6"), lz.nn.LowRankLinear)
+
+
+def _shared_input_experts(model, rank=16, noise=1e-3):
+    """Every expert's gate_up of a layer is A_e B for one B (rank × hidden) of that layer, plus a little noise."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            gu = layer.mlp.experts.gate_up_proj
+            B = torch.randn(rank, gu.shape[2], generator=g)
+            for e in range(gu.shape[0]):
+                gu[e] = (torch.randn(gu.shape[1], rank, generator=g) @ B / rank ** 0.5
+                         + noise * torch.randn(gu.shape[1:], generator=g))
+    return model
+
+
+def test_share_gives_the_experts_of_a_layer_one_basis(tmp_path):
+    """Experts whose gate_up rows span one subspace: `--share auto` groups all of a layer's experts, which stores
+    that basis once and fits them far better than each expert's own factors at the same parameters (at keep 0.29 an
+    expert's own rank is 9 of the 16 it needs, groups of 4 get 14, all 8 experts 16)."""
+    model = _shared_input_experts(moe_model())
+    ref = model(TEST).logits
+    cal = batches()
+    errors, keeps = {}, {}
+    for share in (None, "auto"):
+        m = copy_of(model)
+        report = lz.compress_(m, lz.SVDLLM(keep=0.29, share=share, alloc="uniform",
+                                                          include=r".*experts\.gate_up\..*"), calib=cal, progress=False)
+        errors[share], keeps[share] = (m(TEST).logits - ref).norm().item(), report["keep_achieved"]
+        if share:
+            assert report["share"]["model.layers.0.mlp.experts.gate_up"] == 8
+            gate_up = m.model.layers[0].mlp.experts.gate_up
+            assert all(isinstance(x, SharedBasisLinear) and x.B is gate_up[0].B for x in gate_up)
+            lz.save(m, tmp_path / "shared")
+            with safe_open(str(tmp_path / "shared" / WEIGHTS), "pt") as f:
+                assert sum(k.startswith("model.layers.0.mlp.experts.gate_up.") and k.endswith(".B")
+                           for k in f.keys()) == 1
+            native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "shared")
+            torch.testing.assert_close(native(TEST).logits, m(TEST).logits)
+    assert abs(keeps["auto"] - keeps[None]) < 0.03
+    assert errors["auto"] < 0.5 * errors[None]
+
+
+def test_cli_compresses_an_moe_directory(tmp_path, capsys, tokenizer, calib_file):
+    src = tmp_path / "moe"
+    model = moe_model()
+    model.config.vocab_size = tokenizer.vocab_size       # the MiniLM tokenizer's ids must fit the embedding
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    code, out, err = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "out"), "--method", "svd-llm", "--keep",
+                             "0.6", "--calib", str(calib_file), "--calib-samples", "8", "--seq-len", "32", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "heal" in report and report["factorized"] > 0
+    assert bool(report.get("unrouted_experts")) == any("saw no calibration token" in w for w in report["warnings"])
+    meta = json.loads((tmp_path / "out" / "layerzip.json").read_text())
+    assert meta["modules"]["model.layers.0.mlp.experts"]["type"] == "experts"
+    native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert isinstance(native.model.layers[1].mlp.experts, SplitExperts)
+    assert torch.isfinite(native(TEST).logits).all()
