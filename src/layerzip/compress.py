@@ -39,7 +39,7 @@ from .executors import LocalExecutor, make_executor
 from .lazy import source_of
 from .share import decompose_shared_
 from .methods import CompressConfig
-from .models import (call_model, check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
+from .models import (check_finite, count_params, find_blocks, is_causal, linear_shape, module_params,
                      set_module)
 from .allocate import BytesBudget, bytes_options, option_choice
 from .io import tensor_bytes
@@ -72,8 +72,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
         raise LayerzipError(f"method {config.label} needs the whole model in memory; pass --no-stream")
     if budget is not None:
         _check_budget(model, config, budget)
-    fused = split_experts_(model) if source_of(model) is None else {}   # an MoE layer's experts: targets each
-    unrouted = unrouted_experts(model, calib, progress) if fused and config.needs_stats else set()
+    fused = split_experts_(model)      # an MoE layer's experts: each projection a target (a streamed model's are
+    routed = config.needs_stats and any(isinstance(m, SplitExperts) for m in model.modules())   # split as it loads)
+    unrouted = unrouted_experts(model, calib, progress) if routed else set()
     targets = _routed(config.targets_of(model), unrouted)
     check_finite(targets)
     target_before = module_params(targets.values())
@@ -107,14 +108,16 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
     t_end = time.perf_counter()
     unused = elastic.unused_params(model) if config.elastic else 0     # stored for larger sizes, not used now
     target_after = module_params(model.get_submodule(n) for n in targets) - unused
-    split = {n for n in fused if any(m.startswith(n + ".") for m in modules)}
-    join_experts_(model, fused, keep_split=split)      # experts with nothing factorized: their own layout again
+    if source_of(model) is None:     # experts with nothing factorized: their own layout again (streamed: weights
+        join_experts_(model, fused, {n for n in fused if any(m.startswith(n + ".") for m in modules)})   # not at hand)
+    split = {n: m.spec() for n, m in model.named_modules() if isinstance(m, SplitExperts)}
     report.update(extra)
     report.update({
         "params_after": count_params(model) - unused, "target_params_after": target_after, "keep": config.keep,
         "keep_achieved": target_after / target_before, "keep_total": (count_params(model) - unused) / report["params_before"],
         "targets": len(targets), "factorized": len(modules),
-        "modules": {**{n: model.get_submodule(n).spec() for n in sorted(split)}, **modules}, "seconds_calibration": t_end - t0 - t_decompose, "seconds_decomposition": t_decompose,
+        "modules": {**split, **modules}, "seconds_calibration": t_end - t0 - t_decompose,
+        "seconds_decomposition": t_decompose,
         "seconds_gradients": t_gradients})
     if extra:
         report["seconds_restructure"] = t_restructure - t0
@@ -141,8 +144,8 @@ def compress_(model: nn.Module, config: CompressConfig, calib: list[dict] | None
 
 @torch.no_grad()
 def unrouted_experts(model: nn.Module, calib: list[dict], progress: bool = True) -> set[str]:
-    """The projections of the SplitExperts' experts that no calibration token is routed to (one forward of the
-    model): with no statistics they are left out of the targets, dense."""
+    """The projections of the SplitExperts' experts that no calibration token is routed to (one pass over the
+    blocks, streamed too): with no statistics they are left out of the targets, dense."""
     counts: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -154,8 +157,7 @@ def unrouted_experts(model: nn.Module, calib: list[dict], progress: bool = True)
     split = {n: m for n, m in model.named_modules() if isinstance(m, SplitExperts)}
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in split.items()]
     try:
-        for batch in tqdm(calib, desc="routing census", unit="batch", disable=not progress):
-            call_model(model, batch)
+        BlockDriver(model, calib, progress, desc="routing census").final_states(calib)
     finally:
         for h in handles:
             h.remove()

