@@ -74,20 +74,22 @@ def test_other_layouts_stay_fused():
     assert split_experts_(model) == {}
 
 
-def test_compressed_experts_save_and_load_natively(tmp_path):
+@pytest.mark.parametrize("kind", ["plain", "bits8", "elastic"])
+def test_compressed_experts_save_and_load_natively(tmp_path, kind):
     model = moe_model()
-    report = lz.compress_(model, lz.SVDLLM(keep=0.5), calib=batches(), progress=False)
+    report = lz.compress_(model, lz.SVDLLM(keep=0.5, elastic=kind == "elastic"), calib=batches(), progress=False)
     names = list(report["modules"])
     assert names.index("model.layers.0.mlp.experts") < names.index("model.layers.0.mlp.experts.gate_up.0")
     assert report["modules"]["model.layers.0.mlp.experts"]["type"] == "experts"
     assert any(".experts.gate_up." in n and r is not None for n, r in report["ranks"].items())
     assert abs(report["keep_achieved"] - 0.5) < 0.02
-    lz.save(model, tmp_path / "out")
+    lz.save(model, tmp_path / "out", bits=8 if kind == "bits8" else 16)
     out = model(TEST).logits
-    torch.testing.assert_close(lz.load(tmp_path / "out")(TEST).logits, out)
+    back = lz.load(tmp_path / "out")(TEST).logits
+    torch.testing.assert_close(back, out, **({"atol": 0.05, "rtol": 0} if kind == "bits8" else {}))
     native = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert isinstance(native.model.layers[0].mlp.experts, SplitExperts)
-    torch.testing.assert_close(native(TEST).logits, out)
+    torch.testing.assert_close(native(TEST).logits, back)
 
 
 def test_nothing_factorized_keeps_the_fused_layout(tmp_path):

@@ -614,6 +614,9 @@ def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype 
     meta = read_meta(path)
     info = elastic.check_settings(meta.get("elastic"), str(path / META))
     specs = meta.get("modules")
+    split = {n: v for n, v in specs.items() if isinstance(v, dict) and v.get("type") == "experts"} \
+        if isinstance(specs, dict) else {}                      # SplitExperts holding elastic layers: built first
+    specs = {n: v for n, v in specs.items() if n not in split} if isinstance(specs, dict) else specs
     if not isinstance(specs, dict) or not specs or any(not isinstance(v, dict) or v.get("type") != "elastic"
                                                        or not {"in", "out", "rank", "bias"} <= set(v)
                                                        for v in specs.values()):
@@ -645,7 +648,7 @@ def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype 
         ranks, summary = elastic.allocation_at(info, specs, spectra, keep)
         plain = {n: {"type": "lowrank", "in": s["in"], "out": s["out"], "rank": ranks[n], "bias": s["bias"]}
                  for n, s in specs.items() if ranks[n] is not None}
-        model = build_skeleton(path, {**meta, "modules": plain}, dtype)
+        model = build_skeleton(path, {**meta, "modules": {**split, **plain}}, dtype)
         for n, s in specs.items():
             mod, r = model.get_submodule(n), ranks[n]
             if r is not None:
