@@ -206,3 +206,17 @@ def test_streamed_experts_equal_in_memory(tmp_path, alloc, writer):
     back = lz.load(tmp_path / "o")
     assert set(back.state_dict()) == set(mem.state_dict())
     torch.testing.assert_close(back(TEST).logits, mem(TEST).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_decision_counts_every_experts_statistics(tmp_path):
+    """Each expert's two Grams (hidden², its intermediate²) join the dense estimate: Qwen1.5-MoE-A2.7B's shapes
+    (24 blocks, 60 experts, hidden 2048, expert intermediate 1408) add ≈ 71 GB of float64 Grams to the 8.5 GB of
+    the dense estimate."""
+    from layerzip.io import statistics_bytes
+    shapes = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24)
+    (tmp_path / "config.json").write_text(json.dumps(shapes))
+    dense = statistics_bytes(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**shapes, "num_experts": 60, "moe_intermediate_size": 1408}))
+    moe = statistics_bytes(tmp_path)
+    assert dense == 24 * 8 * (3 * 2048 ** 2 + 5632 ** 2)
+    assert moe - dense == 24 * 8 * 60 * (2048 ** 2 + 1408 ** 2) and moe - dense > 70e9

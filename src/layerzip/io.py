@@ -315,16 +315,24 @@ def load_streamed(path: Path, device: str = "cpu", dtype: torch.dtype | None = N
 def needs_streaming(path: Path, tokens: int = 0, statistics: bool = True) -> bool:
     """Whether holding `path` in memory would take more than half the free memory: the weights, (`statistics`) one
     float64 Gram per distinct input of every block (≈ 3 of width hidden + 1 of width intermediate, for a
-    transformer) and the hidden states of `tokens` calibration tokens."""
+    transformer; an MoE adds each expert's two: hidden and its intermediate) and the hidden states of `tokens`
+    calibration tokens."""
     import psutil
+    return statistics_bytes(path, tokens, statistics) + size_on_disk(path) > psutil.virtual_memory().available / 2
+
+
+def statistics_bytes(path: Path, tokens: int = 0, statistics: bool = True) -> int:
+    """What `needs_streaming` adds to the weights (0 without `statistics`), from config.json."""
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         cfg = {}
     cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
     h, i, n = (int(cfg.get(k) or 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
-    need = size_on_disk(path) + (n * 8 * (3 * h * h + i * i) + 3 * tokens * h * 4 if statistics else 0)
-    return need > psutil.virtual_memory().available / 2
+    experts = int(next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if cfg.get(k)), 0))
+    expert_i = int(cfg.get("moe_intermediate_size") or i)
+    per_block = 3 * h * h + i * i + experts * (h * h + expert_i * expert_i)
+    return n * 8 * per_block + 3 * tokens * h * 4 if statistics else 0
 
 
 # ---------------------------------------------------------------------------------------------- layerzip dirs
