@@ -125,15 +125,16 @@ def test_experts_no_token_reaches_stay_dense(tmp_path):
     assert isinstance(model.get_submodule("model.layers.0.mlp.experts.gate_up.6"), lz.nn.LowRankLinear)
 
 
-def _shared_input_experts(model, rank=16, noise=1e-3):
-    """Every expert's gate_up of a layer is A_e B for one B (rank × hidden) of that layer, plus a little noise."""
+def _shared_input_experts(model, rank=16, noise=1e-3, kinds=1):
+    """Every expert's gate_up of a layer is A_e B_k for one of `kinds` bases B_k (rank × hidden) of that layer
+    (expert e takes B_{e mod kinds}), plus a little noise."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for layer in model.model.layers:
             gu = layer.mlp.experts.gate_up_proj
-            B = torch.randn(rank, gu.shape[2], generator=g)
+            Bs = [torch.randn(rank, gu.shape[2], generator=g) for _ in range(kinds)]
             for e in range(gu.shape[0]):
-                gu[e] = (torch.randn(gu.shape[1], rank, generator=g) @ B / rank ** 0.5
+                gu[e] = (torch.randn(gu.shape[1], rank, generator=g) @ Bs[e % kinds] / rank ** 0.5
                          + noise * torch.randn(gu.shape[1:], generator=g))
     return model
 
@@ -165,6 +166,25 @@ def test_share_gives_the_experts_of_a_layer_one_basis(tmp_path):
     assert errors["auto"] < 0.5 * errors[None]
 
 
+def test_share_groups_the_experts_that_share_a_basis(monkeypatch):
+    """Even and odd experts built on two different bases: `--share 4` groups {0, 2, 4, 6} and {1, 3, 5, 7} (by
+    their whitened weights' overlap), which fits far better than groups of consecutive experts."""
+    from layerzip.share import Sharing, chunk
+    model = _shared_input_experts(moe_model(), rank=12, kinds=2)
+    ref, cal = model(TEST).logits, batches()
+    config = lambda: lz.SVDLLM(keep=0.35, share=4, alloc="uniform", include=r".*experts\.gate_up\..*")  # noqa: E731
+    m = copy_of(model)
+    lz.compress_(m, config(), calib=cal, progress=False)
+    owners = [x.basis_of.rpartition(".")[2] for x in m.model.layers[0].mlp.experts.gate_up]
+    assert owners == ["0", "1"] * 4
+    similar = (m(TEST).logits - ref).norm().item()
+    monkeypatch.setattr(Sharing, "similar", lambda self, t, n: chunk(self.types[t], n))
+    m = copy_of(model)
+    lz.compress_(m, config(), calib=cal, progress=False)
+    assert [x.basis_of.rpartition(".")[2] for x in m.model.layers[0].mlp.experts.gate_up] == ["0"] * 4 + ["4"] * 4
+    assert similar < 0.5 * (m(TEST).logits - ref).norm().item()
+
+
 def test_cli_compresses_an_moe_directory(tmp_path, capsys, tokenizer, calib_file):
     src = tmp_path / "moe"
     model = moe_model()
@@ -172,8 +192,8 @@ def test_cli_compresses_an_moe_directory(tmp_path, capsys, tokenizer, calib_file
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(src)
     tokenizer.save_pretrained(src)
-    code, out, err = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "out"), "--method", "svd-llm", "--keep",
-                             "0.6", "--calib", str(calib_file), "--calib-samples", "8", "--seq-len", "32", "--json")
+    code, out, err = run_cli(capsys, "compress", str(src), "--out", str(tmp_path / "out"), "--method", "svd-llm",
+                             "--keep", "0.6", "--calib", str(calib_file), "--calib-samples", "8", "--seq-len", "32", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert "heal" in report and report["factorized"] > 0

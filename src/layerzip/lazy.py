@@ -178,7 +178,7 @@ class LazyWeights:
     # ----------------------------------------------------------------------------------------------- reading
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
-        by_file: dict[Path, list[tuple[str, str]]] = {}
+        by_file: dict[Path, list[str]] = {}
         keys = {n: k.split("+") for n in names if (k := self._key(n)) is not None}   # parts: see _key
         for n, parts in keys.items():
             for part in parts:
@@ -189,7 +189,8 @@ class LazyWeights:
                 for part in parts:
                     k, _, expert = part.partition("#")
                     got[part] = h.get_slice(k)[int(expert)] if expert else h.get_tensor(k)
-        return {n: got[parts[0]] if len(parts) == 1 else torch.cat([got[p] for p in parts]) for n, parts in keys.items()}
+        return {n: torch.cat([got[p] for p in parts]) if len(parts) > 1 else got[parts[0]]
+                for n, parts in keys.items()}
 
     def _outside(self, module: nn.Module | None = None) -> list[tuple[nn.Module, bool]]:
         """(module, recurse) pairs that cover every parameter outside the blocks."""

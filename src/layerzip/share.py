@@ -130,6 +130,7 @@ class Sharing:
         self.shapes = {n: linear_shape(m) for n, m in targets.items()}
         self.types = projection_types(targets, model)
         self._spectra: dict[tuple[str, ...], torch.Tensor] = {}
+        self._similar: dict[tuple[str, int], list[tuple[str, ...]]] = {}
 
     def _inputs(self, group):
         Ws = [dense_weight_and_bias(self.targets[n])[0].detach().to(torch.float64) for n in group]
@@ -146,7 +147,35 @@ class Sharing:
         return self._spectra[group]
 
     def groups(self, sizes: dict[str, int]) -> list[tuple[str, ...]]:
-        return [g for t, names in self.types.items() for g in chunk(names, sizes[t])]
+        return [g for t, names in self.types.items() for g in
+                (self.similar(t, sizes[t]) if 1 < sizes[t] < len(names) and is_expert(self.model, names[0])
+                 else chunk(names, sizes[t]))]
+
+    def similar(self, type_: str, n: int) -> list[tuple[str, ...]]:
+        """The experts of one layer in groups of n that share the most input energy (experts have no order that
+        means anything, unlike blocks): with S_e = M_eᵀ M_e / ‖M_e‖², M_e = D_e W_e L̄ (the whitened weight, L̄ of
+        the layer's mean Gram), greedily the first unassigned expert, then the unassigned one with the largest
+        tr(S_e S_group), until the group holds n."""
+        key = (type_, n)
+        if key not in self._similar:
+            names = self.types[type_]
+            Ws, grams, rows = self._inputs(tuple(names))
+            L = whiten(sum(grams) / len(grams)).L
+            S = []
+            for W, d in zip(Ws, rows):
+                M = _weigh(W, d) @ L
+                S.append(M.T @ M / M.square().sum().clamp_min(1e-300))
+            left, groups = list(range(len(names))), []
+            while left:
+                group = [left.pop(0)]
+                while len(group) < n and left:
+                    together = sum(S[i] for i in group)
+                    best = max(left, key=lambda j: (S[j] * together).sum().item())
+                    group.append(best)
+                    left.remove(best)
+                groups.append(tuple(names[i] for i in sorted(group)))
+            self._similar[key] = groups
+        return self._similar[key]
 
     def ranks(self, groups, keep: float) -> dict[tuple[str, ...], int | None]:
         shapes = {g: unit_shape(self.shapes, g) for g in groups}

@@ -60,4 +60,5 @@ __all__ = ["BITS", "BTTLinear", "BlastLinear", "CONV_LAYERS", "CPConv", "Factori
            "rebalanced", "restore_modules_", "singular_values", "split_balanced", "truncated_factors"]
 __all__ += ["ElasticLinear", "LOWBIT_TYPES", "LowBitLinear", "LowBitLowRankEmbedding", "LowBitTiedHead",
             "LowRankEmbedding", "ScaledEmbedding", "TiedLowRankHead", "tie_heads_"]
-__all__ += ["DenseFFN", "MoEFFN", "SharedBasisLinear", "SplitExperts", "join_experts_", "share_bases_", "split_experts_"]
+__all__ += ["DenseFFN", "MoEFFN", "SharedBasisLinear", "SplitExperts", "join_experts_", "share_bases_",
+            "split_experts_"]

@@ -162,7 +162,10 @@ def join_experts_(model: nn.Module, fused: dict[str, nn.Module], keep_split: set
     `keep_split`; returns the names joined."""
     joined = []
     for name, mod in fused.items():
-        split = model.get_submodule(name)
+        try:                # (a method that drops blocks renumbers them: the fused module of a block that is
+            split = model.get_submodule(name)       # gone goes where that name now points, or nowhere)
+        except AttributeError:
+            continue
         if name in keep_split or not isinstance(split, SplitExperts):
             continue
         weights = split.fused_weights()
