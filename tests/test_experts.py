@@ -240,3 +240,20 @@ def test_streaming_decision_counts_every_experts_statistics(tmp_path):
     moe = statistics_bytes(tmp_path)
     assert dense == 24 * 8 * (3 * 2048 ** 2 + 5632 ** 2)
     assert moe - dense == 24 * 8 * 60 * (2048 ** 2 + 1408 ** 2) and moe - dense > 70e9
+
+
+def test_flops_count_each_expert_on_its_own_tokens():
+    """evaluate.flops counts a factorized expert only for the tokens routed to it (2 × its weights each), not the
+    SplitExperts module for every token."""
+    from layerzip.evaluate import flops
+    model = moe_model()
+    lz.compress_(model, lz.SVD(keep=0.5, include=r".*experts\..*"), progress=False)
+    experts = [m for n, m in model.named_modules() if ".experts." in n and isinstance(m, lz.nn.LowRankLinear)]
+    assert len(experts) == 2 * 2 * 8                  # every expert's gate_up and down factorized
+    rows = []
+    handles = [m.register_forward_hook(lambda mod, a, o: rows.append(
+        2 * sum(p.numel() for p in mod.parameters() if p.dim() > 1) * a[0].shape[0])) for m in experts]
+    counted = flops(model, seq_len=16)
+    for h in handles:
+        h.remove()
+    assert counted["flops_per_token_factorized"] * 16 == pytest.approx(sum(rows))

@@ -13,6 +13,7 @@ from .data import check_token_ids, token_batches
 from .driver import BlockDriver
 from .lazy import source_of
 from .models import backbone, fit_seq_len, is_causal
+from .nn import SplitExperts
 
 
 @torch.no_grad()
@@ -193,7 +194,7 @@ def flops(model: nn.Module, seq_len: int = 128) -> dict:
         linear = isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
         factorized = not linear and hasattr(mod, "in_features") and hasattr(mod, "out_features") \
             and any(p.dim() > 1 for p in mod.parameters()) \
-            and not any(isinstance(c, nn.Linear) for c in mod.modules())
+            and not any(isinstance(c, (nn.Linear, SplitExperts)) for c in mod.modules())   # experts: each its own
         if factorized:
             inside += (name + ".",)
         if linear or factorized or _is_attention(mod):
