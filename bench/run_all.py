@@ -257,10 +257,23 @@ def memory_md(mem: dict) -> list[str]:
         out.append(f"| {r['model']} | {r['method']} keep {r['keep']} | {_f(r['peak_mb'])} | "
                    f"{_f(r['dense_weights_mb'])} | {_f(r.get('gram_mb'))} | {step} "
                    f"(+{_f(r['peak_increase_by_stage_mb'][step])}) |")
-    return out + ["", "Peak growth per stage: `start->loaded` is the dense model; `loaded->calibrated` the float64 "
-                  "Grams (one per distinct input) plus the activations of one calibration batch; "
-                  "`calibrated->decomposed` the float64 copies, whitening factors and SVD workspaces plus the new "
-                  "factors; `decomposed->saved` the serialized tensors.", ""]
+    out += ["", "Peak growth per stage: `start->loaded` is the dense model; `loaded->calibrated` the float64 "
+            "Grams (one per distinct input) plus the activations of one calibration batch; "
+            "`calibrated->decomposed` the float64 copies, whitening factors and SVD workspaces plus the new "
+            "factors; `decomposed->saved` the serialized tensors.", ""]
+    if mem.get("cli"):
+        out += ["The whole default command (`python bench/memory.py --cli`: `layerzip compress MODEL --keep 0.8 "
+                "--calib docs_calib.txt`, each in a fresh process), healed (the default for a causal LM: a second "
+                "copy of the model as the teacher, AdamW on the factors) and not:", "",
+                "| model | command | healed | peak RSS MiB | ÷ dense bytes | seconds |", "|---|---|---|---|---|---|"]
+        for r in mem["cli"]:
+            if "error" in r:
+                out.append(f"| {r['model']} | error: {r['error']} | {r['healed']} | | | |")
+                continue
+            out.append(f"| {r['model']} | `{r['command']}` | {'yes' if r['healed'] else 'no'} | {_f(r['peak_mb'])} | "
+                       f"{_f(r['peak_mb'] / r['bytes_before_mb'])} | {r['seconds']:.0f} |")
+        out.append("")
+    return out
 
 
 def replot(results: Path) -> None:
