@@ -257,3 +257,16 @@ def test_flops_count_each_expert_on_its_own_tokens():
     for h in handles:
         h.remove()
     assert counted["flops_per_token_factorized"] * 16 == pytest.approx(sum(rows))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_onnx_export_refuses_moe_models(tmp_path, compressed):
+    """Routing is data-dependent: a trace would freeze one routing, so export refuses, fused or split."""
+    pytest.importorskip("onnx")
+    from layerzip.errors import LayerzipError
+    model = moe_model()
+    if compressed:
+        lz.compress_(model, lz.SVD(keep=0.5), progress=False)
+    with pytest.raises(LayerzipError, match="ONNX export of MoE models is not supported"):
+        lz.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

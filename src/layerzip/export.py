@@ -35,7 +35,8 @@ from .errors import LayerzipError
 from .evaluate import flops, latency
 from .lazy import source_of
 from .models import backbone, is_causal
-from .nn import LOWBIT_TYPES, FactorizedLayer, dequantize_factors_, is_linear_like
+from .nn import LOWBIT_TYPES, FactorizedLayer, SplitExperts, dequantize_factors_, is_linear_like
+from .nn.experts import fused_layout
 
 OPSET = 18
 RUNTIMES = ("torch", "onnxruntime")
@@ -125,6 +126,9 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = OPSET, dynamo: 
     if any(getattr(m, "sparse", False) for m in model.modules()):
         raise LayerzipError("a mixture-of-experts FFN (--method moe) routes each token through data-dependent "
                             "control flow, which an ONNX trace would freeze; export the merged model (lz.merge_)")
+    if any(isinstance(m, SplitExperts) or fused_layout(m) is not None for m in model.modules()):
+        raise LayerzipError("an MoE model's experts run on the tokens routed to them (data-dependent control flow, "
+                            "which an ONNX trace would freeze): ONNX export of MoE models is not supported")
     t0 = time.perf_counter()
     path = Path(path)
     net = _Graph(_export_copy(model)).eval()

@@ -66,10 +66,10 @@ def is_expert(model: nn.Module, name: str) -> bool:
 
 def auto_sizes(members: list[str], model: nn.Module) -> tuple[int, ...]:
     """Group sizes `--share auto` tries for a type: AUTO_SIZES of blocks; for the experts of a layer, every power of
-    two up to all of them."""
+    two below their number, and all of them."""
     if not is_expert(model, members[0]):
         return AUTO_SIZES
-    return tuple(2 ** i for i in range(len(members).bit_length()))
+    return tuple(2 ** i for i in range(len(members).bit_length()) if 2 ** i < len(members)) + (len(members),)
 
 
 def chunk(names: list[str], n: int) -> list[tuple[str, ...]]:

@@ -23,7 +23,7 @@ from .moe import activation, activation_name
 FUSED = ("gate_up_proj", "down_proj")
 
 
-def _plain_layout(module: nn.Module) -> tuple[int, int, int, str] | None:
+def fused_layout(module: nn.Module) -> tuple[int, int, int, str] | None:
     """(experts, hidden, intermediate, activation name) when `module` holds fused experts in transformers' default
     layout (gate and up concatenated, not transposed, no bias, no norm after the experts), else None."""
     params = dict(module.named_parameters(recurse=False))
@@ -69,7 +69,7 @@ class SplitExperts(nn.Module):
     @classmethod
     def from_fused(cls, module: nn.Module) -> "SplitExperts | None":
         """The same experts split (weights copied), or None when `module` is not in the default fused layout."""
-        layout = _plain_layout(module)
+        layout = fused_layout(module)
         if layout is None:
             return None
         E, H, I, act = layout
@@ -147,7 +147,7 @@ def split_experts_(model: nn.Module) -> dict[str, nn.Module]:
     module}, its parameters moved to the meta device (no memory), for `join_experts_`."""
     found = {}
     for name, mod in list(model.named_modules()):
-        if name in found or any(name.startswith(f + ".") for f in found) or _plain_layout(mod) is None:
+        if name in found or any(name.startswith(f + ".") for f in found) or fused_layout(mod) is None:
             continue
         split = SplitExperts.from_fused(mod)
         if not mod.gate_up_proj.is_meta and not _same_forward(mod, split):
