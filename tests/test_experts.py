@@ -270,3 +270,15 @@ def test_onnx_export_refuses_moe_models(tmp_path, compressed):
     with pytest.raises(LayerzipError, match="ONNX export of MoE models is not supported"):
         lz.export_onnx(model, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_analyze_reads_every_expert_and_leaves_the_model_fused():
+    from layerzip.analyze import analyze
+    model = moe_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    doc = analyze(model, batches(), keep=0.5, progress=False)
+    assert {f"model.layers.{l}.mlp.experts.{p}.{e}" for l in (0, 1) for p in ("gate_up", "down") for e in range(8)} \
+        <= set(doc["modules"])
+    assert type(model.model.layers[0].mlp.experts).__name__ == "Qwen2MoeExperts"
+    assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k])
+                                                             for k, v in model.state_dict().items())

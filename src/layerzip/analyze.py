@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from . import allocate
 from .errors import LayerzipError
+from .compress import unrouted_experts
 from .models import find_blocks, linear_shape, select_targets
-from .nn import dense_weight_and_bias
+from .nn import dense_weight_and_bias, join_experts_, split_experts_
 from .stats import block_similarity, collect_stats
 
 FORMAT = "layerzip-analysis"
@@ -140,11 +141,17 @@ def analyze(model: nn.Module, batches: list[dict], keep: float = 0.5, include: s
     blocks_name, blocks = find_blocks(model) or (None, None)
     if blocks is None:
         raise LayerzipError("the model has no repeated blocks to analyze")
-    targets = {n: m for n, m in select_targets(model, include, exclude).items() if not isinstance(m, nn.Embedding)}
-    if not targets:
-        raise LayerzipError("analyze reads linear layers, and --include named only embeddings; add blocks")
-    stats = collect_stats(model, targets, batches, progress)
-    modules = module_spectra(model, targets, stats, progress)
+    fused = split_experts_(model)          # an MoE's experts: each expert's projections analyzed on their own
+    try:
+        unrouted = unrouted_experts(model, batches, progress) if fused else set()
+        targets = {n: m for n, m in select_targets(model, include, exclude).items()
+                   if not isinstance(m, nn.Embedding) and n not in unrouted}
+        if not targets:
+            raise LayerzipError("analyze reads linear layers, and --include named only embeddings; add blocks")
+        stats = collect_stats(model, targets, batches, progress)
+        modules = module_spectra(model, targets, stats, progress)
+    finally:
+        join_experts_(model, fused)        # the model as it was given
     sim = block_similarity(model, batches, progress)
     plan = make_plan(modules, sim["influence"], sim["angular"], keep)
     return {"format": FORMAT, "version": VERSION, "architecture": type(model).__name__,
