@@ -26,8 +26,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import allocate
-from .errors import LayerzipError
 from .compress import unrouted_experts
+from .errors import LayerzipError
 from .models import find_blocks, linear_shape, select_targets
 from .nn import dense_weight_and_bias, join_experts_, split_experts_
 from .stats import block_similarity, collect_stats

@@ -621,10 +621,10 @@ def load_elastic_size(path: Path, keep: float | None = None, dtype: torch.dtype 
 
     meta = read_meta(path)
     info = elastic.check_settings(meta.get("elastic"), str(path / META))
-    specs = meta.get("modules")
-    split = {n: v for n, v in specs.items() if isinstance(v, dict) and v.get("type") == "experts"} \
-        if isinstance(specs, dict) else {}                      # SplitExperts holding elastic layers: built first
-    specs = {n: v for n, v in specs.items() if n not in split} if isinstance(specs, dict) else specs
+    specs, split = meta.get("modules"), {}
+    if isinstance(specs, dict):             # an MoE's SplitExperts, which hold elastic layers: built before them
+        split = {n: v for n, v in specs.items() if isinstance(v, dict) and v.get("type") == "experts"}
+        specs = {n: v for n, v in specs.items() if n not in split}
     if not isinstance(specs, dict) or not specs or any(not isinstance(v, dict) or v.get("type") != "elastic"
                                                        or not {"in", "out", "rank", "bias"} <= set(v)
                                                        for v in specs.values()):
