@@ -48,7 +48,7 @@ def steps(a) -> list[list[str]]:
     methods = ["--methods", *a.methods] if a.methods else []
     th = ["--threads", str(a.threads)] if a.threads else []
     out = [["quality.py", *q, *models, *methods, *th], ["latency.py", *q, *models, *th],
-           ["peers.py", *q, *models, *th], ["memory.py", *q, *models]]
+           ["peers.py", *q, *models, *th], ["memory.py", *q, *models], ["experts_speed.py", *q, *th]]
     if not a.quick and not a.skip_others:
         out += [[s] for s in OTHERS if (HERE / s).is_file()]
     return out
@@ -339,6 +339,11 @@ def write_benchmarks_md(results: Path, out: Path, runtime: dict | None = None) -
         if lat:
             lines += latency_md(lat, _load(results, f"peers_{m}"), rel)
     lines += dense_rule_md(results, models)
+    experts = _load(results, "experts_speed")
+    if experts:
+        sys.path.insert(0, str(HERE))
+        import experts_speed
+        lines += ["### MoE experts", ""] + experts_speed.markdown(experts)
     mem = _load(results, "memory")
     if mem:
         lines += ["## Peak memory of compress", ""] + memory_md(mem)

@@ -90,3 +90,14 @@ def test_builtin_pairs_are_held_out():
     assert len(pairs) == 200 and all(p["query"].endswith(".") and len(p["doc"]) >= 80 for p in pairs)
     calib = set(builtin_documents("calib"))
     assert not any(f"{p['query']} {p['doc']}" in calib for p in pairs)
+
+
+def test_experts_speed_harness(bench):
+    """bench/experts_speed.py --quick: every variant timed at decode and prefill, its rows rendered (no speed is
+    asserted: benchmarks are not tests)."""
+    import experts_speed
+    res = experts_speed.main(["--quick", "--repeats", "1", "--keeps", "0.5"])
+    assert [(r["tokens"], r["variant"]) for r in res["rows"]] == [(t, v) for t in (1, 512)
+                                                                  for v in ("fused", "split", "keep 0.5")]
+    assert all(r["ms"] > 0 for r in res["rows"]) and res["rows"][2]["ranks"]
+    assert len(experts_speed.markdown(res)) == 4 + len(res["rows"]) + 1
