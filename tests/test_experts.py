@@ -26,6 +26,10 @@ MOE = {
     "mixtral": lambda: transformers.MixtralConfig(num_local_experts=8, **COMMON),
     "olmoe": lambda: transformers.OlmoeConfig(num_experts=8, **COMMON),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=32, **COMMON),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        n_routed_experts=8, moe_intermediate_size=32, first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, **COMMON),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(num_local_experts=8, **COMMON),
 }
 
 
@@ -56,11 +60,13 @@ def test_split_computes_the_fused_experts_and_joins_back_exactly(arch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ref = model(TEST).logits
     fused = split_experts_(model)
-    assert sorted(fused) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    moe = "block_sparse_moe" if arch == "granitemoe" else "mlp"
+    assert sorted(fused) == [f"model.layers.{l}.{moe}.experts" for l in (0, 1)]
     assert all(isinstance(model.get_submodule(n), SplitExperts) for n in fused)
     torch.testing.assert_close(model(TEST).logits, ref, atol=1e-5, rtol=1e-5)
     join_experts_(model, fused)
-    assert type(model.get_submodule("model.layers.0.mlp.experts")).__name__.endswith("Experts")
+    joined = model.get_submodule(f"model.layers.0.{moe}.experts")
+    assert type(joined).__name__.endswith("Experts") and not isinstance(joined, SplitExperts)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
         model.state_dict().keys()
 
