@@ -168,11 +168,12 @@ class Sharing:
             left, groups = list(range(len(names))), []
             while left:
                 group = [left.pop(0)]
+                together = S[group[0]].clone()           # Σ S over the group so far
                 while len(group) < n and left:
-                    together = sum(S[i] for i in group)
                     best = max(left, key=lambda j: (S[j] * together).sum().item())
                     group.append(best)
                     left.remove(best)
+                    together += S[best]
                 groups.append(tuple(names[i] for i in sorted(group)))
             self._similar[key] = groups
         return self._similar[key]
