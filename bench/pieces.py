@@ -22,6 +22,7 @@ docstrings (another source), each as a ratio to the dense model's. Rows:
     heal8          refine0, then 8 steps of healing (lz.heal_) toward the dense model on calibration text, at
                    the first healing default (lr 1e-5, 2 × 128 tokens a step)
     refine+heal8   noheal, then the same healing
+    heal64         default, then 64 healing steps as `compress --heal-steps 64` takes them (CLI batches, lr 5e-5)
 
 kfac, share2, share-auto, global, global-fisher, uniform and nofisher are measured without block refinement and
 healing (each against refine0). An encoder's output Fisher is that of its contrastive loss (two views per document)
@@ -91,14 +92,19 @@ ROWS = {
                        "balanced factors, lr 1e-5, 2 × 128 calibration tokens a step)"),
     "refine+heal8": dict(config=dict(), gradients="output", heal_steps=8,
                          what="noheal (with block refinement), then the same 8 healing steps"),
+    "heal64": dict(config=dict(), gradients="output", heal_steps="cli64",
+                   what="default, then 64 healing steps as `compress --heal-steps 64` takes them (an encoder: "
+                        "last hidden states' relative squared error, 16 calibration documents a step, lr 5e-5)"),
 }
 
 
-def evaluator(bench, loaded, windows: int = 4):
+def evaluator(bench, loaded, windows: int = 4, wide: bool = False):
     """The held-out scoring of every row: `evaluate(m)` for a loaded model `m` (a `lz.models.Loaded`) compressed from
     `loaded` (the dense model). Causal: perplexity on `windows` held-out windows of python docs and of standard-library
     docstrings. Encoder: Recall@1, MRR and cosine to the dense embeddings on held-out python-docs pairs, and Recall@1
-    and MRR on 200 held-out standard-library docstring pairs (`docstrings_`). Shared with bench/linear_peers.py."""
+    and MRR on 200 held-out standard-library docstring pairs (`docstrings_`); `wide`: also Recall@1 among 500 pairs of
+    each set (`_500`: 100 pairs give Recall@1 a standard error of about 0.045, 500 about 0.02). Shared with
+    bench/linear_peers.py."""
     if bench.causal:
         sets = held_out(bench)
 
@@ -107,18 +113,25 @@ def evaluator(bench, loaded, windows: int = 4):
     else:           # an encoder: retrieval on held-out python-docs pairs, cosine to the dense embeddings, and
         ref = bench.reference(loaded)       # retrieval on a second held-out set (standard-library docstring pairs)
         doc_pairs = builtin_pairs(200)
+        import data
+        big = {"500": [{"query": r["query"], "doc": r["doc"][:common.DOC_CHARS]} for r in data.retrieval_pairs(500)],
+               "docstrings_500": builtin_pairs(500)} if wide else {}
 
         def evaluate(m):
             out = {k: v for k, v in bench.evaluate(m, ref).items() if k in ("recall_at_1", "mrr", "cosine_to_dense")}
             second = retrieval_eval(m, doc_pairs, progress=False)
-            return {**out, "docstrings_recall_at_1": second["recall_at_1"], "docstrings_mrr": second["mrr"]}
+            out.update(docstrings_recall_at_1=second["recall_at_1"], docstrings_mrr=second["mrr"])
+            for name, pairs in big.items():
+                r = retrieval_eval(m, pairs, progress=False)
+                out[f"recall_at_1_{name}"] = r["recall_at_1"]
+            return out
     return evaluate
 
 
 def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> dict:
     loaded = bench.load()
     calib = bench.calib(loaded)
-    evaluate = evaluator(bench, loaded, windows)
+    evaluate = evaluator(bench, loaded, windows, wide=True)
     key = {"calib_tokens": sum(int(b["attention_mask"].sum()) for b in calib), "eval_windows": windows,
            "eval_seq_len": bench.eval_seq_len}
     prev = common.read_json(name) if (common.RESULTS / f"{name}.json").is_file() else {}
@@ -127,6 +140,8 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
            "code": common.code_version()}
     if prev and all(prev.get(k) == v for k, v in key.items()):
         res["dense"], res["rows"] = prev["dense"], prev["rows"]
+        if not bench.causal and "recall_at_1_500" not in res["dense"]:    # rows before the 500-pair metrics
+            res["dense"] = evaluate(loaded)
     else:
         res["dense"], res["rows"] = evaluate(loaded), []
     print("dense", res["dense"], flush=True)
@@ -155,6 +170,11 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
                 heal_batches = token_batches(m.tokenizer, bench._data()["calib"], True, bench.calib_samples,
                                              bench.calib_seq_len, batch_size=windows_per_step(bench.calib_seq_len))
                 healed = lz.heal_(m.model, loaded.model, heal_batches, steps=HEAL_STEPS, lr=HEAL_LR, progress=True)
+            elif steps == "cli64":           # what compress --heal-steps 64 does (jobs.heal_after_compress)
+                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, bench.calib_samples,
+                                             bench.calib_seq_len, batch_size=windows_per_step(bench.calib_seq_len)
+                                             if bench.causal else 16)
+                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=64, lr=HEAL_LR, progress=True)
             elif isinstance(steps, int):
                 heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, 2 * steps, 128,
                                              batch_size=2)
@@ -179,7 +199,7 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
 
 def _value(r: dict, s: str) -> float:
     """What a row's cell shows for metric / set `s`: perplexity ÷ dense (causal), the metric itself (encoders)."""
-    return r["ratio_to_dense"][s] if "ratio_to_dense" in r else r["metrics"][s]
+    return r["ratio_to_dense"][s] if "ratio_to_dense" in r else r["metrics"].get(s, float("nan"))
 
 
 def plot(res: dict):
@@ -197,7 +217,7 @@ def plot(res: dict):
         else:
             ax.axhline(res["dense"][s], color="k", lw=0.8, ls=":", label="dense")
             ax.set_ylabel(s)
-            ax.set_title(f"{res['model']}: held-out python-docs pairs", fontsize=10)
+            ax.set_title(f"{res['model']}: held-out {s}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -217,7 +237,8 @@ def markdown(res: dict) -> list[str]:
              f"Calibration {res['calib_tokens']} tokens ({res['calib'][0]} standard-library docstrings"
              + (", the benchmark's" if own == "the benchmark's" else "") + "); held-out "
              "python-docs {section title → body} pairs (100) and held-out standard-library docstring {summary → rest} "
-             "pairs (200, `docstrings_`): each cell " + " / ".join(sets) + " (dense "
+             "pairs (200, `docstrings_`), and Recall@1 among 500 pairs of each (`_500`; – where a row predates them): "
+             "each cell " + " / ".join(sets) + " (dense "
              + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
     name = res.get("name", "pieces_" + res["bench"])
     flags = "" if name == "pieces_" + res["bench"] else " --calib-samples {} --calib-seq-len {}".format(*res["calib"])
@@ -227,7 +248,8 @@ def markdown(res: dict) -> list[str]:
            "| row | what | " + " | ".join(f"keep {k}" for k in keeps) + " |", "|---|---|" + "---|" * len(keeps)]
     for row in dict.fromkeys(r["row"] for r in res["rows"]):
         by = {r["keep"]: r for r in res["rows"] if r["row"] == row}
-        cells = [" / ".join(f"{_value(by[k], s):.3f}" for s in sets) if k in by else "–" for k in keeps]
+        cells = [" / ".join(f"{_value(by[k], s):.3f}".replace("nan", "–") for s in sets) if k in by else "–"
+                 for k in keeps]
         out.append(f"| {row} | {next(iter(by.values()))['what']} | " + " | ".join(cells) + " |")
     shared = [r for r in res["rows"] if r.get("share") and r["row"] == "share-auto"]
     if shared:
