@@ -128,6 +128,16 @@ def evaluator(bench, loaded, windows: int = 4, wide: bool = False):
     return evaluate
 
 
+def cli_heal(bench, m, loaded, steps: int) -> dict:
+    """Heal `m` towards `loaded` as `compress --heal-steps STEPS` does (jobs.heal_after_compress): the calibration
+    text in the CLI's batches (a causal LM: whole windows, about HEAL_TOKENS tokens a step; an encoder: 16 documents
+    a step), at HEAL_LR."""
+    batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, bench.calib_samples,
+                            bench.calib_seq_len,
+                            batch_size=windows_per_step(bench.calib_seq_len) if bench.causal else 16)
+    return lz.heal_(m.model, loaded.model, batches, steps=steps, lr=HEAL_LR, progress=True)
+
+
 def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> dict:
     loaded = bench.load()
     calib = bench.calib(loaded)
@@ -166,15 +176,10 @@ def run(bench, rows: list[str], keeps: list[float], windows: int, name: str) -> 
             rep = lz.compress_(m.model, lz.SVDLLM(keep=keep, **spec["config"]), calib=calib, progress=False,
                                stats=stats)
             healed, steps = None, spec.get("heal_steps")
-            if steps == "default" and bench.causal:       # what compress does (jobs.heal_after_compress)
-                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], True, bench.calib_samples,
-                                             bench.calib_seq_len, batch_size=windows_per_step(bench.calib_seq_len))
-                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=HEAL_STEPS, lr=HEAL_LR, progress=True)
-            elif steps == "cli64":           # what compress --heal-steps 64 does (jobs.heal_after_compress)
-                heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, bench.calib_samples,
-                                             bench.calib_seq_len, batch_size=windows_per_step(bench.calib_seq_len)
-                                             if bench.causal else 16)
-                healed = lz.heal_(m.model, loaded.model, heal_batches, steps=64, lr=HEAL_LR, progress=True)
+            if steps == "default" and bench.causal:       # what compress does (an encoder's default: no healing)
+                healed = cli_heal(bench, m, loaded, HEAL_STEPS)
+            elif steps == "cli64":
+                healed = cli_heal(bench, m, loaded, 64)
             elif isinstance(steps, int):
                 heal_batches = token_batches(m.tokenizer, bench._data()["calib"], bench.causal, 2 * steps, 128,
                                              batch_size=2)
@@ -237,8 +242,8 @@ def markdown(res: dict) -> list[str]:
              f"Calibration {res['calib_tokens']} tokens ({res['calib'][0]} standard-library docstrings"
              + (", the benchmark's" if own == "the benchmark's" else "") + "); held-out "
              "python-docs {section title → body} pairs (100) and held-out standard-library docstring {summary → rest} "
-             "pairs (200, `docstrings_`), and Recall@1 among 500 pairs of each (`_500`; – where a row predates them): "
-             "each cell " + " / ".join(sets) + " (dense "
+             "pairs (200, `docstrings_`)" + (", and Recall@1 among 500 pairs of each (`_500`)"
+                                             if "recall_at_1_500" in res["dense"] else "") + ": each cell " + " / ".join(sets) + " (dense "
              + " / ".join(f"{res['dense'][s]:.3f}" for s in sets) + ").")
     name = res.get("name", "pieces_" + res["bench"])
     flags = "" if name == "pieces_" + res["bench"] else " --calib-samples {} --calib-seq-len {}".format(*res["calib"])
